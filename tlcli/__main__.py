@@ -1,0 +1,5 @@
+"""`python -m tlcli`."""
+
+from tlcli.cli import run
+
+run()

@@ -1,0 +1,130 @@
+"""Run folders, metadata and the one way files are written: atomically (temp file + rename)."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import platform
+import shutil
+import tempfile
+from collections.abc import Iterator
+from datetime import datetime, timezone
+from pathlib import Path
+
+from tlcli.errors import UsageError
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike, suffix: str = "") -> Iterator[Path]:
+    """Yield a temporary path beside ``path``; on success rename it over ``path``, on failure delete it."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=f".tmp{suffix}", dir=path.parent)
+    os.fchmod(fd, 0o666 & ~_umask())
+    os.close(fd)
+    tmp_path = Path(tmp)
+    try:
+        yield tmp_path
+        with open(tmp_path, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp_path, path)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            tmp_path.unlink()
+
+
+def write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    """Atomically write ``data`` to ``path``."""
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(data)
+
+
+def write_json(path: str | os.PathLike, obj) -> None:
+    """Atomically write ``obj`` as indented JSON."""
+    write_bytes(path, (json.dumps(obj, indent=2, sort_keys=False, default=str) + "\n").encode())
+
+
+def read_json(path: str | os.PathLike) -> dict:
+    """Read a JSON file written by tlcli, with a one-line error when it is missing or damaged."""
+    try:
+        return json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise UsageError(f"{path} not found") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise UsageError(f"{path} is not valid JSON ({exc}); re-run the step that wrote it") from None
+
+
+def versions() -> dict:
+    """Versions of everything that shapes a model's numbers."""
+    import keras
+    import numpy
+    import tensorflow as tf
+
+    from tlcli import __version__
+
+    return {
+        "tlcli": __version__,
+        "tensorflow": tf.__version__,
+        "keras": keras.__version__,
+        "numpy": numpy.__version__,
+        "python": platform.python_version(),
+    }
+
+
+def timestamp() -> str:
+    """UTC timestamp used to name run folders; sorts in time order."""
+    return datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S_%fZ")
+
+
+@contextlib.contextmanager
+def staging_dir(runs_root: str | os.PathLike) -> Iterator[Path]:
+    """Yield a hidden folder inside ``runs_root`` to build a run in; it is removed unless published."""
+    root = Path(runs_root)
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=root))
+        staging.chmod(0o777 & ~_umask())
+    except OSError as exc:
+        raise UsageError(f"cannot write into {root}: {exc.strerror}; choose another --out") from None
+    try:
+        yield staging
+    finally:
+        if staging.exists():
+            shutil.rmtree(staging, ignore_errors=True)
+
+
+def publish(staging: Path, runs_root: str | os.PathLike) -> Path:
+    """Rename a complete staging folder to ``runs_root/<timestamp>`` in one step."""
+    final = Path(runs_root) / timestamp()
+    os.rename(staging, final)
+    return final
+
+
+def promote(runs_root: str | os.PathLike, run_dir: str | os.PathLike) -> None:
+    """Point ``runs_root/latest`` at ``run_dir`` atomically (a relative symlink swapped in by rename)."""
+    root = Path(runs_root)
+    tmp = root / f".latest.{os.getpid()}.tmp"
+    with contextlib.suppress(FileNotFoundError):
+        tmp.unlink()
+    os.symlink(Path(run_dir).name, tmp)
+    os.replace(tmp, root / "latest")
+
+
+def resolve_run(path: str | os.PathLike) -> Path:
+    """A run folder from a run folder, a ``latest`` link or a runs root; one-line error otherwise."""
+    p = Path(path)
+    if not p.exists():
+        raise UsageError(f"{p} does not exist; give a run folder such as runs/NAME/latest")
+    if p.is_dir() and not (p / "model.keras").exists() and (p / "latest").exists():
+        p = p / "latest"
+    p = p.resolve()
+    if not (p / "model.keras").is_file() or not (p / "meta.json").is_file():
+        raise UsageError(f"{path} is not a tlcli run (no model.keras/meta.json); train one with 'tlcli train-head'")
+    return p

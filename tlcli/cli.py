@@ -1,0 +1,445 @@
+"""The tlcli command line: parse options, call one library function, print a table or JSON."""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import json
+import os
+import sys
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Annotated, Optional
+
+import tomllib
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.table import Table
+
+from tlcli import __version__
+from tlcli.errors import EXIT_FAILURE, EXIT_GATE, EXIT_INTERRUPTED, EXIT_USAGE, GateError, TlcliError, UsageError
+
+app = typer.Typer(
+    name="tlcli",
+    help="Transfer learning from the shell: pre-trained Keras backbones, a small head, your photos.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+err = Console(stderr=True, highlight=False)
+out = Console(highlight=False, soft_wrap=True)
+
+
+def _fail(message: str, code: int) -> None:
+    err.print(f"[bold red]error:[/] {message}", markup=True, highlight=False)
+    raise typer.Exit(code)
+
+
+def handles_errors(fn: Callable) -> Callable:
+    """Turn library errors into one line on stderr and the documented exit code; never a traceback."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except typer.Exit:
+            raise
+        except TlcliError as exc:
+            _fail(str(exc), exc.exit_code)
+        except KeyboardInterrupt:
+            err.print("interrupted; files already written are complete, nothing half-written was left")
+            raise typer.Exit(EXIT_INTERRUPTED) from None
+        except MemoryError:
+            _fail("out of memory; try a smaller --batch-size", EXIT_FAILURE)
+        except OSError as exc:
+            where = f" ({exc.filename})" if getattr(exc, "filename", None) else ""
+            _fail(f"{exc.strerror or exc}{where}", EXIT_FAILURE)
+        except Exception as exc:
+            if os.environ.get("TLCLI_DEBUG"):
+                raise
+            _fail(
+                f"unexpected {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''} (set TLCLI_DEBUG=1 for a traceback)",
+                EXIT_FAILURE,
+            )
+
+    return wrapper
+
+
+def load_config(ctx: typer.Context, param, value: Optional[Path]) -> Optional[Path]:
+    """--config FILE: read the command's [section] of a workflow TOML as defaults; the command line wins."""
+    if value is None:
+        return value
+    try:
+        doc = tomllib.loads(Path(value).read_text())
+    except FileNotFoundError:
+        _fail(f"config {value} not found", EXIT_USAGE)
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        _fail(f"config {value} is not valid TOML: {exc}", EXIT_USAGE)
+    section = doc.get(ctx.info_name, {})
+    if not isinstance(section, dict):
+        _fail(f"config {value}: [{ctx.info_name}] must be a table", EXIT_USAGE)
+    known = {p.name for p in ctx.command.params}
+    unknown = sorted(set(k.replace("-", "_") for k in section) - known)
+    if unknown:
+        _fail(f"config {value}: unknown option(s) {', '.join(unknown)} in [{ctx.info_name}]", EXIT_USAGE)
+    base = Path(value).resolve().parent.parent if Path(value).resolve().parent.name == "configs" else Path.cwd()
+    defaults = {}
+    for key, val in section.items():
+        name = key.replace("-", "_")
+        if name in PATH_OPTIONS and isinstance(val, str) and not os.path.isabs(val) and not Path(val).exists():
+            candidate = base / val
+            val = str(candidate) if candidate.exists() or name in OUTPUT_OPTIONS else val
+        defaults[name] = val
+    ctx.default_map = {**(ctx.default_map or {}), **defaults}
+    return value
+
+
+PATH_OPTIONS = {"data_dir", "out", "features_dir", "run", "weights"}
+OUTPUT_OPTIONS = {"out"}
+
+ConfigOpt = Annotated[
+    Optional[Path],
+    typer.Option(
+        "--config",
+        help="Workflow TOML (configs/*.toml); its [command] table gives defaults.",
+        callback=load_config,
+        is_eager=True,
+        dir_okay=False,
+    ),
+]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON document on stdout.")]
+QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars or logs on stderr.")]
+SeedOpt = Annotated[int, typer.Option(help="Random seed for splits, initialisation and shuffling.")]
+BatchOpt = Annotated[int, typer.Option(min=1, help="Images per batch.")]
+
+
+@contextlib.contextmanager
+def progress_bar(description: str, quiet: bool) -> Iterator[Callable[[int, int], None]]:
+    """A rich progress bar on stderr, silent with --quiet or when stderr is not a terminal."""
+    progress = Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+        console=err,
+        disable=quiet or not err.is_terminal,
+        transient=False,
+    )
+    task = progress.add_task(description, total=None)
+    with progress:
+        yield lambda done, total, *_: progress.update(task, completed=done, total=total)
+
+
+def log(message: str, quiet: bool) -> None:
+    if not quiet:
+        err.print(message)
+
+
+def emit_json(doc) -> None:
+    sys.stdout.write(json.dumps(doc, indent=2, default=str) + "\n")
+    sys.stdout.flush()
+
+
+@contextlib.contextmanager
+def native_stderr_silenced() -> Iterator[None]:
+    """Hide TensorFlow's C++ start-up chatter (it ignores TF_CPP_MIN_LOG_LEVEL before absl is initialised)."""
+    if os.environ.get("TLCLI_DEBUG"):
+        yield
+        return
+    sys.stderr.flush()
+    saved = os.dup(2)
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, 2)
+    try:
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(devnull)
+
+
+def version_callback(value: bool) -> None:
+    if value:
+        out.print(f"tlcli {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def main(
+    version: Annotated[
+        bool, typer.Option("--version", callback=version_callback, is_eager=True, help="Show the version.")
+    ] = False,
+) -> None:
+    """Transfer learning from the shell.
+
+    Typical flow: extract features with a frozen ImageNet backbone, train a small head on them,
+    evaluate, predict. Exit codes: 0 ok, 1 failure, 2 bad usage or input, 3 quality gate not met,
+    130 interrupted.
+    """
+    with native_stderr_silenced():
+        import tensorflow as tf
+
+        tf.constant(0)
+
+
+@app.command("backbones")
+@handles_errors
+def backbones_cmd(as_json: JsonOpt = False) -> None:
+    """List every registered keras.applications backbone: default input size, feature size, parameters."""
+    from tlcli import backbones
+
+    rows = [
+        {
+            "name": s.name,
+            "family": s.family,
+            "keras": f"keras.applications.{s.constructor}",
+            "input_size": s.size,
+            "feature_dim": s.feature_dim,
+            "params": s.params,
+            "alphas": list(s.alphas),
+            "preprocess": s.module,
+        }
+        for s in backbones.SPECS.values()
+    ]
+    if as_json:
+        emit_json(rows)
+        return
+    table = Table(title="Backbones (features = pooled vector of the headless network)")
+    for col in ("name", "family", "input", "features", "params", "alpha"):
+        table.add_column(col, justify="right" if col in ("input", "features", "params") else "left")
+    for r in rows:
+        table.add_row(
+            r["name"],
+            r["family"],
+            str(r["input_size"]),
+            str(r["feature_dim"]),
+            f"{r['params'] / 1e6:.1f}M",
+            ",".join(f"{a:g}" for a in r["alphas"]),
+        )
+    out.print(table)
+
+
+@app.command("extract")
+@handles_errors
+def extract_cmd(
+    data_dir: Annotated[Path, typer.Argument(help="Folder of class sub-folders (optionally with split.json).")],
+    out_dir: Annotated[Path, typer.Option("--out", "-o", help="Feature store folder to write (or update).")] = Path(
+        "features/default"
+    ),
+    backbone: Annotated[
+        str, typer.Option("--backbone", "-b", help="Backbone name (see 'tlcli backbones').")
+    ] = "mobilenet",
+    alpha: Annotated[Optional[float], typer.Option(help="Width multiplier for MobileNet backbones.")] = None,
+    size: Annotated[Optional[int], typer.Option(min=32, help="Input size in pixels (default: the backbone's).")] = None,
+    weights: Annotated[
+        str, typer.Option(help="'imagenet' (Keras cache or download), 'none', or a weights FILE.")
+    ] = "imagenet",
+    resize: Annotated[str, typer.Option(help="How photos become squares: crop (centre), squash, pad.")] = "crop",
+    flip: Annotated[
+        bool, typer.Option("--flip/--no-flip", help="Average features of each photo and its mirror image.")
+    ] = True,
+    split: Annotated[
+        str, typer.Option(help="train,val,test fractions when the folder has no split.json.")
+    ] = "0.8,0.1,0.1",
+    seed: SeedOpt = 0,
+    batch_size: BatchOpt = 32,
+    as_json: JsonOpt = False,
+    quiet: QuietOpt = False,
+    config: ConfigOpt = None,
+) -> None:
+    """Run a frozen pre-trained backbone over every image and store one feature vector each (incremental)."""
+    from tlcli import datasets, features
+
+    fractions = datasets.parse_fractions(split)
+    with progress_bar("extracting", quiet or as_json) as bar:
+        summary = features.extract(
+            data_dir,
+            out_dir,
+            backbone=backbone,
+            alpha=alpha,
+            size=size,
+            weights=weights,
+            resize=resize,
+            flip_average=flip,
+            fractions=fractions,
+            seed=seed,
+            batch_size=batch_size,
+            progress=bar,
+        )
+    if as_json:
+        emit_json(summary)
+        return
+    s = summary["splits"]
+    out.print(
+        f"{summary['stored']} images -> {summary['out']} ({summary['key']}): train {s['train']}, val {s['val']}, "
+        f"test {s['test']}; extracted {summary['extracted']}, reused {summary['reused']}, skipped {len(summary['skipped'])} "
+        f"in {summary['seconds']:.1f}s"
+    )
+    if summary["replaced_key"]:
+        out.print(f"replaced features made by {summary['replaced_key']}")
+    for item in summary["skipped"][:20]:
+        err.print(f"skipped {item['path']}: {item['reason']}", markup=False)
+    if len(summary["skipped"]) > 20:
+        err.print(f"... and {len(summary['skipped']) - 20} more (see {summary['out']}/meta.json)")
+    if summary["empty_classes"]:
+        err.print(f"ignored empty class folder(s): {', '.join(summary['empty_classes'])}", markup=False)
+
+
+@app.command("train-head")
+@handles_errors
+def train_head_cmd(
+    features_dir: Annotated[Path, typer.Argument(help="Feature store written by 'tlcli extract'.")],
+    out_dir: Annotated[
+        Path,
+        typer.Option("--out", "-o", help="Runs folder: each run goes to OUT/<timestamp>/, OUT/latest is promoted."),
+    ] = Path("runs/default"),
+    epochs: Annotated[int, typer.Option(min=1, help="Maximum epochs (early stopping on val loss).")] = 200,
+    batch_size: BatchOpt = 64,
+    lr: Annotated[float, typer.Option(min=0.0, help="Adam learning rate.")] = 1e-3,
+    dropout: Annotated[float, typer.Option(min=0.0, max=0.95, help="Dropout before the softmax layer.")] = 0.2,
+    l2: Annotated[float, typer.Option(min=0.0, help="L2 weight penalty of the softmax layer.")] = 1e-4,
+    patience: Annotated[int, typer.Option(min=1, help="Epochs without val improvement before stopping.")] = 20,
+    balance: Annotated[bool, typer.Option("--balance/--no-balance", help="Class weights against imbalance.")] = True,
+    promote_if_better: Annotated[
+        bool, typer.Option(help="Promote to latest only if val accuracy beats it (else exit 3).")
+    ] = False,
+    backbone: Annotated[Optional[str], typer.Option(help="Refuse features not made by this backbone.")] = None,
+    size: Annotated[Optional[int], typer.Option(help="Refuse features not made at this input size.")] = None,
+    seed: SeedOpt = 0,
+    as_json: JsonOpt = False,
+    quiet: QuietOpt = False,
+    config: ConfigOpt = None,
+) -> None:
+    """Train a softmax head on stored features; save backbone + head as one model taking RGB pixels."""
+    from tlcli import head
+
+    with progress_bar("training head (epochs)", quiet or as_json) as bar:
+        summary = head.train(
+            features_dir,
+            out_dir,
+            epochs=epochs,
+            batch_size=batch_size,
+            learning_rate=lr,
+            dropout=dropout,
+            l2=l2,
+            patience=patience,
+            balance=balance,
+            seed=seed,
+            promote_if_better=promote_if_better,
+            backbone=backbone,
+            size=size,
+            progress=bar,
+        )
+    if as_json:
+        emit_json(summary)
+    else:
+        test = summary["test_accuracy"]
+        out.print(
+            f"run {summary['run']}: train {summary['train_accuracy']:.4f}, val {summary['val_accuracy']:.4f}"
+            + (f", test {test:.4f}" if test is not None else "")
+            + f" after {summary['epochs_run']} epochs ({summary['fit_seconds']:.1f}s)"
+        )
+        out.print(
+            f"promoted to {summary['latest']}"
+            if summary["promoted"]
+            else f"not promoted: val {summary['val_accuracy']:.4f} does not beat latest {summary['previous_val_accuracy']:.4f}"
+        )
+    if not summary["promoted"]:
+        raise typer.Exit(EXIT_GATE)
+
+
+def _per_class_table(result: dict) -> Table:
+    table = Table(title=f"{result['source']}: accuracy {result['accuracy']:.4f} on {result['n']} images")
+    for col in ("class", "precision", "recall", "f1", "support"):
+        table.add_column(col, justify="left" if col == "class" else "right")
+    for name, c in result["per_class"].items():
+        table.add_row(name, f"{c['precision']:.3f}", f"{c['recall']:.3f}", f"{c['f1']:.3f}", str(c["support"]))
+    return table
+
+
+@app.command("evaluate")
+@handles_errors
+def evaluate_cmd(
+    run: Annotated[Path, typer.Argument(help="Run folder, e.g. runs/pets/latest.")],
+    data_dir: Annotated[
+        Optional[Path], typer.Argument(help="Folder of class sub-folders (default: the run's test split).")
+    ] = None,
+    min_accuracy: Annotated[
+        Optional[float], typer.Option(min=0.0, max=1.0, help="Exit 3 when accuracy is below this (CI gate).")
+    ] = None,
+    top_k: Annotated[int, typer.Option(min=1, help="Also report top-k accuracy.")] = 5,
+    out_dir: Annotated[
+        Optional[Path],
+        typer.Option("--out", "-o", help="Where to write metrics.json, confusion.png, misclassified.json."),
+    ] = None,
+    batch_size: BatchOpt = 32,
+    as_json: JsonOpt = False,
+    quiet: QuietOpt = False,
+    config: ConfigOpt = None,
+) -> None:
+    """Accuracy, top-k, per-class precision/recall/F1, confusion matrix and misclassified files."""
+    from tlcli import evaluate
+
+    with progress_bar("evaluating", quiet or as_json) as bar:
+        result = evaluate.evaluate_run(run, data_dir, top_k=top_k, out=out_dir, batch_size=batch_size, progress=bar)
+    gate_failed = min_accuracy is not None and result["accuracy"] < min_accuracy
+    result["min_accuracy"] = min_accuracy
+    result["passed"] = not gate_failed
+    if as_json:
+        emit_json({k: v for k, v in result.items() if k != "confusion"})
+    else:
+        out.print(_per_class_table(result))
+        topk = next(k for k in result if k.startswith("top_"))
+        out.print(
+            f"accuracy {result['accuracy']:.4f}, {topk.replace('_', '-')} {result[topk]:.4f}, "
+            f"{len(result['misclassified'])} misclassified; files in {result['out']}"
+        )
+        for item in result["skipped"]:
+            err.print(f"skipped {item['path']}: {item['reason']}", markup=False)
+    if gate_failed:
+        raise GateError(f"accuracy {result['accuracy']:.4f} is below --min-accuracy {min_accuracy}")
+
+
+@app.command("predict")
+@handles_errors
+def predict_cmd(
+    run: Annotated[Path, typer.Argument(help="Run folder, e.g. runs/pets/latest.")],
+    paths: Annotated[list[Path], typer.Argument(help="Image files and/or folders (searched recursively).")],
+    top_k: Annotated[int, typer.Option(min=1, help="How many classes to show per image.")] = 3,
+    batch_size: BatchOpt = 32,
+    as_json: JsonOpt = False,
+    quiet: QuietOpt = False,
+) -> None:
+    """Classify photos: a top-k table, or one JSON object per line with --json."""
+    from tlcli import predict
+
+    with progress_bar("predicting", quiet or as_json) as bar:
+        rows, skipped = predict.predict_paths(
+            run, [str(p) for p in paths], top_k=top_k, batch_size=batch_size, progress=bar
+        )
+    if as_json:
+        for row in rows:
+            sys.stdout.write(json.dumps(row) + "\n")
+        for item in skipped:
+            sys.stdout.write(json.dumps({"path": item["path"], "error": item["reason"]}) + "\n")
+        sys.stdout.flush()
+    else:
+        table = Table()
+        table.add_column("file")
+        for i in range(top_k):
+            table.add_column(f"#{i + 1}")
+        for row in rows:
+            table.add_row(row["path"], *[f"{t['class']} {t['probability']:.3f}" for t in row["top"]])
+        out.print(table)
+        for item in skipped:
+            err.print(f"skipped {item['path']}: {item['reason']}", markup=False)
+    if not rows:
+        raise UsageError("no image could be read; check the paths")
+
+
+def run() -> None:
+    """Console-script entry point."""
+    app()

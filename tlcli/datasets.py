@@ -1,0 +1,110 @@
+"""Class-folder datasets: scan the files, and split them into train/val/test deterministically."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from tlcli.errors import UsageError
+from tlcli.images import is_image_name
+
+SPLITS = ("train", "val", "test")
+DEFAULT_FRACTIONS = (0.8, 0.1, 0.1)
+
+
+@dataclass
+class Dataset:
+    """Image files under ``root``, as paths relative to it, with their class names."""
+
+    root: Path
+    classes: list[str]
+    files: list[str]
+    labels: list[int]
+    empty_classes: list[str]
+
+
+def scan(root: str | os.PathLike, min_classes: int = 2) -> Dataset:
+    """List ``root/<class>/<file>`` images; classes are the sub-folder names in sorted order."""
+    root = Path(root)
+    if not root.exists():
+        raise UsageError(f"{root} does not exist; give a folder of class sub-folders (e.g. data/pets/cat/*.jpg)")
+    if not root.is_dir():
+        raise UsageError(f"{root} is not a folder; give a folder of class sub-folders")
+    classes, files, labels, empty = [], [], [], []
+    subdirs = sorted(d.name for d in os.scandir(root) if d.is_dir() and not d.name.startswith("."))
+    for name in subdirs:
+        found = []
+        for dirpath, dirnames, filenames in os.walk(root / name, followlinks=True):
+            dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+            found += [os.path.relpath(os.path.join(dirpath, f), root) for f in filenames if is_image_name(f)]
+        if not found:
+            empty.append(name)
+            continue
+        classes.append(name)
+        files += sorted(found)
+        labels += [len(classes) - 1] * len(found)
+    if len(classes) < min_classes:
+        what = "no class sub-folders with images" if not classes else f"only one class ({classes[0]})"
+        raise UsageError(
+            f"{root} has {what}; a classifier needs at least {min_classes} sub-folders of images, one per class"
+        )
+    return Dataset(root, classes, [f.replace(os.sep, "/") for f in files], labels, empty)
+
+
+def parse_fractions(text: str) -> tuple[float, float, float]:
+    """Parse '--split 0.8,0.1,0.1' into three fractions that sum to 1."""
+    try:
+        parts = tuple(float(p) for p in text.split(","))
+    except ValueError:
+        parts = ()
+    if len(parts) != 3 or any(p < 0 for p in parts) or abs(sum(parts) - 1) > 1e-6 or parts[0] <= 0:
+        raise UsageError(f"--split {text!r} must be three fractions train,val,test that sum to 1, e.g. 0.8,0.1,0.1")
+    return parts  # type: ignore[return-value]
+
+
+def _rank(seed: int, rel: str) -> str:
+    return hashlib.sha256(f"{seed}:{rel}".encode()).hexdigest()
+
+
+def assign_splits(ds: Dataset, fractions=DEFAULT_FRACTIONS, seed: int = 0) -> tuple[dict[str, str], str]:
+    """Map each file to train/val/test: from the dataset's ``split.json`` when present, else stratified.
+
+    The stratified split orders each class by a seeded hash of the file name and cuts it at the
+    fractions, so it is the same on every machine and a file keeps its split as others are added
+    (near the cut points files may move).
+    """
+    split_file = ds.root / "split.json"
+    given: dict[str, str] = {}
+    source = "stratified"
+    if split_file.is_file():
+        try:
+            doc = json.loads(split_file.read_text())
+            for split in SPLITS:
+                for rel in doc.get(split, []):
+                    given[rel] = split
+        except (json.JSONDecodeError, AttributeError, TypeError) as exc:
+            raise UsageError(f"{split_file} is not a valid split file ({exc}); fix or delete it") from None
+        source = "split.json"
+    by_class: dict[int, list[str]] = {}
+    for rel, label in zip(ds.files, ds.labels):
+        if rel not in given:
+            by_class.setdefault(label, []).append(rel)
+    out = {rel: given[rel] for rel in ds.files if rel in given}
+    _, f_val, f_test = fractions
+    for members in by_class.values():
+        members.sort(key=lambda r: _rank(seed, r))
+        n = len(members)
+        n_test = round(n * f_test) if n >= 3 else 0
+        n_val = round(n * f_val) if n >= 3 else 0
+        if f_test > 0 and n >= 3:
+            n_test = max(n_test, 1)
+        if f_val > 0 and n >= 3:
+            n_val = max(n_val, 1)
+        for i, rel in enumerate(members):
+            out[rel] = "test" if i < n_test else "val" if i < n_test + n_val else "train"
+    if given and by_class:
+        source = "split.json+stratified"
+    return out, source

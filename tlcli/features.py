@@ -1,0 +1,257 @@
+"""The feature store: one pooled backbone vector per image, per split, reused by file content hash."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from tlcli import artifacts, backbones, datasets, images
+from tlcli.errors import UsageError
+
+STORE_FORMAT = 1
+META = "meta.json"
+
+
+def file_digest(path: str | os.PathLike) -> str:
+    """Content hash that identifies an image file across renames and re-runs."""
+    h = hashlib.blake2b(digest_size=16)
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+@dataclass
+class Split:
+    """The stored vectors of one split."""
+
+    features: np.ndarray
+    labels: np.ndarray
+    paths: list[str]
+
+
+@dataclass
+class Store:
+    """A feature store folder: meta.json plus {train,val,test}.npz."""
+
+    root: Path
+    meta: dict
+
+    @classmethod
+    def open(cls, root: str | os.PathLike) -> Store:
+        """Open a store written by ``tlcli extract``; one-line error when it is missing or incomplete."""
+        root = Path(root)
+        if not (root / META).is_file():
+            raise UsageError(f"{root} holds no features (no {META}); run 'tlcli extract DATA_DIR --out {root}' first")
+        meta = artifacts.read_json(root / META)
+        if meta.get("format") != STORE_FORMAT:
+            raise UsageError(f"{root} was written by another tlcli version; re-run 'tlcli extract'")
+        return cls(root, meta)
+
+    def split(self, name: str) -> Split:
+        """Load one split, checking it is the file meta.json describes."""
+        path = self.root / f"{name}.npz"
+        expect = self.meta["splits"].get(name, {})
+        if not expect.get("n"):
+            return Split(np.zeros((0, self.meta["feature_dim"]), np.float32), np.zeros((0,), np.int64), [])
+        try:
+            with np.load(path, allow_pickle=False) as z:
+                arrays = {k: z[k] for k in ("features", "labels", "paths")}
+        except (OSError, ValueError, KeyError) as exc:
+            raise UsageError(f"{path} is unreadable ({exc}); re-run 'tlcli extract' to rebuild the store") from None
+        if len(arrays["paths"]) != expect["n"]:
+            raise UsageError(f"{path} does not match {META} (interrupted extract?); re-run 'tlcli extract'")
+        return Split(
+            arrays["features"].astype(np.float32), arrays["labels"].astype(np.int64), [str(p) for p in arrays["paths"]]
+        )
+
+    def cached(self) -> tuple[dict[str, np.ndarray], dict[str, tuple[int, int, str]]]:
+        """Vectors by content hash, and (size, mtime_ns, hash) by path, from every readable split."""
+        vectors: dict[str, np.ndarray] = {}
+        stats: dict[str, tuple[int, int, str]] = {}
+        for name in datasets.SPLITS:
+            path = self.root / f"{name}.npz"
+            if not path.is_file():
+                continue
+            try:
+                with np.load(path, allow_pickle=False) as z:
+                    for p, h, s, m, v in zip(z["paths"], z["hashes"], z["sizes"], z["mtimes"], z["features"]):
+                        vectors[str(h)] = v
+                        stats[str(p)] = (int(s), int(m), str(h))
+            except (OSError, ValueError, KeyError):
+                continue
+        return vectors, stats
+
+
+def _write_split(path: Path, arrays: dict) -> None:
+    buf = io.BytesIO()
+    np.savez(buf, **arrays)
+    artifacts.write_bytes(path, buf.getvalue())
+
+
+Progress = Callable[[int, int], None]
+
+
+def extract(
+    data_dir: str | os.PathLike,
+    out: str | os.PathLike,
+    backbone: str = "mobilenet",
+    alpha: float | None = None,
+    size: int | None = None,
+    weights: str = "imagenet",
+    resize: str = images.DEFAULT_RESIZE,
+    flip_average: bool = True,
+    fractions=datasets.DEFAULT_FRACTIONS,
+    seed: int = 0,
+    batch_size: int = 32,
+    progress: Progress | None = None,
+) -> dict:
+    """Extract features for every image under ``data_dir`` into the store at ``out``, reusing unchanged ones.
+
+    Returns a summary: counts per split, how many images were extracted or reused, skipped files.
+    """
+    started = time.perf_counter()
+    if resize not in images.RESIZE_POLICIES:
+        raise UsageError(f"unknown --resize {resize!r}; use one of {', '.join(images.RESIZE_POLICIES)}")
+    ds = datasets.scan(data_dir)
+    assignment, split_source = datasets.assign_splits(ds, fractions, seed)
+    bb = backbones.build(backbone, alpha, size, weights)
+    key = f"{bb.key}-{resize}{'-flip' if flip_average else ''}"
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"--out {out} is a file; give a folder for the feature store")
+
+    vectors: dict[str, np.ndarray] = {}
+    old_stats: dict[str, tuple[int, int, str]] = {}
+    old_bad: dict[str, str] = {}
+    replaced = None
+    if (out / META).is_file():
+        try:
+            old = Store.open(out)
+        except UsageError:
+            old = None
+        if old is not None and old.meta.get("key") == key:
+            vectors, old_stats = old.cached()
+            old_bad = {b["hash"]: b["reason"] for b in old.meta.get("skipped", []) if b.get("hash")}
+        elif old is not None:
+            replaced = old.meta.get("key")
+
+    records = []
+    for rel, label in zip(ds.files, ds.labels):
+        full = ds.root / rel
+        try:
+            st = full.stat()
+            prev = old_stats.get(rel)
+            digest = prev[2] if prev and prev[:2] == (st.st_size, st.st_mtime_ns) else file_digest(full)
+        except OSError as exc:
+            records.append((rel, label, None, 0, 0, f"unreadable: {exc.strerror}"))
+            continue
+        records.append((rel, label, digest, st.st_size, st.st_mtime_ns, None))
+
+    todo = [r for r in records if r[5] is None and r[2] not in vectors and r[2] not in old_bad]
+    todo_unique = list({r[2]: r for r in todo}.values())
+    fresh_bad: dict[str, str] = {}
+    if todo_unique:
+        import tensorflow as tf
+
+        from tlcli.layers import feature_model
+
+        model = feature_model(bb, flip_average)
+        infer = tf.function(lambda x: model(x, training=False), reduce_retracing=True)
+        done = 0
+        paths = [str(ds.root / r[0]) for r in todo_unique]
+        for pixels, ok, why in images.batches(paths, bb.size, resize, batch_size):
+            feats = infer(tf.constant(pixels, tf.float32)).numpy()
+            for j in range(len(pixels)):
+                rec = todo_unique[done + j]
+                if ok[j]:
+                    vectors[rec[2]] = feats[j].astype(np.float32)
+                else:
+                    fresh_bad[rec[2]] = why[j]
+            done += len(pixels)
+            if progress:
+                progress(done, len(todo_unique))
+
+    bad_reasons = {**old_bad, **fresh_bad}
+    skipped = []
+    per_split: dict[str, dict[str, list]] = {
+        s: {k: [] for k in ("features", "labels", "paths", "hashes", "sizes", "mtimes")} for s in datasets.SPLITS
+    }
+    for rel, label, digest, fsize, mtime, err in records:
+        reason = err or bad_reasons.get(digest)
+        if reason is not None or digest not in vectors:
+            skipped.append({"path": rel, "reason": reason or "not decoded", "hash": digest})
+            continue
+        arrays = per_split[assignment[rel]]
+        arrays["features"].append(vectors[digest])
+        arrays["labels"].append(label)
+        arrays["paths"].append(rel)
+        arrays["hashes"].append(digest)
+        arrays["sizes"].append(fsize)
+        arrays["mtimes"].append(mtime)
+
+    dim = int(bb.model.output_shape[-1])
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise UsageError(f"cannot create {out}: {exc.strerror}") from None
+    split_meta = {}
+    for name, arrays in per_split.items():
+        n = len(arrays["paths"])
+        counts = np.bincount(np.asarray(arrays["labels"], np.int64), minlength=len(ds.classes)).tolist()
+        split_meta[name] = {"n": n, "per_class": dict(zip(ds.classes, counts))}
+        _write_split(
+            out / f"{name}.npz",
+            {
+                "features": np.asarray(arrays["features"], np.float32).reshape(n, dim),
+                "labels": np.asarray(arrays["labels"], np.int64),
+                "paths": np.asarray(arrays["paths"], dtype=str),
+                "hashes": np.asarray(arrays["hashes"], dtype=str),
+                "sizes": np.asarray(arrays["sizes"], np.int64),
+                "mtimes": np.asarray(arrays["mtimes"], np.int64),
+            },
+        )
+    manifest = hashlib.sha256("\n".join(f"{r}\t{assignment[r]}" for r in sorted(ds.files)).encode()).hexdigest()
+    meta = {
+        "format": STORE_FORMAT,
+        "key": key,
+        **bb.describe(),
+        "resize": resize,
+        "flip_average": flip_average,
+        "data_dir": str(ds.root.resolve()),
+        "classes": ds.classes,
+        "split_source": split_source,
+        "split_fractions": list(fractions),
+        "seed": seed,
+        "split_hash": manifest,
+        "splits": split_meta,
+        "skipped": skipped,
+        "empty_classes": ds.empty_classes,
+        "versions": artifacts.versions(),
+        "written": artifacts.timestamp(),
+    }
+    artifacts.write_json(out / META, meta)
+    n_ok = sum(s["n"] for s in split_meta.values())
+    return {
+        "out": str(out),
+        "key": key,
+        "backbone": bb.spec.name,
+        "images": n_ok + len(skipped),
+        "stored": n_ok,
+        "extracted": len([r for r in todo_unique if r[2] in vectors]),
+        "reused": n_ok - len([r for r in todo if r[2] in vectors]),
+        "skipped": skipped,
+        "replaced_key": replaced,
+        "splits": {k: v["n"] for k, v in split_meta.items()},
+        "classes": ds.classes,
+        "empty_classes": ds.empty_classes,
+        "split_source": split_source,
+        "seconds": round(time.perf_counter() - started, 3),
+    }

@@ -1,0 +1,144 @@
+"""The one image-loading path: decode any photo to RGB pixels of a fixed size, and batch them with tf.data."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageFile, ImageOps
+
+from tlcli.errors import UsageError
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".gif", ".bmp", ".webp", ".tif", ".tiff")
+RESIZE_POLICIES = ("squash", "crop", "pad")
+DEFAULT_RESIZE = "crop"
+PAD_VALUE = 127
+
+ImageFile.LOAD_TRUNCATED_IMAGES = False
+Image.MAX_IMAGE_PIXELS = 64_000_000
+
+
+class ImageError(ValueError):
+    """A file that is not a decodable image."""
+
+
+def is_image_name(path: str | Path) -> bool:
+    """True when the file name carries an image extension (case-insensitive) and is not hidden."""
+    name = os.path.basename(str(path))
+    return not name.startswith(".") and name.lower().endswith(IMAGE_EXTENSIONS)
+
+
+def _to_rgb(im: Image.Image) -> Image.Image:
+    """Convert any PIL mode (grey, 16-bit, palette, CMYK, alpha) to 8-bit RGB; alpha is composited on white."""
+    if im.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
+        arr = np.asarray(im, dtype=np.float64)
+        top = 65535.0 if im.mode.startswith("I;16") else max(float(arr.max()), 1.0)
+        grey = np.clip(arr * (255.0 / top), 0, 255).astype(np.uint8)
+        return Image.fromarray(grey, "L").convert("RGB")
+    if im.mode == "P" and "transparency" in im.info:
+        im = im.convert("RGBA")
+    if im.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        rgba = im.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    return im.convert("RGB") if im.mode != "RGB" else im
+
+
+def decode(path: str | Path, size: int | None = None) -> Image.Image:
+    """Fully decode an image file to an upright RGB PIL image; raise ImageError for anything else.
+
+    With ``size``, JPEGs are decoded at a reduced scale (never below ``size`` on either side).
+    """
+    try:
+        with Image.open(path) as im:
+            if size and im.format == "JPEG":
+                im.draft("RGB", (size, size))
+            im.seek(0)
+            im.load()
+            im = ImageOps.exif_transpose(im) or im
+            rgb = _to_rgb(im)
+            rgb.load()
+            if rgb.width < 1 or rgb.height < 1:
+                raise ImageError("image has no pixels")
+            return rgb
+    except ImageError:
+        raise
+    except (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError) as exc:
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        if os.path.exists(path) and os.path.getsize(path) == 0:
+            reason = "empty file"
+        raise ImageError(reason) from exc
+    except Exception as exc:  # PIL plugins raise a zoo of types on hostile bytes
+        raise ImageError(f"{type(exc).__name__}: {exc}") from exc
+
+
+def fit(im: Image.Image, size: int, policy: str = DEFAULT_RESIZE) -> Image.Image:
+    """Resize to size x size: ``squash`` ignores aspect, ``crop`` fills then centre-crops, ``pad`` fits then pads grey."""
+    if policy == "squash":
+        return im.resize((size, size), Image.BILINEAR, reducing_gap=3.0)
+    w, h = im.size
+    if policy == "crop":
+        scale = size / min(w, h)
+        nw, nh = max(size, round(w * scale)), max(size, round(h * scale))
+        im = im.resize((nw, nh), Image.BILINEAR, reducing_gap=3.0)
+        left, top = (nw - size) // 2, (nh - size) // 2
+        return im.crop((left, top, left + size, top + size))
+    if policy == "pad":
+        scale = size / max(w, h)
+        nw, nh = max(1, round(w * scale)), max(1, round(h * scale))
+        im = im.resize((nw, nh), Image.BILINEAR, reducing_gap=3.0)
+        canvas = Image.new("RGB", (size, size), (PAD_VALUE,) * 3)
+        canvas.paste(im, ((size - nw) // 2, (size - nh) // 2))
+        return canvas
+    raise UsageError(f"unknown resize policy {policy!r}; use one of {', '.join(RESIZE_POLICIES)}")
+
+
+def load(path: str | Path, size: int, policy: str = DEFAULT_RESIZE) -> np.ndarray:
+    """Load one image as a (size, size, 3) uint8 RGB array."""
+    return np.asarray(fit(decode(path, size), size, policy), dtype=np.uint8)
+
+
+def _load_or_blank(path: bytes, size: int, policy: str) -> tuple[np.ndarray, bool, str]:
+    try:
+        return load(path.decode("utf-8", "surrogateescape"), size, policy), True, ""
+    except ImageError as exc:
+        return np.zeros((size, size, 3), np.uint8), False, str(exc)
+
+
+def batches(
+    paths: Sequence[str], size: int, policy: str = DEFAULT_RESIZE, batch_size: int = 32
+) -> Iterator[tuple[np.ndarray, np.ndarray, list[str]]]:
+    """Yield (pixels uint8 [b, size, size, 3], ok mask [b], error reasons [b]) over ``paths`` in order.
+
+    Decoding runs in parallel inside a prefetched tf.data pipeline; undecodable files come back
+    with ok=False and a reason instead of raising.
+    """
+    import tensorflow as tf
+
+    if policy not in RESIZE_POLICIES:
+        raise UsageError(f"unknown resize policy {policy!r}; use one of {', '.join(RESIZE_POLICIES)}")
+    if not paths:
+        return
+
+    def _py_load(p):
+        img, ok, why = _load_or_blank(p, size, policy)
+        return img, np.bool_(ok), np.bytes_(why.encode("utf-8", "replace"))
+
+    def _tf_load(p):
+        img, ok, why = tf.numpy_function(_py_load, [p], (tf.uint8, tf.bool, tf.string), stateful=False)
+        img.set_shape((size, size, 3))
+        ok.set_shape(())
+        why.set_shape(())
+        return img, ok, why
+
+    encoded = [os.fsencode(p) for p in paths]
+    ds = (
+        tf.data.Dataset.from_tensor_slices(tf.constant(encoded, dtype=tf.string))
+        .map(_tf_load, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+        .batch(batch_size)
+        .prefetch(tf.data.AUTOTUNE)
+    )
+    for img, ok, why in ds.as_numpy_iterator():
+        yield img, ok, [w.decode("utf-8", "replace") for w in why]

@@ -1,0 +1,57 @@
+"""Classify image files and folders with a saved run."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import numpy as np
+
+from tlcli.errors import UsageError
+from tlcli.evaluate import predict_files
+from tlcli.images import is_image_name
+
+
+def expand(paths: Sequence[str]) -> list[str]:
+    """Files as given, folders searched recursively for images, in sorted order; missing paths are an error."""
+    found: list[str] = []
+    for p in paths:
+        if os.path.isdir(p):
+            for dirpath, dirnames, filenames in os.walk(p):
+                dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+                found += [os.path.join(dirpath, f) for f in sorted(filenames) if is_image_name(f)]
+        elif os.path.exists(p):
+            found.append(p)
+        else:
+            raise UsageError(f"{p} does not exist")
+    return found
+
+
+def predict_paths(
+    run: str | os.PathLike,
+    paths: Sequence[str],
+    top_k: int = 3,
+    batch_size: int = 32,
+    progress: Callable[[int, int], None] | None = None,
+) -> tuple[list[dict], list[dict]]:
+    """Top-k classes with probabilities for each readable image, and the files that could not be read."""
+    from tlcli.head import load_run
+
+    model, meta, _ = load_run(run)
+    files = expand(paths)
+    if not files:
+        raise UsageError(f"no images found in {', '.join(map(str, paths))}")
+    probs, kept, skipped = predict_files(model, files, meta["input_size"], meta["resize"], batch_size, progress)
+    classes = meta["classes"]
+    k = min(top_k, len(classes))
+    rows = []
+    for row, i in zip(probs, kept):
+        order = np.argsort(-row)[:k]
+        rows.append(
+            {
+                "path": str(Path(files[i])),
+                "top": [{"class": classes[j], "probability": round(float(row[j]), 4)} for j in order],
+            }
+        )
+    return rows, skipped
