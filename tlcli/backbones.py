@@ -165,8 +165,9 @@ def _sha256(path: str | os.PathLike) -> str:
 
 def keras_models_dir() -> Path:
     """Where Keras caches downloaded weights ($KERAS_HOME/models, default ~/.keras/models)."""
-    home = os.environ.get("KERAS_HOME") or os.path.join(os.path.expanduser("~"), ".keras")
-    return Path(home) / "models"
+    from keras.src.backend import config
+
+    return Path(os.path.expanduser(config.keras_home())) / "models"
 
 
 NONE_WEIGHTS_SEED = 0

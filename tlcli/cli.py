@@ -60,7 +60,8 @@ def handles_errors(fn: Callable) -> Callable:
             if os.environ.get("TLCLI_DEBUG"):
                 raise
             _fail(
-                f"unexpected {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''} (set TLCLI_DEBUG=1 for a traceback)",
+                f"unexpected {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''} "
+                "(set TLCLI_DEBUG=1 for a traceback)",
                 EXIT_FAILURE,
             )
 
@@ -275,7 +276,8 @@ def extract_cmd(
     s = summary["splits"]
     out.print(
         f"{summary['stored']} images -> {summary['out']} ({summary['key']}): train {s['train']}, val {s['val']}, "
-        f"test {s['test']}; extracted {summary['extracted']}, reused {summary['reused']}, skipped {len(summary['skipped'])} "
+        f"test {s['test']}; extracted {summary['extracted']}, reused {summary['reused']}, "
+        f"skipped {len(summary['skipped'])} "
         f"in {summary['seconds']:.1f}s"
     )
     if summary["replaced_key"]:
@@ -345,7 +347,8 @@ def train_head_cmd(
         out.print(
             f"promoted to {summary['latest']}"
             if summary["promoted"]
-            else f"not promoted: val {summary['val_accuracy']:.4f} does not beat latest {summary['previous_val_accuracy']:.4f}"
+            else f"not promoted: val {summary['val_accuracy']:.4f} does not beat "
+            f"latest {summary['previous_val_accuracy']:.4f}"
         )
     if not summary["promoted"]:
         raise typer.Exit(EXIT_GATE)

@@ -89,7 +89,7 @@ def assign_splits(ds: Dataset, fractions=DEFAULT_FRACTIONS, seed: int = 0) -> tu
             raise UsageError(f"{split_file} is not a valid split file ({exc}); fix or delete it") from None
         source = "split.json"
     by_class: dict[int, list[str]] = {}
-    for rel, label in zip(ds.files, ds.labels):
+    for rel, label in zip(ds.files, ds.labels, strict=True):
         if rel not in given:
             by_class.setdefault(label, []).append(rel)
     out = {rel: given[rel] for rel in ds.files if rel in given}

@@ -134,7 +134,8 @@ def labelled_files(run_meta: dict, data_dir: str | os.PathLike | None) -> tuple[
     unknown = [c for c in ds.classes if c not in classes]
     if unknown:
         raise UsageError(
-            f"class folder(s) {', '.join(unknown)} in {data_dir} are not classes of this model ({', '.join(classes[:10])}"
+            f"class folder(s) {', '.join(unknown)} in {data_dir} are not classes of this model "
+            f"({', '.join(classes[:10])}"
             f"{', ...' if len(classes) > 10 else ''}); rename or remove them"
         )
     index = {c: i for i, c in enumerate(classes)}
@@ -166,7 +167,10 @@ def evaluate_run(
     batch_size: int = 32,
     progress: Callable[[int, int], None] | None = None,
 ) -> dict:
-    """Evaluate a saved run on a folder (or its own test split); write metrics.json, confusion.png, misclassified.json."""
+    """Evaluate a saved run on a folder (or its own test split).
+
+    Writes metrics.json, confusion.png and misclassified.json into ``out`` (default: inside the run).
+    """
     from tlcli.head import load_run
 
     model, meta, run_dir = load_run(run)

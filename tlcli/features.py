@@ -82,7 +82,9 @@ class Store:
                 continue
             try:
                 with np.load(path, allow_pickle=False) as z:
-                    for p, h, s, m, v in zip(z["paths"], z["hashes"], z["sizes"], z["mtimes"], z["features"]):
+                    for p, h, s, m, v in zip(
+                        z["paths"], z["hashes"], z["sizes"], z["mtimes"], z["features"], strict=True
+                    ):
                         vectors[str(h)] = v
                         stats[str(p)] = (int(s), int(m), str(h))
             except (OSError, ValueError, KeyError):
@@ -144,7 +146,7 @@ def extract(
             replaced = old.meta.get("key")
 
     records = []
-    for rel, label in zip(ds.files, ds.labels):
+    for rel, label in zip(ds.files, ds.labels, strict=True):
         full = ds.root / rel
         try:
             st = full.stat()
@@ -206,7 +208,7 @@ def extract(
     for name, arrays in per_split.items():
         n = len(arrays["paths"])
         counts = np.bincount(np.asarray(arrays["labels"], np.int64), minlength=len(ds.classes)).tolist()
-        split_meta[name] = {"n": n, "per_class": dict(zip(ds.classes, counts))}
+        split_meta[name] = {"n": n, "per_class": dict(zip(ds.classes, counts, strict=True))}
         _write_split(
             out / f"{name}.npz",
             {

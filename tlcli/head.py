@@ -83,7 +83,7 @@ def fit_head(
                 loss = tf.reduce_sum(ce(yb, probs) * wb) / tf.reduce_sum(wb) + tf.add_n(
                     head.losses or [tf.constant(0.0)]
                 )
-            optimizer.apply_gradients(zip(tape.gradient(loss, variables), variables))
+            optimizer.apply_gradients(zip(tape.gradient(loss, variables), variables, strict=True))
             total += loss
             correct += tf.reduce_sum(tf.cast(tf.argmax(probs, 1, output_type=y.dtype) == yb, tf.float32))
         return total / tf.cast(steps, tf.float32), correct / tf.cast(steps * batch_size, tf.float32)
@@ -130,7 +130,8 @@ def _check_expectations(meta: dict, backbone: str | None, size: int | None, alph
         )
     if size and size != meta["input_size"]:
         raise UsageError(
-            f"these features were made at input size {meta['input_size']}, not {size}; re-run 'tlcli extract' with --size {size}"
+            f"these features were made at input size {meta['input_size']}, not {size}; "
+            f"re-run 'tlcli extract' with --size {size}"
         )
     if alpha is not None and meta.get("alpha") is not None and alpha != meta["alpha"]:
         raise UsageError(
@@ -214,7 +215,8 @@ def train(
     bb = backbones.build(meta["backbone"], meta.get("alpha"), meta["input_size"], meta["weights"])
     if bb.weights_sha256 != meta.get("weights_sha256"):
         raise UsageError(
-            f"the {meta['backbone']} weights changed since extraction ({meta.get('weights_sha256')} -> {bb.weights_sha256}); re-run 'tlcli extract'"
+            f"the {meta['backbone']} weights changed since extraction "
+            f"({meta.get('weights_sha256')} -> {bb.weights_sha256}); re-run 'tlcli extract'"
         )
     features = feature_model(bb, meta.get("flip_average", False))
     pixels = keras.Input((bb.size, bb.size, 3), name="pixels")
@@ -224,7 +226,7 @@ def train(
     previous = _current_val_accuracy(runs_root)
     val_acc = val_metrics["accuracy"] if val_metrics else train_acc
     better = previous is None or val_acc > previous
-    test_files = [[p, int(lab)] for p, lab in zip(test_split.paths, test_split.labels)]
+    test_files = [[p, int(lab)] for p, lab in zip(test_split.paths, test_split.labels, strict=True)]
     run_meta = {
         "kind": "tlcli-run",
         "classes": classes,

@@ -75,7 +75,11 @@ def decode(path: str | Path, size: int | None = None) -> Image.Image:
 
 
 def fit(im: Image.Image, size: int, policy: str = DEFAULT_RESIZE) -> Image.Image:
-    """Resize to size x size: ``squash`` ignores aspect, ``crop`` fills then centre-crops, ``pad`` fits then pads grey."""
+    """Resize to size x size.
+
+    ``squash`` ignores the aspect ratio, ``crop`` fills the square then centre-crops, ``pad`` fits
+    the whole photo and pads with grey.
+    """
     if policy == "squash":
         return im.resize((size, size), Image.BILINEAR, reducing_gap=3.0)
     w, h = im.size

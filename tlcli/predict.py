@@ -46,7 +46,7 @@ def predict_paths(
     classes = meta["classes"]
     k = min(top_k, len(classes))
     rows = []
-    for row, i in zip(probs, kept):
+    for row, i in zip(probs, kept, strict=True):
         order = np.argsort(-row)[:k]
         rows.append(
             {
