@@ -101,5 +101,5 @@ def test_batches_mark_bad_files_and_keep_order(tmp_path):
 
 def test_unicode_file_name(tmp_path):
     path = make_photo(tmp_path / "chat_noir_été_猫.jpg", (30, 30, 30))
-    (pixels, ok, _), = list(images.batches([str(path)], 16))
+    ((pixels, ok, _),) = list(images.batches([str(path)], 16))
     assert ok[0] and pixels.shape == (1, 16, 16, 3)

@@ -1,0 +1,262 @@
+"""extract -> train-head -> evaluate -> predict through the CLI, on small images with the offline weights."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from .conftest import make_photo
+
+FAST = ("--alpha", "0.25", "--size", "96", "--quiet")
+
+
+def _extract(cli, data, out, *extra):
+    result = cli("extract", data, "--out", out, *FAST, "--json", *extra)
+    assert result.exit_code == 0, result.output
+    return json.loads(result.stdout)
+
+
+@pytest.fixture()
+def trained(cli, keras_home, colour_dataset, tmp_path):
+    summary = _extract(cli, colour_dataset, tmp_path / "features")
+    result = cli("train-head", tmp_path / "features", "--out", tmp_path / "runs", "--json", "--quiet")
+    assert result.exit_code == 0, result.output
+    return summary, json.loads(result.stdout), tmp_path
+
+
+def test_extract_writes_store_with_metadata(cli, keras_home, colour_dataset, tmp_path):
+    summary = _extract(cli, colour_dataset, tmp_path / "f")
+    assert summary["stored"] == 24 and summary["extracted"] == 24 and summary["skipped"] == []
+    assert summary["splits"] == {"train": 20, "val": 2, "test": 2}
+    meta = json.loads((tmp_path / "f" / "meta.json").read_text())
+    assert meta["backbone"] == "mobilenet" and meta["alpha"] == 0.25 and meta["input_size"] == 96
+    assert meta["resize"] == "crop" and meta["classes"] == ["blue", "red"]
+    assert meta["weights_sha256"].startswith("dbdb03ee2a22")  # the no-top file from ../shared/weights
+    assert {"tensorflow", "keras", "tlcli"} <= set(meta["versions"])
+    with np.load(tmp_path / "f" / "train.npz") as z:
+        assert z["features"].shape == (20, 256) and np.isfinite(z["features"]).all()
+        assert sorted(set(z["labels"].tolist())) == [0, 1]
+
+
+def test_extract_is_incremental(cli, keras_home, colour_dataset, tmp_path):
+    out = tmp_path / "f"
+    _extract(cli, colour_dataset, out)
+    with np.load(out / "train.npz") as z:
+        before = dict(zip(z["paths"].tolist(), z["features"], strict=True))
+    again = _extract(cli, colour_dataset, out)
+    assert again["extracted"] == 0 and again["reused"] == 24
+    make_photo(colour_dataset / "red" / "new1.jpg", (210, 30, 30), seed=77)
+    make_photo(colour_dataset / "blue" / "new2.jpg", (30, 30, 210), seed=78)
+    (colour_dataset / "red" / "r0.jpg").unlink()
+    make_photo(colour_dataset / "red" / "r1.jpg", (250, 250, 0), seed=79)  # changed content, same name
+    grown = _extract(cli, colour_dataset, out)
+    assert grown["extracted"] == 3 and grown["stored"] == 25
+    with np.load(out / "train.npz") as z:
+        after = dict(zip(z["paths"].tolist(), z["features"], strict=True))
+    assert "red/r0.jpg" not in after
+    same = [p for p in after if p in before and p != "red/r1.jpg"]
+    assert same and all(np.array_equal(after[p], before[p]) for p in same)
+
+
+def test_bad_files_are_skipped_and_listed(cli, keras_home, colour_dataset, tmp_path):
+    red = colour_dataset / "red"
+    (red / "zero.jpg").write_bytes(b"")
+    (red / "text.jpg").write_text("not an image")
+    good = (red / "r1.jpg").read_bytes()
+    (red / "cut.jpg").write_bytes(good[: len(good) // 3])
+    rgba = np.zeros((30, 30, 4), np.uint8)
+    rgba[..., 0], rgba[..., 3] = 220, 255
+    Image.fromarray(rgba, "RGBA").save(red / "alpha.png")
+    Image.new("CMYK", (30, 30), (0, 220, 220, 0)).save(red / "cmyk.jpg")
+    Image.fromarray((np.ones((30, 30)) * 40000).astype(np.uint16)).save(colour_dataset / "blue" / "grey16.png")
+    make_photo(colour_dataset / "blue" / "anim.gif", (30, 30, 200), fmt="GIF")
+    make_photo(colour_dataset / "blue" / "bleu_été.jpg", (30, 30, 200))
+    (colour_dataset / "empty_class").mkdir()
+    summary = _extract(cli, colour_dataset, tmp_path / "f")
+    assert sorted(s["path"] for s in summary["skipped"]) == ["red/cut.jpg", "red/text.jpg", "red/zero.jpg"]
+    reasons = {s["path"]: s["reason"] for s in summary["skipped"]}
+    assert reasons["red/zero.jpg"] == "empty file"
+    assert summary["stored"] == 24 + 5
+    assert summary["empty_classes"] == ["empty_class"]
+    plain = cli("extract", colour_dataset, "--out", tmp_path / "f", *FAST)
+    assert plain.exit_code == 0 and "skipped 3" in plain.stdout and "red/zero.jpg: empty file" in plain.stderr
+
+
+def test_train_head_writes_a_complete_run(trained):
+    _, summary, tmp = trained
+    run = Path(summary["run"])
+    assert {p.name for p in run.iterdir()} >= {
+        "model.keras",
+        "meta.json",
+        "history.json",
+        "metrics.json",
+        "confusion.png",
+    }
+    assert (tmp / "runs" / "latest").resolve() == run.resolve()
+    assert summary["promoted"] and summary["val_accuracy"] == 1.0 and summary["train_accuracy"] == 1.0
+    assert not [p for p in (tmp / "runs").iterdir() if p.name.startswith(".")]
+    history = json.loads((run / "history.json").read_text())
+    assert len(history["loss"]) == summary["epochs_run"] and history["loss"][-1] < history["loss"][0]
+    Image.open(run / "confusion.png").verify()
+
+
+def test_saved_model_takes_pixels_and_matches_features(trained):
+    import keras
+
+    import tlcli.layers  # noqa: F401
+
+    _, summary, tmp = trained
+    model = keras.saving.load_model(Path(summary["run"]) / "model.keras")
+    from tlcli import features, images
+    from tlcli.head import load_run
+
+    _, meta, _ = load_run(summary["run"])
+    store = features.Store.open(tmp / "features")
+    test = store.split("test")
+    pixels = np.stack([images.load(Path(meta["data_dir"]) / p, 96, "crop") for p in test.paths]).astype("float32")
+    probs = model.predict(pixels, verbose=0)
+    assert probs.shape == (2, 2)
+    assert probs.argmax(1).tolist() == test.labels.tolist()
+    feats = model.get_layer("features").predict(pixels, verbose=0)
+    np.testing.assert_allclose(feats, test.features, rtol=1e-3, atol=1e-3)
+
+
+def test_evaluate_json_gate_and_files(cli, trained, colour_dataset):
+    _, summary, tmp = trained
+    result = cli("evaluate", tmp / "runs" / "latest", colour_dataset, "--json", "--quiet", "--out", tmp / "ev")
+    assert result.exit_code == 0, result.output
+    doc = json.loads(result.stdout)
+    assert doc["accuracy"] == 1.0 and doc["n"] == 24 and doc["per_class"]["red"]["recall"] == 1.0
+    assert doc["misclassified"] == [] and doc["passed"]
+    assert {p.name for p in (tmp / "ev").iterdir()} == {"metrics.json", "confusion.png", "misclassified.json"}
+    default = cli("evaluate", tmp / "runs" / "latest", "--quiet")
+    assert default.exit_code == 0 and "test split" in default.stdout
+    flipped = tmp / "flipped"
+    shutil.copytree(colour_dataset / "red", flipped / "blue")
+    gate = cli("evaluate", tmp / "runs" / "latest", flipped, "--min-accuracy", "0.5", "--json", "--quiet")
+    assert gate.exit_code == 3
+    assert json.loads(gate.stdout)["accuracy"] == 0.0 and "below --min-accuracy" in gate.stderr
+
+
+def test_predict_table_and_json_lines(cli, trained, colour_dataset, tmp_path):
+    _, summary, tmp = trained
+    (tmp_path / "notes.jpg").write_text("hello")
+    result = cli(
+        "predict",
+        tmp / "runs" / "latest",
+        colour_dataset / "red" / "r3.jpg",
+        colour_dataset / "blue",
+        tmp_path / "notes.jpg",
+        "--json",
+        "--top-k",
+        "2",
+    )
+    assert result.exit_code == 0, result.output
+    lines = [json.loads(line) for line in result.stdout.splitlines()]
+    assert len(lines) == 14
+    assert lines[0]["top"][0]["class"] == "red" and len(lines[0]["top"]) == 2
+    assert all(row["top"][0]["class"] == "blue" for row in lines[1:13])
+    assert lines[-1]["path"].endswith("notes.jpg") and "cannot identify" in lines[-1]["error"]
+    table = cli("predict", tmp / "runs" / "latest", colour_dataset / "red" / "r3.jpg")
+    assert table.exit_code == 0 and "red" in table.stdout
+
+
+def test_promote_if_better_exits_3_and_keeps_latest(cli, trained):
+    _, first, tmp = trained
+    again = cli("train-head", tmp / "features", "--out", tmp / "runs", "--promote-if-better", "--json", "--quiet")
+    assert again.exit_code == 3
+    doc = json.loads(again.stdout)
+    assert not doc["promoted"] and Path(doc["run"]).is_dir()
+    assert (tmp / "runs" / "latest").resolve() == Path(first["run"]).resolve()
+
+
+def test_train_head_refuses_other_backbone_or_size(cli, trained):
+    _, _, tmp = trained
+    other = cli("train-head", tmp / "features", "--out", tmp / "r2", "--backbone", "resnet50", "--quiet")
+    assert other.exit_code == 2 and "made by mobilenet, not resnet50" in other.stderr
+    size = cli("train-head", tmp / "features", "--out", tmp / "r2", "--size", "224", "--quiet")
+    assert size.exit_code == 2 and "input size 96, not 224" in size.stderr
+    assert not (tmp / "r2").exists() or not any((tmp / "r2").iterdir())
+
+
+def test_model_file_that_is_not_a_model(cli, trained, colour_dataset):
+    _, summary, tmp = trained
+    fake = tmp / "fake"
+    fake.mkdir()
+    shutil.copy(Path(summary["run"]) / "meta.json", fake / "meta.json")
+    (fake / "model.keras").write_text("definitely not a zip")
+    for command in (("evaluate", fake, colour_dataset), ("predict", fake, colour_dataset)):
+        result = cli(*command, "--quiet")
+        assert result.exit_code == 2
+        assert "is not a loadable Keras model" in result.stderr and "Traceback" not in result.output
+    missing = cli("evaluate", tmp / "nowhere", "--quiet")
+    assert missing.exit_code == 2 and "does not exist" in missing.stderr
+
+
+@pytest.mark.parametrize(
+    "setup,message",
+    [
+        ("missing", "does not exist"),
+        ("single", "only one class"),
+        ("empty", "no class sub-folders"),
+    ],
+)
+def test_extract_bad_folders_exit_2_and_write_nothing(cli, keras_home, tmp_path, setup, message):
+    data = tmp_path / "data"
+    if setup == "single":
+        make_photo(data / "cat" / "a.jpg", (1, 2, 3))
+    elif setup == "empty":
+        (data / "cat").mkdir(parents=True)
+    result = cli("extract", data, "--out", tmp_path / "f", *FAST)
+    assert result.exit_code == 2 and message in result.stderr
+    assert "Traceback" not in result.output and not (tmp_path / "f").exists()
+
+
+def test_unknown_backbone_and_bad_alpha(cli, colour_dataset, tmp_path):
+    bad = cli("extract", colour_dataset, "--out", tmp_path / "f", "--backbone", "mobilenett")
+    assert bad.exit_code == 2 and "did you mean mobilenet" in bad.stderr
+    alpha = cli("extract", colour_dataset, "--out", tmp_path / "f", "--alpha", "0.3")
+    assert alpha.exit_code == 2 and "no alpha 0.3" in alpha.stderr
+
+
+def test_weights_not_cached_offline_names_the_file(cli, colour_dataset, tmp_path, monkeypatch):
+    monkeypatch.setenv("https_proxy", "http://127.0.0.1:9")
+    monkeypatch.setenv("http_proxy", "http://127.0.0.1:9")
+    result = cli("extract", colour_dataset, "--out", tmp_path / "f", "--backbone", "vgg16", "--size", "32", "--quiet")
+    assert result.exit_code == 2
+    line = result.stderr.strip()
+    assert "vgg16_weights_tf_dim_ordering_tf_kernels_notop.h5" in line and "--weights" in line
+    assert len(line.splitlines()) == 1
+    from tlcli.backbones import keras_models_dir
+
+    assert not (keras_models_dir() / "vgg16_weights_tf_dim_ordering_tf_kernels_notop.h5").exists()
+
+
+def test_weights_file_option(cli, keras_home, colour_dataset, tmp_path):
+    weights = keras_home / "models" / "mobilenet_2_5_224_tf_no_top.h5"
+    result = cli(
+        "extract",
+        colour_dataset,
+        "--out",
+        tmp_path / "f",
+        "--alpha",
+        "0.25",
+        "--size",
+        "96",
+        "--weights",
+        weights,
+        "--json",
+        "--quiet",
+    )
+    assert result.exit_code == 0, result.output
+    meta = json.loads((tmp_path / "f" / "meta.json").read_text())
+    assert meta["weights"] == str(weights.resolve()) and meta["weights_sha256"].startswith("dbdb03ee2a22")
+    wrong = cli("extract", colour_dataset, "--out", tmp_path / "g", "--backbone", "mobilenetv2", "--weights", weights)
+    assert wrong.exit_code == 2 and "does not fit mobilenetv2" in wrong.stderr
+    os.chmod(tmp_path, 0o755)
