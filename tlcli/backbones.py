@@ -145,6 +145,8 @@ def feature_dim(sp: Spec, alpha: float | None) -> int:
     """Length of the pooled feature vector for this backbone and width multiplier."""
     if sp.name == "mobilenet" and alpha:
         return int(1024 * alpha)
+    if sp.family == "MobileNetV3" and alpha:
+        return int(sp.feature_dim * alpha)
     if sp.name == "mobilenetv2" and alpha and alpha > 1.0:
         return int(1280 * alpha)
     return sp.feature_dim
@@ -254,7 +256,9 @@ def build(
         raise UsageError(f"{sp.name} needs an input size of at least {sp.min_size}, not {size}")
     if sp.fixed_size and size != sp.size and weights != "none":
         raise UsageError(f"{sp.name} with pre-trained weights only takes --size {sp.size}")
-    app = getattr(importlib.import_module(f"keras.applications.{sp.module}"), sp.constructor)
+    import keras
+
+    app = getattr(keras.applications, sp.constructor)
     kwargs: dict = {"include_top": include_top, "input_shape": (size, size, 3)}
     if not include_top:
         kwargs["pooling"] = pooling

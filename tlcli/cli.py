@@ -14,6 +14,7 @@ from typing import Annotated, Optional
 import tomllib
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
@@ -33,7 +34,7 @@ out = Console(highlight=False, soft_wrap=True)
 
 
 def _fail(message: str, code: int) -> None:
-    err.print(f"[bold red]error:[/] {message}", markup=True, highlight=False)
+    err.print(f"[bold red]error:[/] {escape(message)}", markup=True, highlight=False)
     raise typer.Exit(code)
 
 
@@ -81,24 +82,26 @@ def load_config(ctx: typer.Context, param, value: Optional[Path]) -> Optional[Pa
     section = doc.get(ctx.info_name, {})
     if not isinstance(section, dict):
         _fail(f"config {value}: [{ctx.info_name}] must be a table", EXIT_USAGE)
-    known = {p.name for p in ctx.command.params}
-    unknown = sorted(set(k.replace("-", "_") for k in section) - known)
+    names = {p.name: p.name for p in ctx.command.params}
+    for p in ctx.command.params:
+        for opt in getattr(p, "opts", []):
+            if opt.startswith("--"):
+                names[opt[2:].replace("-", "_")] = p.name
+    unknown = sorted(k for k in section if k.replace("-", "_") not in names)
     if unknown:
         _fail(f"config {value}: unknown option(s) {', '.join(unknown)} in [{ctx.info_name}]", EXIT_USAGE)
     base = Path(value).resolve().parent.parent if Path(value).resolve().parent.name == "configs" else Path.cwd()
     defaults = {}
     for key, val in section.items():
-        name = key.replace("-", "_")
-        if name in PATH_OPTIONS and isinstance(val, str) and not os.path.isabs(val) and not Path(val).exists():
-            candidate = base / val
-            val = str(candidate) if candidate.exists() or name in OUTPUT_OPTIONS else val
+        name = names[key.replace("-", "_")]
+        if name in PATH_OPTIONS and isinstance(val, str) and not os.path.isabs(val):
+            val = str(base / val)
         defaults[name] = val
     ctx.default_map = {**(ctx.default_map or {}), **defaults}
     return value
 
 
-PATH_OPTIONS = {"data_dir", "out", "features_dir", "run", "weights"}
-OUTPUT_OPTIONS = {"out"}
+PATH_OPTIONS = {"data_dir", "out_dir", "features_dir", "run"}
 
 ConfigOpt = Annotated[
     Optional[Path],
@@ -240,8 +243,8 @@ def extract_cmd(
     ] = "imagenet",
     resize: Annotated[str, typer.Option(help="How photos become squares: crop (centre), squash, pad.")] = "crop",
     flip: Annotated[
-        bool, typer.Option("--flip/--no-flip", help="Average features of each photo and its mirror image.")
-    ] = True,
+        bool, typer.Option("--flip/--no-flip", help="Average features of each photo and its mirror image (2x time).")
+    ] = False,
     split: Annotated[
         str, typer.Option(help="train,val,test fractions when the folder has no split.json.")
     ] = "0.8,0.1,0.1",
@@ -301,8 +304,8 @@ def train_head_cmd(
     epochs: Annotated[int, typer.Option(min=1, help="Maximum epochs (early stopping on val loss).")] = 200,
     batch_size: BatchOpt = 64,
     lr: Annotated[float, typer.Option(min=0.0, help="Adam learning rate.")] = 1e-3,
-    dropout: Annotated[float, typer.Option(min=0.0, max=0.95, help="Dropout before the softmax layer.")] = 0.2,
-    l2: Annotated[float, typer.Option(min=0.0, help="L2 weight penalty of the softmax layer.")] = 1e-4,
+    dropout: Annotated[float, typer.Option(min=0.0, max=0.95, help="Dropout before the softmax layer.")] = 0.5,
+    l2: Annotated[float, typer.Option(min=0.0, help="L2 weight penalty of the softmax layer.")] = 1e-3,
     patience: Annotated[int, typer.Option(min=1, help="Epochs without val improvement before stopping.")] = 20,
     balance: Annotated[bool, typer.Option("--balance/--no-balance", help="Class weights against imbalance.")] = True,
     promote_if_better: Annotated[

@@ -109,7 +109,7 @@ def extract(
     size: int | None = None,
     weights: str = "imagenet",
     resize: str = images.DEFAULT_RESIZE,
-    flip_average: bool = True,
+    flip_average: bool = False,
     fractions=datasets.DEFAULT_FRACTIONS,
     seed: int = 0,
     batch_size: int = 32,

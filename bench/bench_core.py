@@ -1,0 +1,204 @@
+"""Benchmark tlcli's core against the plain Keras way, on the same photos in the same run.
+
+    .venv/bin/python bench/bench_core.py [--data ../shared/data/cats_vs_dogs] [--epochs 10]
+
+Prints a table:
+  1. extract: tlcli extract (images/s) vs image_dataset_from_directory + model.predict;
+  2. head training: train-head on stored features vs the same head trained end to end through the
+     frozen backbone, for the same number of epochs;
+  3. incremental: re-extract after adding 5% new images vs a full extract;
+  4. peak memory of extract as the dataset grows (each size in a fresh process).
+Needs the offline MobileNet v1 0.25 weights (../shared/weights) or network access.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+SHARED = ROOT.parent / "shared"
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+
+def seed_keras_home() -> None:
+    if "KERAS_HOME" in os.environ or not (SHARED / "weights").is_dir():
+        return
+    home = Path(tempfile.mkdtemp(prefix="tlcli-bench-keras-"))
+    (home / "models").mkdir()
+    for f in (SHARED / "weights").iterdir():
+        shutil.copy(f, home / "models" / f.name)
+    os.environ["KERAS_HOME"] = str(home)
+
+
+def link_dataset(src: Path, dst: Path, limit: int | None = None, skip: int = 0) -> int:
+    """Symlink up to ``limit`` images per class from src into dst (skipping the first ``skip``)."""
+    n = 0
+    for cls in sorted(p for p in src.iterdir() if p.is_dir()):
+        (dst / cls.name).mkdir(parents=True, exist_ok=True)
+        files = sorted(f for f in cls.iterdir() if f.suffix.lower() in (".jpg", ".jpeg", ".png"))[skip:]
+        for f in files[:limit]:
+            os.symlink(f, dst / cls.name / f.name)
+            n += 1
+    return n
+
+
+def plain_keras_extract(data: Path, size: int, batch: int) -> tuple[float, int]:
+    import keras
+    import tensorflow as tf
+
+    model = keras.applications.MobileNet(alpha=0.25, input_shape=(size, size, 3), include_top=False, pooling="avg")
+    start = time.perf_counter()
+    ds = keras.utils.image_dataset_from_directory(
+        data, image_size=(size, size), batch_size=batch, shuffle=False, crop_to_aspect_ratio=True, verbose=False
+    )
+    ds = ds.map(lambda x, y: keras.applications.mobilenet.preprocess_input(x)).prefetch(tf.data.AUTOTUNE)
+    out = model.predict(ds, verbose=0)
+    return time.perf_counter() - start, len(out)
+
+
+def tlcli_extract(data: Path, out: Path, size: int, batch: int) -> dict:
+    from tlcli import features
+
+    return features.extract(data, out, backbone="mobilenet", alpha=0.25, size=size, batch_size=batch)
+
+
+def plain_keras_head_training(data: Path, size: int, epochs: int, n_classes: int) -> float:
+    """The same dropout + dense softmax head, trained end to end through the frozen backbone."""
+    import keras
+    import tensorflow as tf
+
+    backbone = keras.applications.MobileNet(alpha=0.25, input_shape=(size, size, 3), include_top=False, pooling="avg")
+    backbone.trainable = False
+    inputs = keras.Input((size, size, 3))
+    x = backbone(keras.applications.mobilenet.preprocess_input(inputs), training=False)
+    x = keras.layers.Dropout(0.5)(x)
+    outputs = keras.layers.Dense(n_classes, activation="softmax", kernel_regularizer=keras.regularizers.l2(1e-3))(x)
+    model = keras.Model(inputs, outputs)
+    model.compile(optimizer=keras.optimizers.Adam(1e-3), loss="sparse_categorical_crossentropy", metrics=["accuracy"])
+    ds = keras.utils.image_dataset_from_directory(
+        data, image_size=(size, size), batch_size=64, seed=0, crop_to_aspect_ratio=True, verbose=False
+    )
+    ds = ds.prefetch(tf.data.AUTOTUNE)
+    start = time.perf_counter()
+    model.fit(ds, epochs=epochs, verbose=0)
+    return time.perf_counter() - start
+
+
+def peak_rss_mb(data: Path, out: Path, size: int) -> float:
+    code = (
+        "import resource, sys\n"
+        "from tlcli import features\n"
+        f"features.extract({str(data)!r}, {str(out)!r}, backbone='mobilenet', alpha=0.25, size={size})\n"
+        "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)\n"
+    )
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, env=os.environ)
+    return float(res.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data", type=Path, default=SHARED / "data" / "cats_vs_dogs")
+    parser.add_argument(
+        "--extra",
+        type=Path,
+        default=SHARED / "data" / "oxford_pets",
+        help="photos added as the 'new 5%%' in the incremental run and to grow the set",
+    )
+    parser.add_argument("--size", type=int, default=224)
+    parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--epochs", type=int, default=10)
+    args = parser.parse_args()
+    seed_keras_home()
+    from rich.console import Console
+    from rich.table import Table
+
+    from tlcli import head
+
+    work = Path(tempfile.mkdtemp(prefix="tlcli-bench-"))
+    rows = []
+    try:
+        data = work / "data"
+        n = link_dataset(args.data, data)
+        classes = len([p for p in data.iterdir() if p.is_dir()])
+
+        plain_keras_extract(data, args.size, args.batch)  # warm-up: file cache, TF kernels
+        t_plain, n_plain = plain_keras_extract(data, args.size, args.batch)
+        summary = tlcli_extract(data, work / "features", args.size, args.batch)
+        t_tlcli = summary["seconds"]
+        rows.append(
+            (
+                "extract (images/s)",
+                f"{n_plain / t_plain:.0f}",
+                f"{n / t_tlcli:.0f}",
+                f"{t_plain / t_tlcli:.2f}x",
+                f"{n} images, MobileNet 0.25 @ {args.size}",
+            )
+        )
+
+        t_e2e = plain_keras_head_training(data, args.size, args.epochs, classes)
+        trained = head.train(work / "features", work / "runs", epochs=args.epochs, patience=args.epochs)
+        rows.append(
+            (
+                "head training (s)",
+                f"{t_e2e:.2f}",
+                f"{trained['fit_seconds']:.2f}",
+                f"{t_e2e / trained['fit_seconds']:.0f}x",
+                f"{args.epochs} epochs; tlcli total incl. saving the model {trained['seconds']:.1f}s",
+            )
+        )
+
+        added = 0
+        per_class = max(1, round(0.05 * n / classes))
+        extra_files = sorted(f for f in args.extra.rglob("*.jpg"))[: per_class * classes]
+        for i, f in enumerate(extra_files):
+            cls = sorted(p.name for p in data.iterdir() if p.is_dir())[i % classes]
+            os.symlink(f, data / cls / f"new_{i}_{f.name}")
+            added += 1
+        again = tlcli_extract(data, work / "features", args.size, args.batch)
+        full = tlcli_extract(data, work / "features_full", args.size, args.batch)
+        rows.append(
+            (
+                "incremental extract (s)",
+                f"{full['seconds']:.1f}",
+                f"{again['seconds']:.1f}",
+                f"{again['seconds'] / full['seconds']:.0%} of full",
+                f"+{added} new images ({added / n:.0%}); extracted {again['extracted']}, reused {again['reused']}",
+            )
+        )
+
+        mems = []
+        for limit in (125, 250, 500):
+            sub = work / f"grow{limit}"
+            count = link_dataset(args.data, sub, limit=limit)
+            mems.append((count, peak_rss_mb(sub, work / f"grow{limit}_f", args.size)))
+        rows.append(
+            (
+                "peak memory of extract (MB)",
+                "",
+                " / ".join(f"{m:.0f}" for _, m in mems),
+                "",
+                "for " + " / ".join(str(c) for c, _ in mems) + " images",
+            )
+        )
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+    table = Table(title="tlcli vs plain Keras (same images, same run)")
+    for col in ("what", "plain Keras", "tlcli", "ratio", "notes"):
+        table.add_column(col)
+    for row in rows:
+        table.add_row(*row)
+    Console().print(table)
+    print(json.dumps({"rows": rows}))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,79 @@
+"""Every registered backbone builds, extracts and trains a head (random weights, small inputs)."""
+
+from __future__ import annotations
+
+import pytest
+
+from tlcli import backbones, features, head
+from tlcli.errors import UsageError
+
+from .conftest import make_photo
+
+HEAVY = {
+    "convnextlarge",
+    "convnextxlarge",
+    "efficientnetb7",
+    "efficientnetv2l",
+    "efficientnetv2m",
+    "resnet152",
+    "resnet152v2",
+    "efficientnetb6",
+    "convnextbase",
+    "inceptionresnetv2",
+}
+
+
+@pytest.fixture(scope="module")
+def tiny_dataset(tmp_path_factory):
+    root = tmp_path_factory.mktemp("tiny")
+    for i in range(4):
+        make_photo(root / "red" / f"r{i}.png", (220, 30, 30), size=(24, 20), seed=i, fmt="PNG")
+        make_photo(root / "blue" / f"b{i}.png", (30, 30, 220), size=(24, 20), seed=10 + i, fmt="PNG")
+    return root
+
+
+@pytest.mark.parametrize(
+    "name", [pytest.param(n, marks=pytest.mark.slow) if n in HEAVY else n for n in backbones.SPECS]
+)
+def test_backbone_builds_extracts_and_trains(name, tiny_dataset, tmp_path):
+    sp = backbones.SPECS[name]
+    size = sp.size if sp.fixed_size else max(sp.min_size, 32)
+    alpha = sp.alphas[0] if sp.alphas else None
+    summary = features.extract(
+        tiny_dataset,
+        tmp_path / "f",
+        backbone=name,
+        alpha=alpha,
+        size=size,
+        weights="none",
+        fractions=(0.5, 0.25, 0.25),
+        batch_size=8,
+    )
+    assert summary["stored"] == 8 and not summary["skipped"]
+    store = features.Store.open(tmp_path / "f")
+    assert store.meta["feature_dim"] == backbones.feature_dim(sp, alpha)
+    if alpha is None or alpha == 1.0:
+        assert store.meta["feature_dim"] == sp.feature_dim
+    result = head.train(tmp_path / "f", tmp_path / "runs", epochs=3, patience=3)
+    assert (tmp_path / "runs" / "latest" / "model.keras").is_file()
+    assert result["epochs_run"] == 3
+
+
+def test_registry_param_counts_match_keras():
+    built = backbones.build("mobilenetv3small", size=32, weights="none")
+    assert built.model.count_params() == backbones.SPECS["mobilenetv3small"].params
+    assert built.key == "mobilenetv3small-a1-32-none"
+
+
+@pytest.mark.parametrize("name,hint", [("resnet", "resnet50"), ("VGG-16", None), ("efficientnet_b0", None)])
+def test_names_are_forgiving_and_errors_suggest(name, hint):
+    if hint:
+        with pytest.raises(UsageError, match=hint):
+            backbones.spec(name)
+    else:
+        assert backbones.spec(name).name in backbones.SPECS
+
+
+def test_too_small_input_is_a_usage_error():
+    with pytest.raises(UsageError, match="at least 75"):
+        backbones.build("inceptionv3", size=64, weights="none")
