@@ -103,3 +103,13 @@ def test_unicode_file_name(tmp_path):
     path = make_photo(tmp_path / "chat_noir_été_猫.jpg", (30, 30, 30))
     ((pixels, ok, _),) = list(images.batches([str(path)], 16))
     assert ok[0] and pixels.shape == (1, 16, 16, 3)
+
+
+def test_multi_view_policy_stacks_views(tmp_path):
+    path = make_photo(tmp_path / "wide.png", (200, 30, 30), size=(80, 40), fmt="PNG")
+    both = images.load(path, 32, "crop+pad")
+    assert both.shape == (2, 32, 32, 3)
+    np.testing.assert_array_equal(both[0], images.load(path, 32, "crop"))
+    np.testing.assert_array_equal(both[1], images.load(path, 32, "pad"))
+    with pytest.raises(images.UsageError, match="unknown resize policy"):
+        images.load(path, 32, "crop+zoom")

@@ -36,11 +36,11 @@ def test_extract_writes_store_with_metadata(cli, keras_home, colour_dataset, tmp
     assert summary["splits"] == {"train": 20, "val": 2, "test": 2}
     meta = json.loads((tmp_path / "f" / "meta.json").read_text())
     assert meta["backbone"] == "mobilenet" and meta["alpha"] == 0.25 and meta["input_size"] == 96
-    assert meta["resize"] == "crop" and meta["classes"] == ["blue", "red"]
+    assert meta["resize"] == "crop+pad" and meta["classes"] == ["blue", "red"]
     assert meta["weights_sha256"].startswith("dbdb03ee2a22")  # the no-top file from ../shared/weights
     assert {"tensorflow", "keras", "tlcli"} <= set(meta["versions"])
     with np.load(tmp_path / "f" / "train.npz") as z:
-        assert z["features"].shape == (20, 256) and np.isfinite(z["features"]).all()
+        assert z["features"].shape == (20, 512) and np.isfinite(z["features"]).all()  # crop and pad views
         assert sorted(set(z["labels"].tolist())) == [0, 1]
 
 
@@ -119,7 +119,9 @@ def test_saved_model_takes_pixels_and_matches_features(trained):
     _, meta, _ = load_run(summary["run"])
     store = features.Store.open(tmp / "features")
     test = store.split("test")
-    pixels = np.stack([images.load(Path(meta["data_dir"]) / p, 96, "crop") for p in test.paths]).astype("float32")
+    pixels = np.stack([images.load(Path(meta["data_dir"]) / p, 96, meta["resize"]) for p in test.paths])
+    assert pixels.shape == (2, 2, 96, 96, 3)
+    pixels = pixels.astype("float32")
     probs = model.predict(pixels, verbose=0)
     assert probs.shape == (2, 2)
     assert probs.argmax(1).tolist() == test.labels.tolist()

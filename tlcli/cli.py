@@ -241,7 +241,13 @@ def extract_cmd(
     weights: Annotated[
         str, typer.Option(help="'imagenet' (Keras cache or download), 'none', or a weights FILE.")
     ] = "imagenet",
-    resize: Annotated[str, typer.Option(help="How photos become squares: crop (centre), squash, pad.")] = "crop",
+    resize: Annotated[
+        str,
+        typer.Option(
+            help="How photos become squares: crop (centre), squash, pad, or views joined by '+' "
+            "whose features are concatenated (crop+pad)."
+        ),
+    ] = "crop+pad",
     flip: Annotated[
         bool, typer.Option("--flip/--no-flip", help="Average features of each photo and its mirror image (2x time).")
     ] = False,
@@ -301,12 +307,16 @@ def train_head_cmd(
         Path,
         typer.Option("--out", "-o", help="Runs folder: each run goes to OUT/<timestamp>/, OUT/latest is promoted."),
     ] = Path("runs/default"),
-    epochs: Annotated[int, typer.Option(min=1, help="Maximum epochs (early stopping on val loss).")] = 200,
+    epochs: Annotated[int, typer.Option(min=1, help="Maximum epochs (early stopping on val loss).")] = 600,
     batch_size: BatchOpt = 64,
     lr: Annotated[float, typer.Option(min=0.0, help="Adam learning rate.")] = 1e-3,
     dropout: Annotated[float, typer.Option(min=0.0, max=0.95, help="Dropout before the softmax layer.")] = 0.5,
     l2: Annotated[float, typer.Option(min=0.0, help="L2 weight penalty of the softmax layer.")] = 1e-3,
-    patience: Annotated[int, typer.Option(min=1, help="Epochs without val improvement before stopping.")] = 20,
+    patience: Annotated[int, typer.Option(min=1, help="Epochs without val improvement before stopping.")] = 30,
+    refit: Annotated[
+        bool,
+        typer.Option("--refit/--no-refit", help="After early stopping picks the epochs, retrain on train+val."),
+    ] = True,
     balance: Annotated[bool, typer.Option("--balance/--no-balance", help="Class weights against imbalance.")] = True,
     promote_if_better: Annotated[
         bool, typer.Option(help="Promote to latest only if val accuracy beats it (else exit 3).")
@@ -332,6 +342,7 @@ def train_head_cmd(
             l2=l2,
             patience=patience,
             balance=balance,
+            refit=refit,
             seed=seed,
             promote_if_better=promote_if_better,
             backbone=backbone,
@@ -449,3 +460,6 @@ def predict_cmd(
 def run() -> None:
     """Console-script entry point."""
     app()
+
+
+from tlcli import fetch_cli  # noqa: E402,F401

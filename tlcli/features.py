@@ -120,8 +120,7 @@ def extract(
     Returns a summary: counts per split, how many images were extracted or reused, skipped files.
     """
     started = time.perf_counter()
-    if resize not in images.RESIZE_POLICIES:
-        raise UsageError(f"unknown --resize {resize!r}; use one of {', '.join(images.RESIZE_POLICIES)}")
+    n_views = len(images.views(resize))
     ds = datasets.scan(data_dir)
     assignment, split_source = datasets.assign_splits(ds, fractions, seed)
     bb = backbones.build(backbone, alpha, size, weights)
@@ -165,7 +164,7 @@ def extract(
 
         from tlcli.layers import feature_model
 
-        model = feature_model(bb, flip_average)
+        model = feature_model(bb, flip_average, n_views)
         infer = tf.function(lambda x: model(x, training=False), reduce_retracing=True)
         done = 0
         paths = [str(ds.root / r[0]) for r in todo_unique]
@@ -199,7 +198,7 @@ def extract(
         arrays["sizes"].append(fsize)
         arrays["mtimes"].append(mtime)
 
-    dim = int(bb.model.output_shape[-1])
+    dim = int(bb.model.output_shape[-1]) * n_views
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
@@ -225,6 +224,7 @@ def extract(
         "format": STORE_FORMAT,
         "key": key,
         **bb.describe(),
+        "feature_dim": dim,
         "resize": resize,
         "flip_average": flip_average,
         "data_dir": str(ds.root.resolve()),

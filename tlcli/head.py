@@ -9,9 +9,9 @@ from pathlib import Path
 
 import numpy as np
 
-from tlcli import artifacts, backbones, evaluate
+from tlcli import artifacts, backbones, evaluate, images
 from tlcli.errors import UsageError
-from tlcli.features import Store
+from tlcli.features import Split, Store
 
 
 def _class_weights(labels: np.ndarray, n_classes: int) -> dict[int, float]:
@@ -152,13 +152,14 @@ def _current_val_accuracy(runs_root: Path) -> float | None:
 def train(
     features_dir: str | os.PathLike,
     out: str | os.PathLike,
-    epochs: int = 200,
+    epochs: int = 600,
     batch_size: int = 64,
     learning_rate: float = 1e-3,
     dropout: float = 0.5,
     l2: float = 1e-3,
-    patience: int = 20,
+    patience: int = 30,
     balance: bool = True,
+    refit: bool = True,
     seed: int = 0,
     promote_if_better: bool = False,
     backbone: str | None = None,
@@ -200,6 +201,36 @@ def train(
         seed,
         progress,
     )
+
+    def scores(split) -> dict:
+        probs = (
+            head.predict(split.features, verbose=0, batch_size=256) if len(split.labels) else np.zeros((0, n_classes))
+        )
+        return evaluate.metrics(split.labels, probs, classes)
+
+    val_metrics = scores(val_split) if has_val else None
+    refit_epochs = None
+    if refit and has_val:
+        refit_epochs = int(np.argmin(hist["val_loss"])) + 1
+        both = Split(
+            np.concatenate([train_split.features, val_split.features]),
+            np.concatenate([train_split.labels, val_split.labels]),
+            train_split.paths + val_split.paths,
+        )
+        keras.utils.set_random_seed(seed)
+        head = build_head(train_split.features.shape[1], n_classes, dropout, l2)
+        refit_hist = fit_head(
+            head,
+            both,
+            None,
+            refit_epochs,
+            batch_size,
+            learning_rate,
+            refit_epochs + 1,
+            _class_weights(both.labels, n_classes) if balance else None,
+            seed,
+        )
+        hist["refit_loss"] = refit_hist["loss"]
     fit_seconds = time.perf_counter() - fit_t
 
     def scores(split) -> dict:
@@ -218,8 +249,8 @@ def train(
             f"the {meta['backbone']} weights changed since extraction "
             f"({meta.get('weights_sha256')} -> {bb.weights_sha256}); re-run 'tlcli extract'"
         )
-    features = feature_model(bb, meta.get("flip_average", False))
-    pixels = keras.Input((bb.size, bb.size, 3), name="pixels")
+    features = feature_model(bb, meta.get("flip_average", False), len(images.views(meta["resize"])))
+    pixels = keras.Input(images.pixel_shape(bb.size, meta["resize"]), name="pixels")
     full = keras.Model(pixels, head(features(pixels)), name=f"tlcli_{meta['backbone']}")
 
     runs_root = Path(out)
@@ -251,6 +282,7 @@ def train(
             "epochs_run": len(hist.get("loss", [])),
             "patience": patience,
             "class_weights": balance,
+            "refit_on_train_and_val_epochs": refit_epochs,
         },
         "seed": seed,
         "train_accuracy": train_acc,
@@ -283,6 +315,7 @@ def train(
         "previous_val_accuracy": previous,
         "test_accuracy": run_meta["test_accuracy"],
         "epochs_run": run_meta["head"]["epochs_run"],
+        "refit_epochs": refit_epochs,
         "fit_seconds": round(fit_seconds, 3),
         "seconds": round(time.perf_counter() - started, 3),
     }

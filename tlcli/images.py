@@ -13,7 +13,7 @@ from tlcli.errors import UsageError
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".gif", ".bmp", ".webp", ".tif", ".tiff")
 RESIZE_POLICIES = ("squash", "crop", "pad")
-DEFAULT_RESIZE = "crop"
+DEFAULT_RESIZE = "crop+pad"
 PAD_VALUE = 127
 
 ImageFile.LOAD_TRUNCATED_IMAGES = False
@@ -74,7 +74,25 @@ def decode(path: str | Path, size: int | None = None) -> Image.Image:
         raise ImageError(f"{type(exc).__name__}: {exc}") from exc
 
 
-def fit(im: Image.Image, size: int, policy: str = DEFAULT_RESIZE) -> Image.Image:
+def views(policy: str) -> list[str]:
+    """The resize policies of a (possibly multi-view) policy such as ``crop+pad``; usage error if unknown."""
+    parts = policy.split("+")
+    bad = [p for p in parts if p not in RESIZE_POLICIES]
+    if bad or not policy or len(set(parts)) != len(parts):
+        raise UsageError(
+            f"unknown resize policy {policy!r}; use one of {', '.join(RESIZE_POLICIES)} or views joined by '+' "
+            "(e.g. crop+pad)"
+        )
+    return parts
+
+
+def pixel_shape(size: int, policy: str) -> tuple[int, ...]:
+    """Shape of one image's pixels: (size, size, 3), or (views, size, size, 3) for a multi-view policy."""
+    n = len(views(policy))
+    return (size, size, 3) if n == 1 else (n, size, size, 3)
+
+
+def fit(im: Image.Image, size: int, policy: str = "crop") -> Image.Image:
     """Resize to size x size.
 
     ``squash`` ignores the aspect ratio, ``crop`` fills the square then centre-crops, ``pad`` fits
@@ -99,30 +117,32 @@ def fit(im: Image.Image, size: int, policy: str = DEFAULT_RESIZE) -> Image.Image
     raise UsageError(f"unknown resize policy {policy!r}; use one of {', '.join(RESIZE_POLICIES)}")
 
 
-def load(path: str | Path, size: int, policy: str = DEFAULT_RESIZE) -> np.ndarray:
-    """Load one image as a (size, size, 3) uint8 RGB array."""
-    return np.asarray(fit(decode(path, size), size, policy), dtype=np.uint8)
+def load(path: str | Path, size: int, policy: str = "crop") -> np.ndarray:
+    """Load one image as uint8 RGB pixels of ``pixel_shape(size, policy)``."""
+    parts = views(policy)
+    im = decode(path, size)
+    arrays = [np.asarray(fit(im, size, p), dtype=np.uint8) for p in parts]
+    return arrays[0] if len(arrays) == 1 else np.stack(arrays)
 
 
 def _load_or_blank(path: bytes, size: int, policy: str) -> tuple[np.ndarray, bool, str]:
     try:
         return load(path.decode("utf-8", "surrogateescape"), size, policy), True, ""
     except ImageError as exc:
-        return np.zeros((size, size, 3), np.uint8), False, str(exc)
+        return np.zeros(pixel_shape(size, policy), np.uint8), False, str(exc)
 
 
 def batches(
-    paths: Sequence[str], size: int, policy: str = DEFAULT_RESIZE, batch_size: int = 32
+    paths: Sequence[str], size: int, policy: str = "crop", batch_size: int = 32
 ) -> Iterator[tuple[np.ndarray, np.ndarray, list[str]]]:
-    """Yield (pixels uint8 [b, size, size, 3], ok mask [b], error reasons [b]) over ``paths`` in order.
+    """Yield (pixels uint8 [b, *pixel_shape], ok mask [b], error reasons [b]) over ``paths`` in order.
 
     Decoding runs in parallel inside a prefetched tf.data pipeline; undecodable files come back
     with ok=False and a reason instead of raising.
     """
     import tensorflow as tf
 
-    if policy not in RESIZE_POLICIES:
-        raise UsageError(f"unknown resize policy {policy!r}; use one of {', '.join(RESIZE_POLICIES)}")
+    shape = pixel_shape(size, policy)
     if not paths:
         return
 
@@ -132,7 +152,7 @@ def batches(
 
     def _tf_load(p):
         img, ok, why = tf.numpy_function(_py_load, [p], (tf.uint8, tf.bool, tf.string), stateful=False)
-        img.set_shape((size, size, 3))
+        img.set_shape(shape)
         ok.set_shape(())
         why.set_shape(())
         return img, ok, why

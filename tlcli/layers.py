@@ -37,13 +37,46 @@ class HorizontalFlip(keras.layers.Layer):
         return input_shape
 
 
-def feature_model(backbone, flip_average: bool) -> keras.Model:
-    """Pixels (size, size, 3) in [0, 255] -> pooled backbone features, optionally averaged with the mirror image."""
+@keras.saving.register_keras_serializable(package="tlcli")
+class TakeView(keras.layers.Layer):
+    """Select view ``index`` from multi-view pixels (batch, views, size, size, 3)."""
+
+    def __init__(self, index: int, **kwargs):
+        super().__init__(**kwargs)
+        self.index = index
+
+    def call(self, inputs):
+        return inputs[:, self.index]
+
+    def compute_output_shape(self, input_shape):
+        return (input_shape[0], *input_shape[2:])
+
+    def get_config(self) -> dict:
+        return {**super().get_config(), "index": self.index}
+
+
+def feature_model(backbone, flip_average: bool, n_views: int = 1) -> keras.Model:
+    """Pixels in [0, 255] -> pooled backbone features.
+
+    Takes (size, size, 3) pixels, or (n_views, size, size, 3) for multi-view resize policies whose
+    views' features are concatenated; with ``flip_average`` each view's features are averaged with
+    those of its mirror image.
+    """
     size = backbone.size
-    inputs = keras.Input((size, size, 3), name="pixels")
+    shape = (size, size, 3) if n_views == 1 else (n_views, size, size, 3)
+    inputs = keras.Input(shape, name="pixels")
     pre = Preprocess(backbone.spec.module, name="preprocess")
-    features = backbone.model(pre(inputs))
-    if flip_average:
-        mirrored = backbone.model(pre(HorizontalFlip(name="mirror")(inputs)))
-        features = keras.layers.Average(name="flip_average")([features, mirrored])
+
+    def one(pixels, suffix: str):
+        features = backbone.model(pre(pixels))
+        if flip_average:
+            mirrored = backbone.model(pre(HorizontalFlip(name=f"mirror{suffix}")(pixels)))
+            features = keras.layers.Average(name=f"flip_average{suffix}")([features, mirrored])
+        return features
+
+    if n_views == 1:
+        features = one(inputs, "")
+    else:
+        parts = [one(TakeView(v, name=f"view{v}")(inputs), f"_{v}") for v in range(n_views)]
+        features = keras.layers.Concatenate(name="views")(parts)
     return keras.Model(inputs, features, name="features")
