@@ -103,7 +103,7 @@ def predict_files(
     probs, kept, skipped = [], [], []
     done = 0
     for pixels, ok, why in images.batches(list(paths), size, resize, batch_size):
-        out = infer(tf.constant(pixels, tf.float32)).numpy()
+        out = infer(tf.constant(images.padded(pixels, batch_size), tf.float32)).numpy()[: len(pixels)]
         for j in range(len(pixels)):
             if ok[j]:
                 probs.append(out[j])

@@ -169,7 +169,7 @@ def extract(
         done = 0
         paths = [str(ds.root / r[0]) for r in todo_unique]
         for pixels, ok, why in images.batches(paths, bb.size, resize, batch_size):
-            feats = infer(tf.constant(pixels, tf.float32)).numpy()
+            feats = infer(tf.constant(images.padded(pixels, batch_size), tf.float32)).numpy()[: len(pixels)]
             for j in range(len(pixels)):
                 rec = todo_unique[done + j]
                 if ok[j]:

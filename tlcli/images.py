@@ -125,6 +125,14 @@ def load(path: str | Path, size: int, policy: str = "crop") -> np.ndarray:
     return arrays[0] if len(arrays) == 1 else np.stack(arrays)
 
 
+def padded(pixels: np.ndarray, batch_size: int) -> np.ndarray:
+    """Pad a short final batch with zeros to ``batch_size`` so a compiled model is not traced again."""
+    missing = batch_size - len(pixels)
+    if missing <= 0:
+        return pixels
+    return np.concatenate([pixels, np.zeros((missing, *pixels.shape[1:]), pixels.dtype)])
+
+
 def _load_or_blank(path: bytes, size: int, policy: str) -> tuple[np.ndarray, bool, str]:
     try:
         return load(path.decode("utf-8", "surrogateescape"), size, policy), True, ""
