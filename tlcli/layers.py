@@ -38,21 +38,32 @@ class HorizontalFlip(keras.layers.Layer):
 
 
 @keras.saving.register_keras_serializable(package="tlcli")
-class TakeView(keras.layers.Layer):
-    """Select view ``index`` from multi-view pixels (batch, views, size, size, 3)."""
-
-    def __init__(self, index: int, **kwargs):
-        super().__init__(**kwargs)
-        self.index = index
+class FoldViews(keras.layers.Layer):
+    """(batch, views, h, w, c) -> (batch * views, h, w, c), so all views go through the backbone as one batch."""
 
     def call(self, inputs):
-        return inputs[:, self.index]
+        return keras.ops.reshape(inputs, (-1, *inputs.shape[2:]))
 
     def compute_output_shape(self, input_shape):
-        return (input_shape[0], *input_shape[2:])
+        return (None, *input_shape[2:])
+
+
+@keras.saving.register_keras_serializable(package="tlcli")
+class UnfoldViews(keras.layers.Layer):
+    """(batch * views, d) -> (batch, views * d): each image's view features side by side."""
+
+    def __init__(self, n_views: int, **kwargs):
+        super().__init__(**kwargs)
+        self.n_views = n_views
+
+    def call(self, inputs):
+        return keras.ops.reshape(inputs, (-1, self.n_views * inputs.shape[-1]))
+
+    def compute_output_shape(self, input_shape):
+        return (None, self.n_views * input_shape[-1])
 
     def get_config(self) -> dict:
-        return {**super().get_config(), "index": self.index}
+        return {**super().get_config(), "n_views": self.n_views}
 
 
 def feature_model(backbone, flip_average: bool, n_views: int = 1) -> keras.Model:
@@ -67,16 +78,11 @@ def feature_model(backbone, flip_average: bool, n_views: int = 1) -> keras.Model
     inputs = keras.Input(shape, name="pixels")
     pre = Preprocess(backbone.spec.module, name="preprocess")
 
-    def one(pixels, suffix: str):
-        features = backbone.model(pre(pixels))
-        if flip_average:
-            mirrored = backbone.model(pre(HorizontalFlip(name=f"mirror{suffix}")(pixels)))
-            features = keras.layers.Average(name=f"flip_average{suffix}")([features, mirrored])
-        return features
-
-    if n_views == 1:
-        features = one(inputs, "")
-    else:
-        parts = [one(TakeView(v, name=f"view{v}")(inputs), f"_{v}") for v in range(n_views)]
-        features = keras.layers.Concatenate(name="views")(parts)
+    pixels = inputs if n_views == 1 else FoldViews(name="fold_views")(inputs)
+    features = backbone.model(pre(pixels))
+    if flip_average:
+        mirrored = backbone.model(pre(HorizontalFlip(name="mirror")(pixels)))
+        features = keras.layers.Average(name="flip_average")([features, mirrored])
+    if n_views > 1:
+        features = UnfoldViews(n_views, name="unfold_views")(features)
     return keras.Model(inputs, features, name="features")
