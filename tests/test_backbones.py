@@ -48,6 +48,7 @@ def test_backbone_builds_extracts_and_trains(name, tiny_dataset, tmp_path):
         weights="none",
         fractions=(0.5, 0.25, 0.25),
         batch_size=8,
+        resize="crop",
     )
     assert summary["stored"] == 8 and not summary["skipped"]
     store = features.Store.open(tmp_path / "f")

@@ -232,9 +232,11 @@ def test_weights_not_cached_offline_names_the_file(cli, colour_dataset, tmp_path
     monkeypatch.setenv("http_proxy", "http://127.0.0.1:9")
     result = cli("extract", colour_dataset, "--out", tmp_path / "f", "--backbone", "vgg16", "--size", "32", "--quiet")
     assert result.exit_code == 2
-    line = result.stderr.strip()
-    assert "vgg16_weights_tf_dim_ordering_tf_kernels_notop.h5" in line and "--weights" in line
-    assert len(line.splitlines()) == 1
+    lines = result.stderr.strip().splitlines()
+    errors = [ln for ln in lines if ln.startswith("error:")]
+    assert len(errors) == 1 and errors[0] == lines[-1]
+    assert "vgg16_weights_tf_dim_ordering_tf_kernels_notop.h5" in errors[0] and "--weights" in errors[0]
+    assert result.stdout == ""  # Keras' "Downloading data from ..." goes to stderr, keeping --json output clean
     from tlcli.backbones import keras_models_dir
 
     assert not (keras_models_dir() / "vgg16_weights_tf_dim_ordering_tf_kernels_notop.h5").exists()

@@ -7,6 +7,7 @@ import hashlib
 import importlib
 import os
 import re
+import sys
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -181,7 +182,7 @@ class WeightsUnavailable(UsageError):
 
 
 @contextlib.contextmanager
-def _recording_get_file(record: list) -> Iterator[None]:
+def recording_get_file(record: list) -> Iterator[None]:
     """Record which weight file Keras resolves, and turn a failed download into a one-line usage error."""
     from keras.src.utils import file_utils
 
@@ -189,7 +190,8 @@ def _recording_get_file(record: list) -> Iterator[None]:
 
     def get_file(fname=None, origin=None, *args, **kwargs):
         try:
-            path = original(fname, origin, *args, **kwargs)
+            with contextlib.redirect_stdout(sys.stderr):
+                path = original(fname, origin, *args, **kwargs)
         except Exception as exc:
             name = fname or (origin or "").rsplit("/", 1)[-1]
             partial = keras_models_dir() / name
@@ -247,6 +249,7 @@ def build(
     weights: str = "imagenet",
     include_top: bool = False,
     pooling: str | None = "avg",
+    classifier_activation: str | None = "softmax",
 ) -> Backbone:
     """Build a keras.applications backbone, resolving ``weights`` ('imagenet', 'none' or a file path)."""
     sp = spec(name)
@@ -260,7 +263,11 @@ def build(
 
     app = getattr(keras.applications, sp.constructor)
     kwargs: dict = {"include_top": include_top, "input_shape": (size, size, 3)}
-    if not include_top:
+    if include_top:
+        kwargs["classifier_activation"] = classifier_activation
+        if size != sp.size and weights != "none":
+            raise UsageError(f"{sp.name} with its ImageNet top only takes its native input size {sp.size}")
+    else:
         kwargs["pooling"] = pooling
     if alpha is not None:
         kwargs["alpha"] = alpha
@@ -280,7 +287,7 @@ def build(
     import warnings
 
     try:
-        with warnings.catch_warnings(), _recording_get_file(record):
+        with warnings.catch_warnings(), recording_get_file(record):
             warnings.simplefilter("ignore")
             if label == "none":
                 import keras

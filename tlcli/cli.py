@@ -463,3 +463,4 @@ def run() -> None:
 
 
 from tlcli import fetch_cli  # noqa: E402,F401
+from tlcli import attack_cli  # noqa: E402,F401
