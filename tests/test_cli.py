@@ -120,3 +120,41 @@ def test_sigint_during_extract_exits_130_and_leaves_no_store(tmp_path, keras_hom
     assert proc.returncode == 130, stderr
     assert "interrupted" in stderr and "Traceback" not in stderr
     assert not out.exists() or not any(Path(out).iterdir())
+
+
+def test_devices_and_gpu_requests_on_a_cpu_machine(tmp_path, keras_home):
+    listed = run("devices", "--json")
+    assert listed.returncode == 0 and listed.stderr == ""
+    info = json.loads(listed.stdout)
+    assert any(d["type"] == "CPU" for d in info["devices"])
+    if info["gpus"]:
+        return  # the rest checks the fallback and errors of a machine without a GPU
+    data = tmp_path / "data"
+    for i in range(4):
+        make_photo(data / "a" / f"{i}.jpg", (200, 0, 0), seed=i)
+        make_photo(data / "b" / f"{i}.jpg", (0, 0, 200), seed=i)
+    for device in ("gpu", "gpu:0"):
+        res = run("extract", data, "--out", tmp_path / "f", "--device", device, env={"KERAS_HOME": str(keras_home)})
+        assert res.returncode == 2 and res.stderr.count("\n") == 1 and "sees no GPU" in res.stderr
+    bad = run("extract", data, "--out", tmp_path / "f", "--device", "tpu")
+    assert bad.returncode == 2 and "--device 'tpu' is not one of" in bad.stderr
+    assert not (tmp_path / "f").exists()
+    auto = run(
+        "extract", data, "--out", tmp_path / "f", "--alpha", "0.25", "--size", "64", env={"KERAS_HOME": str(keras_home)}
+    )
+    assert auto.returncode == 0 and "no GPU visible to TensorFlow; running on the CPU" in auto.stderr
+    cpu = run(
+        "extract",
+        data,
+        "--out",
+        tmp_path / "f",
+        "--alpha",
+        "0.25",
+        "--size",
+        "64",
+        "--device",
+        "cpu",
+        "--json",
+        env={"KERAS_HOME": str(keras_home)},
+    )
+    assert cpu.returncode == 0 and json.loads(cpu.stdout)["reused"] == 8 and cpu.stderr == ""

@@ -117,6 +117,23 @@ JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON document o
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars or logs on stderr.")]
 SeedOpt = Annotated[int, typer.Option(help="Random seed for splits, initialisation and shuffling.")]
 BatchOpt = Annotated[int, typer.Option(min=1, help="Images per batch.")]
+DeviceOpt = Annotated[
+    str, typer.Option("--device", help="auto (a GPU if TensorFlow sees one, else CPU), cpu, gpu (all) or gpu:N.")
+]
+
+
+def use_device(device: str, quiet: bool) -> dict:
+    """Choose devices through TensorFlow device placement before any op runs; say when auto falls back."""
+    from tlcli import devices
+
+    with native_stderr_silenced():
+        info = devices.select(device)
+        import tensorflow as tf
+
+        tf.constant(0)
+    if info["note"]:
+        log(info["note"], quiet)
+    return info
 
 
 @contextlib.contextmanager
@@ -184,9 +201,7 @@ def main(
     130 interrupted.
     """
     with native_stderr_silenced():
-        import tensorflow as tf
-
-        tf.constant(0)
+        import tensorflow  # noqa: F401
 
 
 @app.command("backbones")
@@ -226,6 +241,26 @@ def backbones_cmd(as_json: JsonOpt = False) -> None:
     out.print(table)
 
 
+@app.command("devices")
+@handles_errors
+def devices_cmd(as_json: JsonOpt = False) -> None:
+    """List the devices TensorFlow sees (CPU, GPUs) and whether this TensorFlow build can use CUDA."""
+    from tlcli import devices
+
+    with native_stderr_silenced():
+        info = devices.describe()
+    if as_json:
+        emit_json(info)
+        return
+    table = Table(title=f"TensorFlow {info['tensorflow']} devices (CUDA build: {info['built_with_cuda']})")
+    table.add_column("device")
+    table.add_column("type")
+    for d in info["devices"]:
+        table.add_row(d["name"], d["type"])
+    out.print(table)
+    out.print("--device auto uses " + ("the GPU(s)" if info["gpus"] else "the CPU (no GPU visible)"))
+
+
 @app.command("extract")
 @handles_errors
 def extract_cmd(
@@ -257,12 +292,14 @@ def extract_cmd(
     seed: SeedOpt = 0,
     batch_size: BatchOpt = 32,
     as_json: JsonOpt = False,
+    device: DeviceOpt = "auto",
     quiet: QuietOpt = False,
     config: ConfigOpt = None,
 ) -> None:
     """Run a frozen pre-trained backbone over every image and store one feature vector each (incremental)."""
     from tlcli import datasets, features
 
+    use_device(device, quiet or as_json)
     fractions = datasets.parse_fractions(split)
     with progress_bar("extracting", quiet or as_json) as bar:
         summary = features.extract(
@@ -325,12 +362,14 @@ def train_head_cmd(
     size: Annotated[Optional[int], typer.Option(help="Refuse features not made at this input size.")] = None,
     seed: SeedOpt = 0,
     as_json: JsonOpt = False,
+    device: DeviceOpt = "auto",
     quiet: QuietOpt = False,
     config: ConfigOpt = None,
 ) -> None:
     """Train a softmax head on stored features; save backbone + head as one model taking RGB pixels."""
     from tlcli import head
 
+    use_device(device, quiet or as_json)
     with progress_bar("training head (epochs)", quiet or as_json) as bar:
         summary = head.train(
             features_dir,
@@ -394,12 +433,14 @@ def evaluate_cmd(
     ] = None,
     batch_size: BatchOpt = 32,
     as_json: JsonOpt = False,
+    device: DeviceOpt = "auto",
     quiet: QuietOpt = False,
     config: ConfigOpt = None,
 ) -> None:
     """Accuracy, top-k, per-class precision/recall/F1, confusion matrix and misclassified files."""
     from tlcli import evaluate
 
+    use_device(device, quiet or as_json)
     with progress_bar("evaluating", quiet or as_json) as bar:
         result = evaluate.evaluate_run(run, data_dir, top_k=top_k, out=out_dir, batch_size=batch_size, progress=bar)
     gate_failed = min_accuracy is not None and result["accuracy"] < min_accuracy
@@ -428,11 +469,13 @@ def predict_cmd(
     top_k: Annotated[int, typer.Option(min=1, help="How many classes to show per image.")] = 3,
     batch_size: BatchOpt = 32,
     as_json: JsonOpt = False,
+    device: DeviceOpt = "auto",
     quiet: QuietOpt = False,
 ) -> None:
     """Classify photos: a top-k table, or one JSON object per line with --json."""
     from tlcli import predict
 
+    use_device(device, quiet or as_json)
     with progress_bar("predicting", quiet or as_json) as bar:
         rows, skipped = predict.predict_paths(
             run, [str(p) for p in paths], top_k=top_k, batch_size=batch_size, progress=bar
@@ -446,7 +489,7 @@ def predict_cmd(
     else:
         table = Table()
         table.add_column("file")
-        for i in range(top_k):
+        for i in range(min(top_k, len(rows[0]["top"]) if rows else top_k)):
             table.add_column(f"#{i + 1}")
         for row in rows:
             table.add_row(row["path"], *[f"{t['class']} {t['probability']:.3f}" for t in row["top"]])
@@ -462,5 +505,4 @@ def run() -> None:
     app()
 
 
-from tlcli import fetch_cli  # noqa: E402,F401
-from tlcli import attack_cli  # noqa: E402,F401
+from tlcli import attack_cli, fetch_cli  # noqa: E402,F401
