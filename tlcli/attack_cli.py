@@ -7,7 +7,19 @@ from typing import Annotated, Optional
 
 import typer
 
-from tlcli.cli import JsonOpt, QuietOpt, SeedOpt, app, emit_json, err, handles_errors, out, progress_bar
+from tlcli.cli import (
+    DeviceOpt,
+    JsonOpt,
+    QuietOpt,
+    SeedOpt,
+    app,
+    emit_json,
+    err,
+    handles_errors,
+    out,
+    progress_bar,
+    use_device,
+)
 from tlcli.errors import EXIT_FAILURE, UsageError
 
 
@@ -40,6 +52,7 @@ def adversarial_cmd(
         typer.Option("--out", "-o", help="Adversarial PNG; -perturbation.png and -figure.png are written beside it."),
     ] = Path("adversarial.png"),
     seed: SeedOpt = 0,
+    device: DeviceOpt = "auto",
     as_json: JsonOpt = False,
     quiet: QuietOpt = False,
 ) -> None:
@@ -52,6 +65,7 @@ def adversarial_cmd(
         raise UsageError(f"--eps must be greater than 0 pixel levels (0-255 scale), not {eps:g}")
     if out_path.suffix.lower() != ".png":
         raise UsageError(f"--out {out_path} must end in .png (a lossless format keeps the attack intact)")
+    use_device(device, quiet or as_json)
     clf = classifier.load(backbone, alpha, weights, str(model) if model else None)
     target_index = clf.resolve(target) if target is not None else None
     try:
