@@ -500,9 +500,45 @@ def predict_cmd(
         raise UsageError("no image could be read; check the paths")
 
 
+@app.command("export")
+@handles_errors
+def export_cmd(
+    run_dir: Annotated[Path, typer.Argument(metavar="RUN", help="Run folder, e.g. runs/pets/latest.")],
+    out_path: Annotated[Path, typer.Option("--out", "-o", help="model.tflite file or SavedModel folder.")],
+    fmt: Annotated[str, typer.Option("--format", "-f", help="tflite or savedmodel.")] = "tflite",
+    quantize: Annotated[
+        str,
+        typer.Option(
+            help="tflite: none, dynamic (int8 weights), float16, or int8 (full integer, calibrated "
+            "on the run's images)."
+        ),
+    ] = "none",
+    check_images: Annotated[
+        int, typer.Option(min=1, help="Images to compare the export with the Keras model on.")
+    ] = 32,
+    device: DeviceOpt = "auto",
+    as_json: JsonOpt = False,
+    quiet: QuietOpt = False,
+) -> None:
+    """Export a run as TFLite or SavedModel (labels beside it), checked against the Keras model first."""
+    from tlcli import export
+
+    use_device(device, quiet or as_json)
+    with native_stderr_silenced():
+        summary = export.export(run_dir, out_path, fmt, quantize, check_images)
+    if as_json:
+        emit_json(summary)
+        return
+    out.print(
+        f"wrote {', '.join(summary['files'])} ({summary['bytes'] / 1e6:.1f} MB); on {summary['checked_images']} images "
+        f"top-1 agrees with Keras {summary['top1_agreement']:.1%}, max probability difference "
+        f"{summary['max_probability_difference']:.4f}"
+    )
+
+
 def run() -> None:
     """Console-script entry point."""
     app()
 
 
-from tlcli import attack_cli, fetch_cli  # noqa: E402,F401
+from tlcli import attack_cli, fetch_cli, visualize_cli  # noqa: E402,F401
