@@ -264,3 +264,29 @@ def test_weights_file_option(cli, keras_home, colour_dataset, tmp_path):
     wrong = cli("extract", colour_dataset, "--out", tmp_path / "g", "--backbone", "mobilenetv2", "--weights", weights)
     assert wrong.exit_code == 2 and "does not fit mobilenetv2" in wrong.stderr
     os.chmod(tmp_path, 0o755)
+
+
+def test_a_second_writer_is_refused_and_a_dead_ones_lock_is_taken_over(cli, keras_home, colour_dataset, tmp_path):
+    import subprocess
+
+    out = tmp_path / "f"
+    out.mkdir()
+    holder = subprocess.Popen(["sleep", "60"])
+    try:
+        (out / ".tlcli.lock").write_text(f"{holder.pid}\n")
+        busy = cli("extract", colour_dataset, "--out", out, *FAST)
+        assert busy.exit_code == 2
+        assert f"another tlcli extract is writing {out} (pid {holder.pid}" in busy.stderr and "--wait" in busy.stderr
+        assert not (out / "meta.json").exists()
+    finally:
+        holder.kill()
+        holder.wait()
+    taken = cli("extract", colour_dataset, "--out", out, *FAST)  # the holder is dead: its lock is stale
+    assert taken.exit_code == 0, taken.output
+    assert (out / "meta.json").is_file() and not (out / ".tlcli.lock").exists()
+    runs = tmp_path / "runs"
+    runs.mkdir()
+    (runs / ".tlcli.lock").write_text(f"{os.getpid()}\n")  # this live process holds the runs folder
+    refused = cli("train-head", out, "--out", runs, "--quiet")
+    assert refused.exit_code == 2 and "another tlcli train-head is writing" in refused.stderr
+    assert not (runs / "latest").exists()

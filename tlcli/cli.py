@@ -117,6 +117,7 @@ JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON document o
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars or logs on stderr.")]
 SeedOpt = Annotated[int, typer.Option(help="Random seed for splits, initialisation and shuffling.")]
 BatchOpt = Annotated[int, typer.Option(min=1, help="Images per batch.")]
+WaitOpt = Annotated[bool, typer.Option("--wait", help="If another tlcli is writing the output folder, wait for it.")]
 DeviceOpt = Annotated[
     str, typer.Option("--device", help="auto (a GPU if TensorFlow sees one, else CPU), cpu, gpu (all) or gpu:N.")
 ]
@@ -292,6 +293,7 @@ def extract_cmd(
     seed: SeedOpt = 0,
     batch_size: BatchOpt = 32,
     as_json: JsonOpt = False,
+    wait: WaitOpt = False,
     device: DeviceOpt = "auto",
     quiet: QuietOpt = False,
     config: ConfigOpt = None,
@@ -315,6 +317,7 @@ def extract_cmd(
             seed=seed,
             batch_size=batch_size,
             progress=bar,
+            wait=wait,
         )
     if as_json:
         emit_json(summary)
@@ -362,6 +365,7 @@ def train_head_cmd(
     size: Annotated[Optional[int], typer.Option(help="Refuse features not made at this input size.")] = None,
     seed: SeedOpt = 0,
     as_json: JsonOpt = False,
+    wait: WaitOpt = False,
     device: DeviceOpt = "auto",
     quiet: QuietOpt = False,
     config: ConfigOpt = None,
@@ -387,6 +391,7 @@ def train_head_cmd(
             backbone=backbone,
             size=size,
             progress=bar,
+            wait=wait,
         )
     if as_json:
         emit_json(summary)

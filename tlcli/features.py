@@ -12,11 +12,12 @@ from pathlib import Path
 
 import numpy as np
 
-from tlcli import artifacts, backbones, datasets, images
+from tlcli import artifacts, backbones, datasets, images, locks
 from tlcli.errors import UsageError
 
 STORE_FORMAT = 1
 META = "meta.json"
+LOCK_NAME = ".tlcli.lock"
 
 
 def file_digest(path: str | os.PathLike) -> str:
@@ -114,6 +115,7 @@ def extract(
     seed: int = 0,
     batch_size: int = 32,
     progress: Progress | None = None,
+    wait: bool = False,
 ) -> dict:
     """Extract features for every image under ``data_dir`` into the store at ``out``, reusing unchanged ones.
 
@@ -144,116 +146,117 @@ def extract(
         elif old is not None:
             replaced = old.meta.get("key")
 
-    records = []
-    for rel, label in zip(ds.files, ds.labels, strict=True):
-        full = ds.root / rel
+    with locks.lock(out / LOCK_NAME, f"extract is writing {out}", wait=wait):
+        records = []
+        for rel, label in zip(ds.files, ds.labels, strict=True):
+            full = ds.root / rel
+            try:
+                st = full.stat()
+                prev = old_stats.get(rel)
+                digest = prev[2] if prev and prev[:2] == (st.st_size, st.st_mtime_ns) else file_digest(full)
+            except OSError as exc:
+                records.append((rel, label, None, 0, 0, f"unreadable: {exc.strerror}"))
+                continue
+            records.append((rel, label, digest, st.st_size, st.st_mtime_ns, None))
+
+        todo = [r for r in records if r[5] is None and r[2] not in vectors and r[2] not in old_bad]
+        todo_unique = list({r[2]: r for r in todo}.values())
+        fresh_bad: dict[str, str] = {}
+        if todo_unique:
+            import tensorflow as tf
+
+            from tlcli.layers import feature_model
+
+            model = feature_model(bb, flip_average, n_views)
+            infer = tf.function(lambda x: model(x, training=False), reduce_retracing=True)
+            done = 0
+            paths = [str(ds.root / r[0]) for r in todo_unique]
+            for pixels, ok, why in images.batches(paths, bb.size, resize, batch_size):
+                feats = infer(tf.constant(images.padded(pixels, batch_size), tf.float32)).numpy()[: len(pixels)]
+                for j in range(len(pixels)):
+                    rec = todo_unique[done + j]
+                    if ok[j]:
+                        vectors[rec[2]] = feats[j].astype(np.float32)
+                    else:
+                        fresh_bad[rec[2]] = why[j]
+                done += len(pixels)
+                if progress:
+                    progress(done, len(todo_unique))
+
+        bad_reasons = {**old_bad, **fresh_bad}
+        skipped = []
+        per_split: dict[str, dict[str, list]] = {
+            s: {k: [] for k in ("features", "labels", "paths", "hashes", "sizes", "mtimes")} for s in datasets.SPLITS
+        }
+        for rel, label, digest, fsize, mtime, err in records:
+            reason = err or bad_reasons.get(digest)
+            if reason is not None or digest not in vectors:
+                skipped.append({"path": rel, "reason": reason or "not decoded", "hash": digest})
+                continue
+            arrays = per_split[assignment[rel]]
+            arrays["features"].append(vectors[digest])
+            arrays["labels"].append(label)
+            arrays["paths"].append(rel)
+            arrays["hashes"].append(digest)
+            arrays["sizes"].append(fsize)
+            arrays["mtimes"].append(mtime)
+
+        dim = int(bb.model.output_shape[-1]) * n_views
         try:
-            st = full.stat()
-            prev = old_stats.get(rel)
-            digest = prev[2] if prev and prev[:2] == (st.st_size, st.st_mtime_ns) else file_digest(full)
+            out.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
-            records.append((rel, label, None, 0, 0, f"unreadable: {exc.strerror}"))
-            continue
-        records.append((rel, label, digest, st.st_size, st.st_mtime_ns, None))
-
-    todo = [r for r in records if r[5] is None and r[2] not in vectors and r[2] not in old_bad]
-    todo_unique = list({r[2]: r for r in todo}.values())
-    fresh_bad: dict[str, str] = {}
-    if todo_unique:
-        import tensorflow as tf
-
-        from tlcli.layers import feature_model
-
-        model = feature_model(bb, flip_average, n_views)
-        infer = tf.function(lambda x: model(x, training=False), reduce_retracing=True)
-        done = 0
-        paths = [str(ds.root / r[0]) for r in todo_unique]
-        for pixels, ok, why in images.batches(paths, bb.size, resize, batch_size):
-            feats = infer(tf.constant(images.padded(pixels, batch_size), tf.float32)).numpy()[: len(pixels)]
-            for j in range(len(pixels)):
-                rec = todo_unique[done + j]
-                if ok[j]:
-                    vectors[rec[2]] = feats[j].astype(np.float32)
-                else:
-                    fresh_bad[rec[2]] = why[j]
-            done += len(pixels)
-            if progress:
-                progress(done, len(todo_unique))
-
-    bad_reasons = {**old_bad, **fresh_bad}
-    skipped = []
-    per_split: dict[str, dict[str, list]] = {
-        s: {k: [] for k in ("features", "labels", "paths", "hashes", "sizes", "mtimes")} for s in datasets.SPLITS
-    }
-    for rel, label, digest, fsize, mtime, err in records:
-        reason = err or bad_reasons.get(digest)
-        if reason is not None or digest not in vectors:
-            skipped.append({"path": rel, "reason": reason or "not decoded", "hash": digest})
-            continue
-        arrays = per_split[assignment[rel]]
-        arrays["features"].append(vectors[digest])
-        arrays["labels"].append(label)
-        arrays["paths"].append(rel)
-        arrays["hashes"].append(digest)
-        arrays["sizes"].append(fsize)
-        arrays["mtimes"].append(mtime)
-
-    dim = int(bb.model.output_shape[-1]) * n_views
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise UsageError(f"cannot create {out}: {exc.strerror}") from None
-    split_meta = {}
-    for name, arrays in per_split.items():
-        n = len(arrays["paths"])
-        counts = np.bincount(np.asarray(arrays["labels"], np.int64), minlength=len(ds.classes)).tolist()
-        split_meta[name] = {"n": n, "per_class": dict(zip(ds.classes, counts, strict=True))}
-        _write_split(
-            out / f"{name}.npz",
-            {
-                "features": np.asarray(arrays["features"], np.float32).reshape(n, dim),
-                "labels": np.asarray(arrays["labels"], np.int64),
-                "paths": np.asarray(arrays["paths"], dtype=str),
-                "hashes": np.asarray(arrays["hashes"], dtype=str),
-                "sizes": np.asarray(arrays["sizes"], np.int64),
-                "mtimes": np.asarray(arrays["mtimes"], np.int64),
-            },
-        )
-    manifest = hashlib.sha256("\n".join(f"{r}\t{assignment[r]}" for r in sorted(ds.files)).encode()).hexdigest()
-    meta = {
-        "format": STORE_FORMAT,
-        "key": key,
-        **bb.describe(),
-        "feature_dim": dim,
-        "resize": resize,
-        "flip_average": flip_average,
-        "data_dir": str(ds.root.resolve()),
-        "classes": ds.classes,
-        "split_source": split_source,
-        "split_fractions": list(fractions),
-        "seed": seed,
-        "split_hash": manifest,
-        "splits": split_meta,
-        "skipped": skipped,
-        "empty_classes": ds.empty_classes,
-        "versions": artifacts.versions(),
-        "written": artifacts.timestamp(),
-    }
-    artifacts.write_json(out / META, meta)
-    n_ok = sum(s["n"] for s in split_meta.values())
-    return {
-        "out": str(out),
-        "key": key,
-        "backbone": bb.spec.name,
-        "images": n_ok + len(skipped),
-        "stored": n_ok,
-        "extracted": len([r for r in todo_unique if r[2] in vectors]),
-        "reused": n_ok - len([r for r in todo if r[2] in vectors]),
-        "skipped": skipped,
-        "replaced_key": replaced,
-        "splits": {k: v["n"] for k, v in split_meta.items()},
-        "classes": ds.classes,
-        "empty_classes": ds.empty_classes,
-        "split_source": split_source,
-        "seconds": round(time.perf_counter() - started, 3),
-    }
+            raise UsageError(f"cannot create {out}: {exc.strerror}") from None
+        split_meta = {}
+        for name, arrays in per_split.items():
+            n = len(arrays["paths"])
+            counts = np.bincount(np.asarray(arrays["labels"], np.int64), minlength=len(ds.classes)).tolist()
+            split_meta[name] = {"n": n, "per_class": dict(zip(ds.classes, counts, strict=True))}
+            _write_split(
+                out / f"{name}.npz",
+                {
+                    "features": np.asarray(arrays["features"], np.float32).reshape(n, dim),
+                    "labels": np.asarray(arrays["labels"], np.int64),
+                    "paths": np.asarray(arrays["paths"], dtype=str),
+                    "hashes": np.asarray(arrays["hashes"], dtype=str),
+                    "sizes": np.asarray(arrays["sizes"], np.int64),
+                    "mtimes": np.asarray(arrays["mtimes"], np.int64),
+                },
+            )
+        manifest = hashlib.sha256("\n".join(f"{r}\t{assignment[r]}" for r in sorted(ds.files)).encode()).hexdigest()
+        meta = {
+            "format": STORE_FORMAT,
+            "key": key,
+            **bb.describe(),
+            "feature_dim": dim,
+            "resize": resize,
+            "flip_average": flip_average,
+            "data_dir": str(ds.root.resolve()),
+            "classes": ds.classes,
+            "split_source": split_source,
+            "split_fractions": list(fractions),
+            "seed": seed,
+            "split_hash": manifest,
+            "splits": split_meta,
+            "skipped": skipped,
+            "empty_classes": ds.empty_classes,
+            "versions": artifacts.versions(),
+            "written": artifacts.timestamp(),
+        }
+        artifacts.write_json(out / META, meta)
+        n_ok = sum(s["n"] for s in split_meta.values())
+        return {
+            "out": str(out),
+            "key": key,
+            "backbone": bb.spec.name,
+            "images": n_ok + len(skipped),
+            "stored": n_ok,
+            "extracted": len([r for r in todo_unique if r[2] in vectors]),
+            "reused": n_ok - len([r for r in todo if r[2] in vectors]),
+            "skipped": skipped,
+            "replaced_key": replaced,
+            "splits": {k: v["n"] for k, v in split_meta.items()},
+            "classes": ds.classes,
+            "empty_classes": ds.empty_classes,
+            "split_source": split_source,
+            "seconds": round(time.perf_counter() - started, 3),
+        }

@@ -9,9 +9,9 @@ from pathlib import Path
 
 import numpy as np
 
-from tlcli import artifacts, backbones, evaluate, images
+from tlcli import artifacts, backbones, evaluate, images, locks
 from tlcli.errors import UsageError
-from tlcli.features import Split, Store
+from tlcli.features import LOCK_NAME, Split, Store
 
 
 def _class_weights(labels: np.ndarray, n_classes: int) -> dict[int, float]:
@@ -166,6 +166,7 @@ def train(
     size: int | None = None,
     alpha: float | None = None,
     progress: Callable[[int, int, dict], None] | None = None,
+    wait: bool = False,
 ) -> dict:
     """Train a head on the store at ``features_dir`` and save a full run under ``out``; return a summary."""
     import keras
@@ -254,71 +255,72 @@ def train(
     full = keras.Model(pixels, head(features(pixels)), name=f"tlcli_{meta['backbone']}")
 
     runs_root = Path(out)
-    previous = _current_val_accuracy(runs_root)
-    val_acc = val_metrics["accuracy"] if val_metrics else train_acc
-    better = previous is None or val_acc > previous
-    test_files = [[p, int(lab)] for p, lab in zip(test_split.paths, test_split.labels, strict=True)]
-    run_meta = {
-        "kind": "tlcli-run",
-        "classes": classes,
-        "backbone": meta["backbone"],
-        "alpha": meta.get("alpha"),
-        "input_size": meta["input_size"],
-        "resize": meta["resize"],
-        "flip_average": meta.get("flip_average", False),
-        "weights": meta["weights"],
-        "weights_sha256": meta.get("weights_sha256"),
-        "features_dir": str(Path(features_dir).resolve()),
-        "features_key": meta["key"],
-        "data_dir": meta["data_dir"],
-        "split_hash": meta["split_hash"],
-        "counts": {s: meta["splits"][s]["n"] for s in meta["splits"]},
-        "head": {
-            "dropout": dropout,
-            "l2": l2,
-            "learning_rate": learning_rate,
-            "batch_size": batch_size,
-            "epochs": epochs,
-            "epochs_run": len(hist.get("loss", [])),
-            "patience": patience,
-            "class_weights": balance,
-            "refit_on_train_and_val_epochs": refit_epochs,
-        },
-        "seed": seed,
-        "train_accuracy": train_acc,
-        "val_accuracy": val_acc,
-        "test_accuracy": test_metrics["accuracy"] if test_metrics["n"] else None,
-        "previous_val_accuracy": previous,
-        "versions": artifacts.versions(),
-        "test_files": test_files,
-    }
-    with artifacts.staging_dir(runs_root) as staging:
-        with artifacts.atomic_path(staging / "model.keras", suffix=".keras") as tmp:
-            full.save(tmp)
-        artifacts.write_json(staging / "history.json", hist)
-        artifacts.write_json(staging / "metrics.json", {"split": "test", **test_metrics, "val": val_metrics})
-        if test_metrics["n"]:
-            evaluate.confusion_png(test_metrics["confusion"], classes, staging / "confusion.png", "test split")
-        promoted = better or not promote_if_better
-        run_meta["promoted"] = promoted
-        artifacts.write_json(staging / "meta.json", run_meta)
-        run_dir = artifacts.publish(staging, runs_root)
-    if promoted:
-        artifacts.promote(runs_root, run_dir)
-    return {
-        "run": str(run_dir),
-        "promoted": promoted,
-        "latest": str(runs_root / "latest"),
-        "classes": classes,
-        "train_accuracy": train_acc,
-        "val_accuracy": val_acc,
-        "previous_val_accuracy": previous,
-        "test_accuracy": run_meta["test_accuracy"],
-        "epochs_run": run_meta["head"]["epochs_run"],
-        "refit_epochs": refit_epochs,
-        "fit_seconds": round(fit_seconds, 3),
-        "seconds": round(time.perf_counter() - started, 3),
-    }
+    with locks.lock(runs_root / LOCK_NAME, f"train-head is writing {runs_root}", wait=wait):
+        previous = _current_val_accuracy(runs_root)
+        val_acc = val_metrics["accuracy"] if val_metrics else train_acc
+        better = previous is None or val_acc > previous
+        test_files = [[p, int(lab)] for p, lab in zip(test_split.paths, test_split.labels, strict=True)]
+        run_meta = {
+            "kind": "tlcli-run",
+            "classes": classes,
+            "backbone": meta["backbone"],
+            "alpha": meta.get("alpha"),
+            "input_size": meta["input_size"],
+            "resize": meta["resize"],
+            "flip_average": meta.get("flip_average", False),
+            "weights": meta["weights"],
+            "weights_sha256": meta.get("weights_sha256"),
+            "features_dir": str(Path(features_dir).resolve()),
+            "features_key": meta["key"],
+            "data_dir": meta["data_dir"],
+            "split_hash": meta["split_hash"],
+            "counts": {s: meta["splits"][s]["n"] for s in meta["splits"]},
+            "head": {
+                "dropout": dropout,
+                "l2": l2,
+                "learning_rate": learning_rate,
+                "batch_size": batch_size,
+                "epochs": epochs,
+                "epochs_run": len(hist.get("loss", [])),
+                "patience": patience,
+                "class_weights": balance,
+                "refit_on_train_and_val_epochs": refit_epochs,
+            },
+            "seed": seed,
+            "train_accuracy": train_acc,
+            "val_accuracy": val_acc,
+            "test_accuracy": test_metrics["accuracy"] if test_metrics["n"] else None,
+            "previous_val_accuracy": previous,
+            "versions": artifacts.versions(),
+            "test_files": test_files,
+        }
+        with artifacts.staging_dir(runs_root) as staging:
+            with artifacts.atomic_path(staging / "model.keras", suffix=".keras") as tmp:
+                full.save(tmp)
+            artifacts.write_json(staging / "history.json", hist)
+            artifacts.write_json(staging / "metrics.json", {"split": "test", **test_metrics, "val": val_metrics})
+            if test_metrics["n"]:
+                evaluate.confusion_png(test_metrics["confusion"], classes, staging / "confusion.png", "test split")
+            promoted = better or not promote_if_better
+            run_meta["promoted"] = promoted
+            artifacts.write_json(staging / "meta.json", run_meta)
+            run_dir = artifacts.publish(staging, runs_root)
+        if promoted:
+            artifacts.promote(runs_root, run_dir)
+        return {
+            "run": str(run_dir),
+            "promoted": promoted,
+            "latest": str(runs_root / "latest"),
+            "classes": classes,
+            "train_accuracy": train_acc,
+            "val_accuracy": val_acc,
+            "previous_val_accuracy": previous,
+            "test_accuracy": run_meta["test_accuracy"],
+            "epochs_run": run_meta["head"]["epochs_run"],
+            "refit_epochs": refit_epochs,
+            "fit_seconds": round(fit_seconds, 3),
+            "seconds": round(time.perf_counter() - started, 3),
+        }
 
 
 def load_run(path: str | os.PathLike):
