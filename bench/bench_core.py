@@ -111,6 +111,30 @@ def plain_keras_head_training(data: Path, size: int, epochs: int, n_classes: int
     return time.perf_counter() - start
 
 
+def fresh_process_seconds(kind: str, data: Path, out: Path, size: int, batch: int, resize: str = "crop") -> float:
+    """Time one extraction ('plain' or 'tlcli') in a new Python process, as a user's command would run."""
+    code = (
+        "import sys, json\n"
+        f"sys.path.insert(0, {str(Path(__file__).parent)!r})\n"
+        "import bench_core as b\n"
+        f"kind, data, out = {kind!r}, {str(data)!r}, {str(out)!r}\n"
+        f"t = b.plain_keras_extract(b.Path(data), {size}, {batch})[0] if kind == 'plain' else "
+        f"b.tlcli_extract(b.Path(data), b.Path(out), {size}, {batch}, {resize!r})['seconds']\n"
+        "print(json.dumps(t))\n"
+    )
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, env=os.environ)
+    return float(res.stdout.strip().splitlines()[-1])
+
+
+def median_seconds(kind: str, data: Path, work: Path, size: int, batch: int, reps: int, resize: str = "crop") -> float:
+    times = []
+    for i in range(reps):
+        out = work / f"{kind}-{data.name}-{resize}-{i}"
+        times.append(fresh_process_seconds(kind, data, out, size, batch, resize))
+        shutil.rmtree(out, ignore_errors=True)
+    return sorted(times)[len(times) // 2]
+
+
 def peak_rss_mb(data: Path, out: Path, size: int) -> float:
     code = (
         "import resource, sys\n"
@@ -154,44 +178,34 @@ def main() -> None:
         n = link_dataset(args.data, data)
         classes = len([p for p in data.iterdir() if p.is_dir()])
 
-        plain_keras_extract(data, args.size, args.batch)  # warm-up: file cache, TF kernels
-        t_plain, n_plain = plain_keras_extract(data, args.size, args.batch)
-        summary = tlcli_extract(data, work / "features", args.size, args.batch)
-        t_tlcli = summary["seconds"]
-        rows.append(
-            (
-                "extract (images/s)",
-                f"{n_plain / t_plain:.0f}",
-                f"{n / t_tlcli:.0f}",
-                f"{t_plain / t_tlcli:.2f}x",
-                f"{n} images, MobileNet 0.25 @ {args.size}, centre crop; both timed from model build to vectors",
-            )
-        )
-        if args.upscale and args.upscale != 1:
-            big = work / "big"
-            upscaled_copy(data, big, args.upscale)
-            plain_keras_extract(big, args.size, args.batch)
-            t_plain_big, _ = plain_keras_extract(big, args.size, args.batch)
-            big_summary = tlcli_extract(big, work / "features_big", args.size, args.batch)
+        plain_keras_extract(data, args.size, args.batch)  # warm the file cache
+        big = work / "big"
+        upscaled_copy(data, big, args.upscale)
+        for label, folder in (("", data), (f", photos x{args.upscale:g}", big)):
+            t_plain = median_seconds("plain", folder, work, args.size, args.batch, args.reps)
+            t_tlcli = median_seconds("tlcli", folder, work, args.size, args.batch, args.reps)
             rows.append(
                 (
-                    f"extract, photos x{args.upscale:g} (images/s)",
-                    f"{n / t_plain_big:.0f}",
-                    f"{n / big_summary['seconds']:.0f}",
-                    f"{t_plain_big / big_summary['seconds']:.2f}x",
-                    "same photos re-encoded larger (camera-sized); JPEG draft decoding pays off here",
+                    f"extract{label} (images/s)",
+                    f"{n / t_plain:.0f}",
+                    f"{n / t_tlcli:.0f}",
+                    f"{t_plain / t_tlcli:.2f}x",
+                    f"{n} images, MobileNet 0.25 @ {args.size}, centre crop; median of {args.reps} fresh processes, "
+                    "timed from model build to vectors",
                 )
             )
-        views = tlcli_extract(data, work / "features_views", args.size, args.batch, resize="crop+pad")
+        t_views = median_seconds("tlcli", data, work, args.size, args.batch, args.reps, resize="crop+pad")
         rows.append(
             (
                 "extract, default crop+pad (images/s)",
                 "",
-                f"{n / views['seconds']:.0f}",
+                f"{n / t_views:.0f}",
                 "",
                 "two views per image (tlcli's default, more accurate)",
             )
         )
+        tlcli_extract(data, work / "features", args.size, args.batch)
+        tlcli_extract(data, work / "features_views", args.size, args.batch, resize="crop+pad")
 
         t_e2e = plain_keras_head_training(data, args.size, args.epochs, classes)
         trained = head.train(work / "features", work / "runs", epochs=args.epochs, patience=args.epochs, refit=False)
