@@ -158,6 +158,7 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=224)
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--epochs", type=int, default=30)
+    parser.add_argument("--reps", type=int, default=3, help="fresh-process repetitions per extraction timing")
     parser.add_argument(
         "--upscale",
         type=float,
