@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 import subprocess
 import sys
 import tempfile
@@ -26,17 +25,9 @@ SHARED = ROOT.parent / "shared"
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 
+from bench_core import seed_keras_home  # noqa: E402  (bench/ is on sys.path when run as a script)
+
 _KEYS = ("steps", "lr", "tv_weight", "probability", "total_variation", "seconds", "wall_seconds")
-
-
-def seed_keras_home() -> None:
-    if "KERAS_HOME" in os.environ or not (SHARED / "weights").is_dir():
-        return
-    home = Path(tempfile.mkdtemp(prefix="tlcli-bench-keras-"))
-    (home / "models").mkdir()
-    for f in (SHARED / "weights").iterdir():
-        shutil.copy(f, home / "models" / f.name)
-    os.environ["KERAS_HOME"] = str(home)
 
 
 def ideal_image(target: str, out: Path, *extra: str) -> dict:
