@@ -117,6 +117,7 @@ def fresh_process_seconds(kind: str, data: Path, out: Path, size: int, batch: in
         "import sys, json\n"
         f"sys.path.insert(0, {str(Path(__file__).parent)!r})\n"
         "import bench_core as b\n"
+        "import keras, tensorflow, tlcli.features  # imports are not part of either timing\n"
         f"kind, data, out = {kind!r}, {str(data)!r}, {str(out)!r}\n"
         f"t = b.plain_keras_extract(b.Path(data), {size}, {batch})[0] if kind == 'plain' else "
         f"b.tlcli_extract(b.Path(data), b.Path(out), {size}, {batch}, {resize!r})['seconds']\n"
