@@ -14,14 +14,15 @@ from pathlib import Path
 
 import numpy as np
 
-from tlcli import artifacts
+from tlcli import artifacts, images
 from tlcli.classifier import Classifier
 from tlcli.errors import UsageError
 
 METHODS = ("gd", "fgsm", "pgd")
 
 
-def _check(method: str, eps: float, step: float | None, steps: int) -> None:
+def check_options(method: str, eps: float, step: float | None, steps: int) -> None:
+    """Refuse an unknown method or a budget, step or step count that cannot work, before any model is loaded."""
     if method not in METHODS:
         raise UsageError(f"unknown --method {method!r}; use one of {', '.join(METHODS)}")
     if not eps > 0:
@@ -65,7 +66,7 @@ def attack(
     """
     import tensorflow as tf
 
-    _check(method, eps, step, steps)
+    check_options(method, eps, step, steps)
     started = time.perf_counter()
     original = np.asarray(pixels, np.uint8)
     x0 = tf.constant(original[None].astype(np.float32))
@@ -145,14 +146,6 @@ def amplified(original: np.ndarray, adversarial: np.ndarray) -> np.ndarray:
     return np.clip(128 + diff * scale, 0, 255).astype(np.uint8)
 
 
-def _png(array: np.ndarray) -> bytes:
-    from PIL import Image
-
-    buf = io.BytesIO()
-    Image.fromarray(array).save(buf, format="PNG")
-    return buf.getvalue()
-
-
 def figure_png(result: dict) -> bytes:
     """Original, amplified perturbation and adversarial side by side, with their top-3 labels."""
     import matplotlib
@@ -182,17 +175,23 @@ def figure_png(result: dict) -> bytes:
     return buf.getvalue()
 
 
-def write_outputs(result: dict, out: str | Path) -> dict[str, str]:
-    """Write the adversarial PNG, the amplified perturbation and the figure, each atomically."""
+def check_output(out: str | Path) -> Path:
+    """The adversarial image must be PNG: a lossy format would undo a perturbation of a few levels."""
     out = Path(out)
     if out.suffix.lower() != ".png":
         raise UsageError(f"--out {out} must end in .png (a lossless format keeps the attack intact)")
+    return out
+
+
+def write_outputs(result: dict, out: str | Path) -> dict[str, str]:
+    """Write the adversarial PNG, the amplified perturbation and the figure, each atomically."""
+    out = check_output(out)
     paths = {
         "adversarial": out,
         "perturbation": out.with_name(f"{out.stem}-perturbation.png"),
         "figure": out.with_name(f"{out.stem}-figure.png"),
     }
-    artifacts.write_bytes(paths["adversarial"], _png(result["adversarial"]))
-    artifacts.write_bytes(paths["perturbation"], _png(amplified(result["original"], result["adversarial"])))
+    artifacts.write_bytes(paths["adversarial"], images.png_bytes(result["adversarial"]))
+    artifacts.write_bytes(paths["perturbation"], images.png_bytes(amplified(result["original"], result["adversarial"])))
     artifacts.write_bytes(paths["figure"], figure_png(result))
     return {k: str(v) for k, v in paths.items()}

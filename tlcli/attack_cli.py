@@ -61,10 +61,8 @@ def adversarial_cmd(
 
     if (target is None) == (not untargeted):
         raise UsageError("give either --target CLASS or --untargeted")
-    if not eps > 0:
-        raise UsageError(f"--eps must be greater than 0 pixel levels (0-255 scale), not {eps:g}")
-    if out_path.suffix.lower() != ".png":
-        raise UsageError(f"--out {out_path} must end in .png (a lossless format keeps the attack intact)")
+    attack.check_options(method, eps, step, steps)
+    attack.check_output(out_path)
     use_device(device, quiet or as_json)
     clf = classifier.load(backbone, alpha, weights, str(model) if model else None)
     target_index = clf.resolve(target) if target is not None else None

@@ -125,6 +125,16 @@ def load(path: str | Path, size: int, policy: str = "crop") -> np.ndarray:
     return arrays[0] if len(arrays) == 1 else np.stack(arrays)
 
 
+def png_bytes(image: Image.Image | np.ndarray) -> bytes:
+    """Encode an image as PNG in memory (the caller writes it atomically with artifacts.write_bytes)."""
+    import io
+
+    im = image if isinstance(image, Image.Image) else Image.fromarray(np.asarray(image, np.uint8))
+    buf = io.BytesIO()
+    im.save(buf, format="PNG")
+    return buf.getvalue()
+
+
 def padded(pixels: np.ndarray, batch_size: int) -> np.ndarray:
     """Pad a short final batch with zeros to ``batch_size`` so a compiled model is not traced again."""
     missing = batch_size - len(pixels)

@@ -139,16 +139,6 @@ def upscale(image: np.ndarray, factor: int) -> Image.Image:
     return im if factor == 1 else im.resize((im.width * factor, im.height * factor), Image.NEAREST)
 
 
-def png_bytes(image: Image.Image | np.ndarray) -> bytes:
-    """Encode an image as PNG in memory (written to disk atomically by the caller)."""
-    import io
-
-    im = image if isinstance(image, Image.Image) else Image.fromarray(np.asarray(image, np.uint8))
-    buf = io.BytesIO()
-    im.save(buf, format="PNG")
-    return buf.getvalue()
-
-
 def gif_bytes(frames: list[np.ndarray], factor: int = 1, duration_ms: int = 80) -> bytes:
     """Encode frames as a looping GIF in memory; the last frame is held longer."""
     import io

@@ -77,7 +77,7 @@ def ideal_image_cmd(
     Maximises the class log-probability minus a total-variation penalty (smoothness); prints the
     final probability of CLASS and the top-5, and writes the PNG at the model's input size.
     """
-    from tlcli import artifacts, classifier
+    from tlcli import artifacts, classifier, images
 
     _check_suffix(out_path, ".png", "--out")
     _check_suffix(gif, ".gif", "--gif")
@@ -101,7 +101,7 @@ def ideal_image_cmd(
             progress=bar,
             gif_every=max(1, steps // GIF_FRAMES) if gif else None,
         )
-    artifacts.write_bytes(out_path, visualize.png_bytes(visualize.upscale(result["image"], upscale)))
+    artifacts.write_bytes(out_path, images.png_bytes(visualize.upscale(result["image"], upscale)))
     if gif:
         artifacts.write_bytes(gif, visualize.gif_bytes(result["frames"], upscale))
     summary = {k: v for k, v in result.items() if k not in ("image", "frames")}
@@ -189,7 +189,7 @@ def features_cmd(
         return
     name = layer or _default_layer(layers)
     grid = visualize.feature_grid(bb, name, pixels, channels)
-    artifacts.write_bytes(out_path, visualize.png_bytes(grid["image"]))
+    artifacts.write_bytes(out_path, images.png_bytes(grid["image"]))
     summary = {
         "image": str(image),
         "model": bb.key,
