@@ -88,35 +88,6 @@ def confusion_png(
     artifacts.write_bytes(path, buf.getvalue())
 
 
-def predict_files(
-    model,
-    paths: Sequence[str],
-    size: int,
-    resize: str,
-    batch_size: int = 32,
-    progress: Callable[[int, int], None] | None = None,
-) -> tuple[np.ndarray, list[int], list[dict]]:
-    """Run a saved inference model over image files: (probabilities of the decodable ones, their indices, skipped)."""
-    import tensorflow as tf
-
-    infer = tf.function(lambda x: model(x, training=False), reduce_retracing=True)
-    probs, kept, skipped = [], [], []
-    done = 0
-    for pixels, ok, why in images.batches(list(paths), size, resize, batch_size):
-        out = infer(tf.constant(images.padded(pixels, batch_size), tf.float32)).numpy()[: len(pixels)]
-        for j in range(len(pixels)):
-            if ok[j]:
-                probs.append(out[j])
-                kept.append(done + j)
-            else:
-                skipped.append({"path": paths[done + j], "reason": why[j]})
-        done += len(pixels)
-        if progress:
-            progress(done, len(paths))
-    n_classes = int(model.output_shape[-1])
-    return (np.asarray(probs, np.float32).reshape(-1, n_classes), kept, skipped)
-
-
 def labelled_files(run_meta: dict, data_dir: str | os.PathLike | None) -> tuple[list[str], np.ndarray, str]:
     """The images to evaluate on, with labels in the model's class order: a folder, or the run's test split."""
     classes = run_meta["classes"]
@@ -177,7 +148,7 @@ def evaluate_run(
     paths, labels, source = labelled_files(meta, data_dir)
     if not paths:
         raise UsageError(f"no images found in {data_dir}")
-    probs, kept, skipped = predict_files(model, paths, meta["input_size"], meta["resize"], batch_size, progress)
+    probs, kept, skipped = images.apply_model(model, paths, meta["input_size"], meta["resize"], batch_size, progress)
     if not kept:
         raise UsageError(f"none of the {len(paths)} images could be decoded")
     kept_paths = [paths[i] for i in kept]

@@ -163,25 +163,16 @@ def extract(
         todo_unique = list({r[2]: r for r in todo}.values())
         fresh_bad: dict[str, str] = {}
         if todo_unique:
-            import tensorflow as tf
-
             from tlcli.layers import feature_model
 
             model = feature_model(bb, flip_average, n_views)
-            infer = tf.function(lambda x: model(x, training=False), reduce_retracing=True)
-            done = 0
             paths = [str(ds.root / r[0]) for r in todo_unique]
-            for pixels, ok, why in images.batches(paths, bb.size, resize, batch_size):
-                feats = infer(tf.constant(images.padded(pixels, batch_size), tf.float32)).numpy()[: len(pixels)]
-                for j in range(len(pixels)):
-                    rec = todo_unique[done + j]
-                    if ok[j]:
-                        vectors[rec[2]] = feats[j].astype(np.float32)
-                    else:
-                        fresh_bad[rec[2]] = why[j]
-                done += len(pixels)
-                if progress:
-                    progress(done, len(todo_unique))
+            feats, kept, failed = images.apply_model(model, paths, bb.size, resize, batch_size, progress)
+            for row, i in zip(feats, kept, strict=True):
+                vectors[todo_unique[i][2]] = row
+            digest_of = {path: rec[2] for path, rec in zip(paths, todo_unique, strict=True)}
+            for item in failed:
+                fresh_bad[digest_of[item["path"]]] = item["reason"]
 
         bad_reasons = {**old_bad, **fresh_bad}
         skipped = []

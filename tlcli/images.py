@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -184,3 +184,35 @@ def batches(
     )
     for img, ok, why in ds.as_numpy_iterator():
         yield img, ok, [w.decode("utf-8", "replace") for w in why]
+
+
+def apply_model(
+    model,
+    paths: Sequence[str],
+    size: int,
+    resize: str,
+    batch_size: int = 32,
+    progress: Callable[[int, int], None] | None = None,
+) -> tuple[np.ndarray, list[int], list[dict]]:
+    """Run a pixels-in model over image files: (outputs of the decodable ones, their indices, skipped files).
+
+    Short final batches are padded so the compiled model is traced once.
+    """
+    import tensorflow as tf
+
+    infer = tf.function(lambda x: model(x, training=False), reduce_retracing=True)
+    outputs, kept, skipped = [], [], []
+    done = 0
+    for pixels, ok, why in batches(list(paths), size, resize, batch_size):
+        out = infer(tf.constant(padded(pixels, batch_size), tf.float32)).numpy()[: len(pixels)]
+        for j in range(len(pixels)):
+            if ok[j]:
+                outputs.append(out[j])
+                kept.append(done + j)
+            else:
+                skipped.append({"path": paths[done + j], "reason": why[j]})
+        done += len(pixels)
+        if progress:
+            progress(done, len(paths))
+    width = int(model.output_shape[-1])
+    return np.asarray(outputs, np.float32).reshape(-1, width), kept, skipped

@@ -9,8 +9,7 @@ from pathlib import Path
 import numpy as np
 
 from tlcli.errors import UsageError
-from tlcli.evaluate import predict_files
-from tlcli.images import is_image_name
+from tlcli.images import apply_model, is_image_name
 
 
 def expand(paths: Sequence[str]) -> list[str]:
@@ -42,7 +41,7 @@ def predict_paths(
     files = expand(paths)
     if not files:
         raise UsageError(f"no images found in {', '.join(map(str, paths))}")
-    probs, kept, skipped = predict_files(model, files, meta["input_size"], meta["resize"], batch_size, progress)
+    probs, kept, skipped = apply_model(model, files, meta["input_size"], meta["resize"], batch_size, progress)
     classes = meta["classes"]
     k = min(top_k, len(classes))
     rows = []
