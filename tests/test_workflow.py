@@ -11,6 +11,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from tlcli.features import Store
+
 from .conftest import make_photo
 
 FAST = ("--alpha", "0.25", "--size", "96", "--quiet")
@@ -39,7 +41,7 @@ def test_extract_writes_store_with_metadata(cli, keras_home, colour_dataset, tmp
     assert meta["resize"] == "crop+pad" and meta["classes"] == ["blue", "red"]
     assert meta["weights_sha256"].startswith("dbdb03ee2a22")  # the no-top file from ../shared/weights
     assert {"tensorflow", "keras", "tlcli"} <= set(meta["versions"])
-    with np.load(tmp_path / "f" / "train.npz") as z:
+    with np.load(Store.open(tmp_path / "f").split_path("train")) as z:
         assert z["features"].shape == (20, 512) and np.isfinite(z["features"]).all()  # crop and pad views
         assert sorted(set(z["labels"].tolist())) == [0, 1]
 
@@ -47,7 +49,7 @@ def test_extract_writes_store_with_metadata(cli, keras_home, colour_dataset, tmp
 def test_extract_is_incremental(cli, keras_home, colour_dataset, tmp_path):
     out = tmp_path / "f"
     _extract(cli, colour_dataset, out)
-    with np.load(out / "train.npz") as z:
+    with np.load(Store.open(out).split_path("train")) as z:
         before = dict(zip(z["paths"].tolist(), z["features"], strict=True))
     again = _extract(cli, colour_dataset, out)
     assert again["extracted"] == 0 and again["reused"] == 24
@@ -57,7 +59,7 @@ def test_extract_is_incremental(cli, keras_home, colour_dataset, tmp_path):
     make_photo(colour_dataset / "red" / "r1.jpg", (250, 250, 0), seed=79)  # changed content, same name
     grown = _extract(cli, colour_dataset, out)
     assert grown["extracted"] == 3 and grown["stored"] == 25
-    with np.load(out / "train.npz") as z:
+    with np.load(Store.open(out).split_path("train")) as z:
         after = dict(zip(z["paths"].tolist(), z["features"], strict=True))
     assert "red/r0.jpg" not in after
     same = [p for p in after if p in before and p != "red/r1.jpg"]
@@ -286,7 +288,12 @@ def test_a_second_writer_is_refused_and_a_dead_ones_lock_is_taken_over(cli, kera
     assert (out / "meta.json").is_file() and not (out / ".tlcli.lock").exists()
     runs = tmp_path / "runs"
     runs.mkdir()
-    (runs / ".tlcli.lock").write_text(f"{os.getpid()}\n")  # this live process holds the runs folder
-    refused = cli("train-head", out, "--out", runs, "--quiet")
+    holder = subprocess.Popen(["sleep", "60"])
+    try:
+        (runs / ".tlcli.lock").write_text(f"{holder.pid}\n")  # a live process holds the runs folder
+        refused = cli("train-head", out, "--out", runs, "--quiet")
+    finally:
+        holder.kill()
+        holder.wait()
     assert refused.exit_code == 2 and "another tlcli train-head is writing" in refused.stderr
     assert not (runs / "latest").exists()

@@ -128,3 +128,103 @@ def resolve_run(path: str | os.PathLike) -> Path:
     if not (p / "model.keras").is_file() or not (p / "meta.json").is_file():
         raise UsageError(f"{path} is not a tlcli run (no model.keras/meta.json); train one with 'tlcli train-head'")
     return p
+
+
+def run_dirs(runs_root: str | os.PathLike) -> list[Path]:
+    """Published runs under ``runs_root`` (``<timestamp>/`` with meta.json), oldest first."""
+    root = Path(runs_root)
+    if not root.is_dir():
+        return []
+    return sorted(
+        p
+        for p in root.iterdir()
+        if p.is_dir() and not p.is_symlink() and p.name[:1].isdigit() and (p / "meta.json").is_file()
+    )
+
+
+def latest_target(runs_root: str | os.PathLike) -> Path | None:
+    """The run ``runs_root/latest`` points at, if any."""
+    link = Path(runs_root) / "latest"
+    return link.resolve() if link.exists() else None
+
+
+def prune(runs_root: str | os.PathLike, keep: int) -> list[str]:
+    """Delete runs that were never promoted and are older than the newest ``keep``; return their names.
+
+    Promoted runs (the model history) and the current ``latest`` always stay. Each run is renamed to a
+    hidden name first, so a crash mid-delete never leaves a half run that looks complete.
+    """
+    runs = run_dirs(runs_root)
+    current = latest_target(runs_root)
+    removed = []
+    for run in runs[: max(len(runs) - keep, 0)]:
+        if run.resolve() == current:
+            continue
+        try:
+            promoted = bool(read_json(run / "meta.json").get("promoted"))
+        except UsageError:
+            promoted = False
+        if promoted:
+            continue
+        grave = run.with_name(f".pruned-{run.name}")
+        os.rename(run, grave)
+        shutil.rmtree(grave, ignore_errors=True)
+        removed.append(run.name)
+    return removed
+
+
+def remove_leftovers(folder: str | os.PathLike) -> list[str]:
+    """Delete temp files, staging and half-pruned folders a killed process left in ``folder``.
+
+    Only call this while holding the folder's lock: then no live writer owns any of them.
+    """
+    root = Path(folder)
+    if not root.is_dir():
+        return []
+    removed = []
+    for p in root.iterdir():
+        name = p.name
+        if not name.startswith(".") or not (
+            name.startswith((".staging-", ".pruned-")) or ".tmp" in name and not p.is_dir()
+        ):
+            continue
+        if p.is_dir() and not p.is_symlink():
+            shutil.rmtree(p, ignore_errors=True)
+        else:
+            p.unlink(missing_ok=True)
+        removed.append(name)
+    return removed
+
+
+def _created(run_name: str) -> str | None:
+    try:
+        return datetime.strptime(run_name[:15], "%Y%m%dT%H%M%S").replace(tzinfo=timezone.utc).isoformat()
+    except ValueError:
+        return None
+
+
+def history(runs_root: str | os.PathLike) -> list[dict]:
+    """One row per published run, oldest first: when, data counts, accuracies, promoted, current latest."""
+    current = latest_target(runs_root)
+    rows = []
+    for run in run_dirs(runs_root):
+        try:
+            meta = read_json(run / "meta.json")
+        except UsageError:
+            continue
+        evaluation = meta.get("evaluation") or {}
+        rows.append(
+            {
+                "run": run.name,
+                "path": str(run),
+                "created": _created(run.name),
+                "counts": meta.get("counts", {}),
+                "backbone": meta.get("backbone"),
+                "val_accuracy": meta.get("val_accuracy"),
+                "test_accuracy": meta.get("test_accuracy"),
+                "evaluation_accuracy": evaluation.get("accuracy"),
+                "promoted": bool(meta.get("promoted")),
+                "latest": run.resolve() == current,
+            }
+        )
+    return rows

@@ -6,7 +6,6 @@ still fools the model when it is loaded again.
 
 from __future__ import annotations
 
-import io
 import math
 import time
 from collections.abc import Callable
@@ -169,10 +168,7 @@ def figure_png(result: dict) -> bytes:
         ax.imshow(img)
         ax.set_title(title, fontsize=9)
         ax.axis("off")
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=100, bbox_inches="tight")
-    plt.close(fig)
-    return buf.getvalue()
+    return images.figure_png(fig)
 
 
 def check_output(out: str | Path) -> Path:

@@ -6,6 +6,7 @@ import contextlib
 import functools
 import json
 import os
+import signal
 import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -69,39 +70,57 @@ def handles_errors(fn: Callable) -> Callable:
     return wrapper
 
 
-def load_config(ctx: typer.Context, param, value: Optional[Path]) -> Optional[Path]:
-    """--config FILE: read the command's [section] of a workflow TOML as defaults; the command line wins."""
-    if value is None:
-        return value
+def read_config(path: Path) -> dict:
+    """A workflow TOML as a dict; one-line errors for a missing or invalid file."""
     try:
-        doc = tomllib.loads(Path(value).read_text())
+        return tomllib.loads(Path(path).read_text())
     except FileNotFoundError:
-        _fail(f"config {value} not found", EXIT_USAGE)
+        raise UsageError(f"config {path} not found") from None
+    except IsADirectoryError:
+        raise UsageError(f"config {path} is a folder; give a .toml file") from None
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
-        _fail(f"config {value} is not valid TOML: {exc}", EXIT_USAGE)
-    section = doc.get(ctx.info_name, {})
+        raise UsageError(f"config {path} is not valid TOML: {exc}") from None
+
+
+def section_defaults(command, name: str, doc: dict, path: Path) -> dict:
+    """The [name] table of a config as defaults for ``command``'s parameters (keys are long option names).
+
+    Relative paths count from the project folder when the config lives in configs/, else from here.
+    """
+    section = doc.get(name, {})
     if not isinstance(section, dict):
-        _fail(f"config {value}: [{ctx.info_name}] must be a table", EXIT_USAGE)
-    names = {p.name: p.name for p in ctx.command.params}
-    for p in ctx.command.params:
+        raise UsageError(f"config {path}: [{name}] must be a table")
+    names = {p.name: p.name for p in command.params}
+    for p in command.params:
         for opt in getattr(p, "opts", []):
             if opt.startswith("--"):
                 names[opt[2:].replace("-", "_")] = p.name
     unknown = sorted(k for k in section if k.replace("-", "_") not in names)
     if unknown:
-        _fail(f"config {value}: unknown option(s) {', '.join(unknown)} in [{ctx.info_name}]", EXIT_USAGE)
-    base = Path(value).resolve().parent.parent if Path(value).resolve().parent.name == "configs" else Path.cwd()
+        raise UsageError(f"config {path}: unknown option(s) {', '.join(unknown)} in [{name}]")
+    base = Path(path).resolve().parent.parent if Path(path).resolve().parent.name == "configs" else Path.cwd()
     defaults = {}
     for key, val in section.items():
-        name = names[key.replace("-", "_")]
-        if name in PATH_OPTIONS and isinstance(val, str) and not os.path.isabs(val):
+        param = names[key.replace("-", "_")]
+        if param in PATH_OPTIONS and isinstance(val, str) and not os.path.isabs(val):
             val = str(base / val)
-        defaults[name] = val
+        defaults[param] = val
+    return defaults
+
+
+def load_config(ctx: typer.Context, param, value: Optional[Path]) -> Optional[Path]:
+    """--config FILE: read the command's [section] of a workflow TOML as defaults; the command line wins."""
+    if value is None:
+        return value
+    try:
+        defaults = section_defaults(ctx.command, ctx.info_name, read_config(value), value)
+    except UsageError as exc:
+        _fail(str(exc), EXIT_USAGE)
     ctx.default_map = {**(ctx.default_map or {}), **defaults}
     return value
 
 
-PATH_OPTIONS = {"data_dir", "out_dir", "features_dir", "run"}
+PATH_OPTIONS = {"data_dir", "out_dir", "features_dir", "run", "tensorboard"}
 
 ConfigOpt = Annotated[
     Optional[Path],
@@ -118,6 +137,13 @@ QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars 
 SeedOpt = Annotated[int, typer.Option(help="Random seed for splits, initialisation and shuffling.")]
 BatchOpt = Annotated[int, typer.Option(min=1, help="Images per batch.")]
 WaitOpt = Annotated[bool, typer.Option("--wait", help="If another tlcli is writing the output folder, wait for it.")]
+KeepOpt = Annotated[
+    Optional[int],
+    typer.Option(min=1, help="Afterwards delete never-promoted runs older than the newest KEEP (promoted ones stay)."),
+]
+TensorboardOpt = Annotated[
+    Optional[Path], typer.Option(help="Write per-epoch TensorBoard scalars under this folder.", file_okay=False)
+]
 DeviceOpt = Annotated[
     str, typer.Option("--device", help="auto (a GPU if TensorFlow sees one, else CPU), cpu, gpu (all) or gpu:N.")
 ]
@@ -262,9 +288,31 @@ def devices_cmd(as_json: JsonOpt = False) -> None:
     out.print("--device auto uses " + ("the GPU(s)" if info["gpus"] else "the CPU (no GPU visible)"))
 
 
+def extract_step(p: dict, progress: Callable[[int, int], None] | None) -> dict:
+    """The extract step from parsed options (shared by 'tlcli extract' and 'tlcli run')."""
+    from tlcli import datasets, features
+
+    return features.extract(
+        p["data_dir"],
+        p["out_dir"],
+        backbone=p["backbone"],
+        alpha=p["alpha"],
+        size=p["size"],
+        weights=p["weights"],
+        resize=p["resize"],
+        flip_average=p["flip"],
+        fractions=datasets.parse_fractions(p["split"]),
+        seed=p["seed"],
+        batch_size=p["batch_size"],
+        progress=progress,
+        wait=p["wait"],
+    )
+
+
 @app.command("extract")
 @handles_errors
 def extract_cmd(
+    ctx: typer.Context,
     data_dir: Annotated[Path, typer.Argument(help="Folder of class sub-folders (optionally with split.json).")],
     out_dir: Annotated[Path, typer.Option("--out", "-o", help="Feature store folder to write (or update).")] = Path(
         "features/default"
@@ -299,26 +347,9 @@ def extract_cmd(
     config: ConfigOpt = None,
 ) -> None:
     """Run a frozen pre-trained backbone over every image and store one feature vector each (incremental)."""
-    from tlcli import datasets, features
-
     use_device(device, quiet or as_json)
-    fractions = datasets.parse_fractions(split)
     with progress_bar("extracting", quiet or as_json) as bar:
-        summary = features.extract(
-            data_dir,
-            out_dir,
-            backbone=backbone,
-            alpha=alpha,
-            size=size,
-            weights=weights,
-            resize=resize,
-            flip_average=flip,
-            fractions=fractions,
-            seed=seed,
-            batch_size=batch_size,
-            progress=bar,
-            wait=wait,
-        )
+        summary = extract_step(ctx.params, bar)
     if as_json:
         emit_json(summary)
         return
@@ -339,9 +370,37 @@ def extract_cmd(
         err.print(f"ignored empty class folder(s): {', '.join(summary['empty_classes'])}", markup=False)
 
 
+def train_step(p: dict, progress: Callable[[int, int, dict], None] | None, **extra) -> dict:
+    """The train-head step from parsed options (shared by 'tlcli train-head' and 'tlcli run')."""
+    from tlcli import head
+
+    return head.train(
+        p["features_dir"],
+        p["out_dir"],
+        epochs=p["epochs"],
+        batch_size=p["batch_size"],
+        learning_rate=p["lr"],
+        dropout=p["dropout"],
+        l2=p["l2"],
+        patience=p["patience"],
+        balance=p["balance"],
+        refit=p["refit"],
+        seed=p["seed"],
+        promote_if_better=p["promote_if_better"],
+        backbone=p["backbone"],
+        size=p["size"],
+        keep=p["keep"],
+        tensorboard=p["tensorboard"],
+        progress=progress,
+        wait=p["wait"],
+        **extra,
+    )
+
+
 @app.command("train-head")
 @handles_errors
 def train_head_cmd(
+    ctx: typer.Context,
     features_dir: Annotated[Path, typer.Argument(help="Feature store written by 'tlcli extract'.")],
     out_dir: Annotated[
         Path,
@@ -363,6 +422,8 @@ def train_head_cmd(
     ] = False,
     backbone: Annotated[Optional[str], typer.Option(help="Refuse features not made by this backbone.")] = None,
     size: Annotated[Optional[int], typer.Option(help="Refuse features not made at this input size.")] = None,
+    keep: KeepOpt = None,
+    tensorboard: TensorboardOpt = None,
     seed: SeedOpt = 0,
     as_json: JsonOpt = False,
     wait: WaitOpt = False,
@@ -371,28 +432,9 @@ def train_head_cmd(
     config: ConfigOpt = None,
 ) -> None:
     """Train a softmax head on stored features; save backbone + head as one model taking RGB pixels."""
-    from tlcli import head
-
     use_device(device, quiet or as_json)
     with progress_bar("training head (epochs)", quiet or as_json) as bar:
-        summary = head.train(
-            features_dir,
-            out_dir,
-            epochs=epochs,
-            batch_size=batch_size,
-            learning_rate=lr,
-            dropout=dropout,
-            l2=l2,
-            patience=patience,
-            balance=balance,
-            refit=refit,
-            seed=seed,
-            promote_if_better=promote_if_better,
-            backbone=backbone,
-            size=size,
-            progress=bar,
-            wait=wait,
-        )
+        summary = train_step(ctx.params, bar)
     if as_json:
         emit_json(summary)
     else:
@@ -408,6 +450,8 @@ def train_head_cmd(
             else f"not promoted: val {summary['val_accuracy']:.4f} does not beat "
             f"latest {summary['previous_val_accuracy']:.4f}"
         )
+        if summary["pruned"]:
+            out.print(f"pruned {len(summary['pruned'])} old never-promoted run(s): {', '.join(summary['pruned'])}")
     if not summary["promoted"]:
         raise typer.Exit(EXIT_GATE)
 
@@ -421,9 +465,19 @@ def _per_class_table(result: dict) -> Table:
     return table
 
 
+def evaluate_step(p: dict, progress: Callable[[int, int], None] | None) -> dict:
+    """The evaluate step from parsed options (shared by 'tlcli evaluate' and 'tlcli run')."""
+    from tlcli import evaluate
+
+    return evaluate.evaluate_run(
+        p["run"], p["data_dir"], top_k=p["top_k"], out=p["out_dir"], batch_size=p["batch_size"], progress=progress
+    )
+
+
 @app.command("evaluate")
 @handles_errors
 def evaluate_cmd(
+    ctx: typer.Context,
     run: Annotated[Path, typer.Argument(help="Run folder, e.g. runs/pets/latest.")],
     data_dir: Annotated[
         Optional[Path], typer.Argument(help="Folder of class sub-folders (default: the run's test split).")
@@ -443,11 +497,9 @@ def evaluate_cmd(
     config: ConfigOpt = None,
 ) -> None:
     """Accuracy, top-k, per-class precision/recall/F1, confusion matrix and misclassified files."""
-    from tlcli import evaluate
-
     use_device(device, quiet or as_json)
     with progress_bar("evaluating", quiet or as_json) as bar:
-        result = evaluate.evaluate_run(run, data_dir, top_k=top_k, out=out_dir, batch_size=batch_size, progress=bar)
+        result = evaluate_step(ctx.params, bar)
     gate_failed = min_accuracy is not None and result["accuracy"] < min_accuracy
     result["min_accuracy"] = min_accuracy
     result["passed"] = not gate_failed
@@ -541,9 +593,14 @@ def export_cmd(
     )
 
 
+def _terminate(signum: int, frame) -> None:
+    raise KeyboardInterrupt
+
+
 def run() -> None:
-    """Console-script entry point."""
+    """Console-script entry point: SIGTERM (cron timeouts, docker stop, kill) stops like Ctrl-C, exit 130."""
+    signal.signal(signal.SIGTERM, _terminate)
     app()
 
 
-from tlcli import attack_cli, fetch_cli, visualize_cli  # noqa: E402,F401
+from tlcli import attack_cli, fetch_cli, run_cli, visualize_cli  # noqa: E402,F401

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import io
 import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -82,10 +81,33 @@ def confusion_png(
                     fontsize=8,
                 )
     fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=100)
-    plt.close(fig)
-    artifacts.write_bytes(path, buf.getvalue())
+    artifacts.write_bytes(path, images.figure_png(fig))
+
+
+def curves_png(history: dict[str, list[float]], path: str | os.PathLike, title: str = "") -> None:
+    """Loss and accuracy per epoch (train, val, refit) as a PNG, written atomically."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (loss_ax, acc_ax) = plt.subplots(1, 2, figsize=(10, 4))
+    for key, values in history.items():
+        if not values or not isinstance(values, list):
+            continue
+        ax = acc_ax if "accuracy" in key else loss_ax
+        epochs = range(1, len(values) + 1)
+        ax.plot(epochs, values, label=key.replace("_", " "))
+    for ax, name in ((loss_ax, "loss"), (acc_ax, "accuracy")):
+        ax.set_xlabel("epoch")
+        ax.set_ylabel(name)
+        ax.grid(alpha=0.3)
+        if ax.lines:
+            ax.legend()
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    artifacts.write_bytes(path, images.figure_png(fig))
 
 
 def labelled_files(run_meta: dict, data_dir: str | os.PathLike | None) -> tuple[list[str], np.ndarray, str]:

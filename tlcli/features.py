@@ -40,7 +40,11 @@ class Split:
 
 @dataclass
 class Store:
-    """A feature store folder: meta.json plus {train,val,test}.npz."""
+    """A feature store folder: meta.json plus one ``<split>-<content hash>.npz`` per split.
+
+    meta.json names the split files and is written last, so replacing it is the single step that
+    commits a new store: a killed extract leaves the previous store whole.
+    """
 
     root: Path
     meta: dict
@@ -56,9 +60,13 @@ class Store:
             raise UsageError(f"{root} was written by another tlcli version; re-run 'tlcli extract'")
         return cls(root, meta)
 
+    def split_path(self, name: str) -> Path:
+        """The file meta.json names for one split."""
+        return self.root / self.meta["splits"].get(name, {}).get("file", f"{name}.npz")
+
     def split(self, name: str) -> Split:
         """Load one split, checking it is the file meta.json describes."""
-        path = self.root / f"{name}.npz"
+        path = self.split_path(name)
         expect = self.meta["splits"].get(name, {})
         if not expect.get("n"):
             return Split(np.zeros((0, self.meta["feature_dim"]), np.float32), np.zeros((0,), np.int64), [])
@@ -78,7 +86,7 @@ class Store:
         vectors: dict[str, np.ndarray] = {}
         stats: dict[str, tuple[int, int, str]] = {}
         for name in datasets.SPLITS:
-            path = self.root / f"{name}.npz"
+            path = self.split_path(name)
             if not path.is_file():
                 continue
             try:
@@ -93,10 +101,22 @@ class Store:
         return vectors, stats
 
 
-def _write_split(path: Path, arrays: dict) -> None:
+def _write_split(root: Path, name: str, arrays: dict) -> str:
+    """Write one split under a content-addressed name (atomically) and return the file name."""
     buf = io.BytesIO()
     np.savez(buf, **arrays)
-    artifacts.write_bytes(path, buf.getvalue())
+    data = buf.getvalue()
+    filename = f"{name}-{hashlib.blake2b(data, digest_size=8).hexdigest()}.npz"
+    artifacts.write_bytes(root / filename, data)
+    return filename
+
+
+def _drop_unreferenced(root: Path, meta: dict) -> None:
+    """Delete split files the committed meta.json no longer names (the previous store's)."""
+    keep = {s["file"] for s in meta["splits"].values() if "file" in s}
+    for path in root.glob("*.npz"):
+        if path.name not in keep and path.stem.split("-")[0] in datasets.SPLITS:
+            path.unlink(missing_ok=True)
 
 
 Progress = Callable[[int, int], None]
@@ -131,22 +151,23 @@ def extract(
     if out.exists() and not out.is_dir():
         raise UsageError(f"--out {out} is a file; give a folder for the feature store")
 
-    vectors: dict[str, np.ndarray] = {}
-    old_stats: dict[str, tuple[int, int, str]] = {}
-    old_bad: dict[str, str] = {}
-    replaced = None
-    if (out / META).is_file():
-        try:
-            old = Store.open(out)
-        except UsageError:
-            old = None
-        if old is not None and old.meta.get("key") == key:
-            vectors, old_stats = old.cached()
-            old_bad = {b["hash"]: b["reason"] for b in old.meta.get("skipped", []) if b.get("hash")}
-        elif old is not None:
-            replaced = old.meta.get("key")
-
     with locks.lock(out / LOCK_NAME, f"extract is writing {out}", wait=wait):
+        artifacts.remove_leftovers(out)
+        vectors: dict[str, np.ndarray] = {}
+        old_stats: dict[str, tuple[int, int, str]] = {}
+        old_bad: dict[str, str] = {}
+        replaced = None
+        if (out / META).is_file():
+            try:
+                old = Store.open(out)
+            except UsageError:
+                old = None
+            if old is not None and old.meta.get("key") == key:
+                vectors, old_stats = old.cached()
+                old_bad = {b["hash"]: b["reason"] for b in old.meta.get("skipped", []) if b.get("hash")}
+            elif old is not None:
+                replaced = old.meta.get("key")
+
         records = []
         for rel, label in zip(ds.files, ds.labels, strict=True):
             full = ds.root / rel
@@ -201,9 +222,9 @@ def extract(
         for name, arrays in per_split.items():
             n = len(arrays["paths"])
             counts = np.bincount(np.asarray(arrays["labels"], np.int64), minlength=len(ds.classes)).tolist()
-            split_meta[name] = {"n": n, "per_class": dict(zip(ds.classes, counts, strict=True))}
-            _write_split(
-                out / f"{name}.npz",
+            filename = _write_split(
+                out,
+                name,
                 {
                     "features": np.asarray(arrays["features"], np.float32).reshape(n, dim),
                     "labels": np.asarray(arrays["labels"], np.int64),
@@ -213,6 +234,7 @@ def extract(
                     "mtimes": np.asarray(arrays["mtimes"], np.int64),
                 },
             )
+            split_meta[name] = {"n": n, "file": filename, "per_class": dict(zip(ds.classes, counts, strict=True))}
         manifest = hashlib.sha256("\n".join(f"{r}\t{assignment[r]}" for r in sorted(ds.files)).encode()).hexdigest()
         meta = {
             "format": STORE_FORMAT,
@@ -234,6 +256,7 @@ def extract(
             "written": artifacts.timestamp(),
         }
         artifacts.write_json(out / META, meta)
+        _drop_unreferenced(out, meta)
         n_ok = sum(s["n"] for s in split_meta.values())
         return {
             "out": str(out),

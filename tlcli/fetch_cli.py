@@ -112,9 +112,28 @@ def _print_summary(s: dict) -> None:
         err.print(f"every dropped or renamed file is listed in {s['cleaning']}", markup=False)
 
 
+def fetch_step(p: dict, progress: Callable[..., None] | None) -> dict:
+    """The fetch-data step from parsed options (shared by 'tlcli fetch-data' and 'tlcli run')."""
+    from tlcli import datasets, fetch
+
+    return fetch.fetch(
+        p["source"],
+        name=p["name"],
+        data_dir=p["data_dir"],
+        labels=p["labels"],
+        fractions=datasets.parse_fractions(p["split"]),
+        seed=p["seed"],
+        sha256=p["sha256"],
+        force=p["force"],
+        wait=p["wait"],
+        progress=progress,
+    )
+
+
 @app.command("fetch-data")
 @handles_errors
 def fetch_data_cmd(
+    ctx: typer.Context,
     source: Annotated[
         Optional[str],
         typer.Argument(
@@ -149,27 +168,13 @@ def fetch_data_cmd(
     Writes DATA_DIR/NAME/<class>/<image> plus split.json, dataset.json and cleaning.json; re-running
     on a complete dataset does nothing. TLCLI_DATASET_MIRROR=URL fetches known datasets from a mirror.
     """
-    from tlcli import datasets, fetch
-
     if list_known:
         _list_known(as_json)
         return
     if not source:
         raise UsageError("give a dataset name (see 'tlcli fetch-data --list'), a URL, an archive or a folder")
-    fractions = datasets.parse_fractions(split)
     with _stage_bars(quiet or as_json) as bar:
-        summary = fetch.fetch(
-            source,
-            name=name,
-            data_dir=data_dir,
-            labels=labels,
-            fractions=fractions,
-            seed=seed,
-            sha256=sha256,
-            force=force,
-            wait=wait,
-            progress=bar,
-        )
+        summary = fetch_step(ctx.params, bar)
     if as_json:
         emit_json(summary)
         return

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import functools
 import os
 import time
 from collections.abc import Callable
+from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
@@ -12,6 +14,56 @@ import numpy as np
 from tlcli import artifacts, backbones, evaluate, images, locks
 from tlcli.errors import UsageError
 from tlcli.features import LOCK_NAME, Split, Store
+
+
+class RunLog:
+    """Timestamped lines of what a training run did and decided, saved as train.log in the run folder."""
+
+    def __init__(self) -> None:
+        self.lines: list[str] = []
+
+    def __call__(self, message: str) -> None:
+        self.lines.append(f"{datetime.now(timezone.utc).isoformat(timespec='milliseconds')}  {message}")
+
+    def text(self) -> str:
+        return "\n".join(self.lines) + "\n"
+
+
+def seeded(seed: int) -> None:
+    """Fix Python, NumPy and TensorFlow seeds and make TensorFlow ops deterministic, so a seed redoes a run."""
+    import keras
+    import tensorflow as tf
+
+    keras.utils.set_random_seed(seed)
+    tf.config.experimental.enable_op_determinism()
+
+
+def _epoch_observer(
+    progress: Callable[[int, int, dict], None] | None, tensorboard: str | os.PathLike | None, log: RunLog
+) -> Callable[[int, int, dict], None]:
+    """Per-epoch hook: progress bar, TensorBoard scalars, and a log line every 10 epochs."""
+    import tensorflow as tf
+
+    writer = None
+    if tensorboard:
+        try:
+            import tensorboard as _  # noqa: F401  (tf.summary's scalar writer lives in this package)
+        except ImportError:
+            raise UsageError("--tensorboard needs the tensorboard package: pip install 'tlcli[tensorboard]'") from None
+        writer = tf.summary.create_file_writer(str(Path(tensorboard) / artifacts.timestamp()))
+
+    def on_epoch(done: int, total: int, last: dict) -> None:
+        if writer is not None:
+            with writer.as_default():
+                for name, value in last.items():
+                    tf.summary.scalar(name, value, step=done)
+            writer.flush()
+        if done % 10 == 0 or done == 1:
+            log(f"epoch {done}: " + ", ".join(f"{k} {v:.4f}" for k, v in last.items()))
+        if progress:
+            progress(done, total, last)
+
+    return on_epoch
 
 
 def _class_weights(labels: np.ndarray, n_classes: int) -> dict[int, float]:
@@ -149,6 +201,18 @@ def _current_val_accuracy(runs_root: Path) -> float | None:
         return None
 
 
+def _holding_runs_lock(fn: Callable) -> Callable:
+    """Hold the runs folder's lock for the whole of training, so a second writer stops at once."""
+
+    @functools.wraps(fn)
+    def wrapper(features_dir, out, *args, wait: bool = False, **kwargs):
+        with locks.lock(Path(out) / LOCK_NAME, f"train-head is writing {out}", wait=wait):
+            return fn(features_dir, out, *args, wait=wait, **kwargs)
+
+    return wrapper
+
+
+@_holding_runs_lock
 def train(
     features_dir: str | os.PathLike,
     out: str | os.PathLike,
@@ -167,13 +231,23 @@ def train(
     alpha: float | None = None,
     progress: Callable[[int, int, dict], None] | None = None,
     wait: bool = False,
+    keep: int | None = None,
+    tensorboard: str | os.PathLike | None = None,
+    defer_promotion: bool = False,
+    config: dict | None = None,
 ) -> dict:
-    """Train a head on the store at ``features_dir`` and save a full run under ``out``; return a summary."""
+    """Train a head on the store at ``features_dir`` and save a full run under ``out``; return a summary.
+
+    ``keep`` prunes old never-promoted runs; ``tensorboard`` writes per-epoch scalars there;
+    ``defer_promotion`` publishes the run without moving ``latest`` (``tlcli run`` promotes after
+    evaluating); ``config`` is recorded in meta.json so the run can be redone.
+    """
     import keras
 
     from tlcli.layers import feature_model
 
     started = time.perf_counter()
+    log = RunLog()
     store = Store.open(features_dir)
     meta = store.meta
     _check_expectations(meta, backbone, size, alpha)
@@ -186,10 +260,16 @@ def train(
     if len(present) < 2:
         raise UsageError("the training split holds a single class; a classifier needs at least two")
 
-    keras.utils.set_random_seed(seed)
+    log(
+        f"features {Path(features_dir).resolve()} ({meta['key']}): train {len(train_split.labels)}, "
+        f"val {len(val_split.labels)}, test {len(test_split.labels)} images, {n_classes} classes"
+    )
+    log(f"head: dropout {dropout}, l2 {l2}, lr {learning_rate}, batch {batch_size}, epochs <= {epochs}, seed {seed}")
+    seeded(seed)
     head = build_head(train_split.features.shape[1], n_classes, dropout, l2)
     has_val = len(val_split.labels) > 0
     fit_t = time.perf_counter()
+    on_epoch = _epoch_observer(progress, tensorboard, log)
     hist = fit_head(
         head,
         train_split,
@@ -200,7 +280,11 @@ def train(
         patience,
         _class_weights(train_split.labels, n_classes) if balance else None,
         seed,
-        progress,
+        on_epoch,
+    )
+    log(
+        f"stopped after {len(hist['loss'])} epochs"
+        + (f", best val loss {min(hist['val_loss']):.4f}" if has_val else "")
     )
 
     def scores(split) -> dict:
@@ -209,6 +293,7 @@ def train(
         )
         return evaluate.metrics(split.labels, probs, classes)
 
+    # val accuracy of the early-stopped head, before the refit sees the val images
     val_metrics = scores(val_split) if has_val else None
     refit_epochs = None
     if refit and has_val:
@@ -218,7 +303,8 @@ def train(
             np.concatenate([train_split.labels, val_split.labels]),
             train_split.paths + val_split.paths,
         )
-        keras.utils.set_random_seed(seed)
+        log(f"refit on train+val ({len(both.labels)} images) for {refit_epochs} epochs")
+        seeded(seed)
         head = build_head(train_split.features.shape[1], n_classes, dropout, l2)
         refit_hist = fit_head(
             head,
@@ -234,13 +320,6 @@ def train(
         hist["refit_loss"] = refit_hist["loss"]
     fit_seconds = time.perf_counter() - fit_t
 
-    def scores(split) -> dict:
-        probs = (
-            head.predict(split.features, verbose=0, batch_size=256) if len(split.labels) else np.zeros((0, n_classes))
-        )
-        return evaluate.metrics(split.labels, probs, classes)
-
-    val_metrics = scores(val_split) if has_val else None
     test_metrics = scores(test_split)
     train_acc = scores(train_split)["accuracy"]
 
@@ -255,72 +334,107 @@ def train(
     full = keras.Model(pixels, head(features(pixels)), name=f"tlcli_{meta['backbone']}")
 
     runs_root = Path(out)
+    artifacts.remove_leftovers(runs_root)
+    previous = _current_val_accuracy(runs_root)
+    val_acc = val_metrics["accuracy"] if val_metrics else train_acc
+    better = previous is None or val_acc > previous
+    promoted = (better or not promote_if_better) and not defer_promotion
+    log(
+        f"train {train_acc:.4f}, val {val_acc:.4f}, test "
+        + (f"{test_metrics['accuracy']:.4f}" if test_metrics["n"] else "-")
+        + f"; latest had val {previous if previous is not None else '-'}; "
+        + ("promoted" if promoted else "awaiting evaluation" if defer_promotion else "not promoted")
+    )
+    test_files = [[p, int(lab)] for p, lab in zip(test_split.paths, test_split.labels, strict=True)]
+    run_meta = {
+        "kind": "tlcli-run",
+        "classes": classes,
+        "backbone": meta["backbone"],
+        "alpha": meta.get("alpha"),
+        "input_size": meta["input_size"],
+        "resize": meta["resize"],
+        "flip_average": meta.get("flip_average", False),
+        "weights": meta["weights"],
+        "weights_sha256": meta.get("weights_sha256"),
+        "features_dir": str(Path(features_dir).resolve()),
+        "features_key": meta["key"],
+        "data_dir": meta["data_dir"],
+        "split_hash": meta["split_hash"],
+        "counts": {s: meta["splits"][s]["n"] for s in meta["splits"]},
+        "head": {
+            "dropout": dropout,
+            "l2": l2,
+            "learning_rate": learning_rate,
+            "batch_size": batch_size,
+            "epochs": epochs,
+            "epochs_run": len(hist.get("loss", [])),
+            "patience": patience,
+            "class_weights": balance,
+            "refit_on_train_and_val_epochs": refit_epochs,
+        },
+        "seed": seed,
+        "config": config,
+        "train_accuracy": train_acc,
+        "val_accuracy": val_acc,
+        "test_accuracy": test_metrics["accuracy"] if test_metrics["n"] else None,
+        "previous_val_accuracy": previous,
+        "versions": artifacts.versions(),
+        "test_files": test_files,
+    }
+    with artifacts.staging_dir(runs_root) as staging:
+        with artifacts.atomic_path(staging / "model.keras", suffix=".keras") as tmp:
+            full.save(tmp)
+        artifacts.write_json(staging / "history.json", hist)
+        artifacts.write_json(staging / "metrics.json", {"split": "test", **test_metrics, "val": val_metrics})
+        if test_metrics["n"]:
+            evaluate.confusion_png(test_metrics["confusion"], classes, staging / "confusion.png", "test split")
+        evaluate.curves_png(hist, staging / "curves.png", f"{meta['backbone']} head, {n_classes} classes")
+        run_meta["promoted"] = promoted
+        artifacts.write_json(staging / "meta.json", run_meta)
+        artifacts.write_bytes(staging / "train.log", log.text().encode())
+        run_dir = artifacts.publish(staging, runs_root)
+    if promoted:
+        artifacts.promote(runs_root, run_dir)
+    pruned = artifacts.prune(runs_root, keep) if keep is not None and not defer_promotion else []
+    return {
+        "run": str(run_dir),
+        "promoted": promoted,
+        "better": better,
+        "pruned": pruned,
+        "latest": str(runs_root / "latest"),
+        "classes": classes,
+        "train_accuracy": train_acc,
+        "val_accuracy": val_acc,
+        "previous_val_accuracy": previous,
+        "test_accuracy": run_meta["test_accuracy"],
+        "epochs_run": run_meta["head"]["epochs_run"],
+        "refit_epochs": refit_epochs,
+        "fit_seconds": round(fit_seconds, 3),
+        "seconds": round(time.perf_counter() - started, 3),
+    }
+
+
+def conclude(
+    runs_root: str | os.PathLike,
+    run_dir: str | os.PathLike,
+    promote: bool,
+    evaluation: dict | None = None,
+    keep: int | None = None,
+    wait: bool = False,
+) -> list[str]:
+    """Record a deferred run's verdict (and its evaluation) in meta.json, move ``latest`` if promoted, prune.
+
+    Returns the names of pruned runs.
+    """
+    runs_root, run_dir = Path(runs_root), Path(run_dir)
     with locks.lock(runs_root / LOCK_NAME, f"train-head is writing {runs_root}", wait=wait):
-        previous = _current_val_accuracy(runs_root)
-        val_acc = val_metrics["accuracy"] if val_metrics else train_acc
-        better = previous is None or val_acc > previous
-        test_files = [[p, int(lab)] for p, lab in zip(test_split.paths, test_split.labels, strict=True)]
-        run_meta = {
-            "kind": "tlcli-run",
-            "classes": classes,
-            "backbone": meta["backbone"],
-            "alpha": meta.get("alpha"),
-            "input_size": meta["input_size"],
-            "resize": meta["resize"],
-            "flip_average": meta.get("flip_average", False),
-            "weights": meta["weights"],
-            "weights_sha256": meta.get("weights_sha256"),
-            "features_dir": str(Path(features_dir).resolve()),
-            "features_key": meta["key"],
-            "data_dir": meta["data_dir"],
-            "split_hash": meta["split_hash"],
-            "counts": {s: meta["splits"][s]["n"] for s in meta["splits"]},
-            "head": {
-                "dropout": dropout,
-                "l2": l2,
-                "learning_rate": learning_rate,
-                "batch_size": batch_size,
-                "epochs": epochs,
-                "epochs_run": len(hist.get("loss", [])),
-                "patience": patience,
-                "class_weights": balance,
-                "refit_on_train_and_val_epochs": refit_epochs,
-            },
-            "seed": seed,
-            "train_accuracy": train_acc,
-            "val_accuracy": val_acc,
-            "test_accuracy": test_metrics["accuracy"] if test_metrics["n"] else None,
-            "previous_val_accuracy": previous,
-            "versions": artifacts.versions(),
-            "test_files": test_files,
-        }
-        with artifacts.staging_dir(runs_root) as staging:
-            with artifacts.atomic_path(staging / "model.keras", suffix=".keras") as tmp:
-                full.save(tmp)
-            artifacts.write_json(staging / "history.json", hist)
-            artifacts.write_json(staging / "metrics.json", {"split": "test", **test_metrics, "val": val_metrics})
-            if test_metrics["n"]:
-                evaluate.confusion_png(test_metrics["confusion"], classes, staging / "confusion.png", "test split")
-            promoted = better or not promote_if_better
-            run_meta["promoted"] = promoted
-            artifacts.write_json(staging / "meta.json", run_meta)
-            run_dir = artifacts.publish(staging, runs_root)
-        if promoted:
+        meta = artifacts.read_json(run_dir / "meta.json")
+        meta["promoted"] = promote
+        meta["evaluation"] = evaluation
+        artifacts.write_json(run_dir / "meta.json", meta)
+        if promote:
             artifacts.promote(runs_root, run_dir)
-        return {
-            "run": str(run_dir),
-            "promoted": promoted,
-            "latest": str(runs_root / "latest"),
-            "classes": classes,
-            "train_accuracy": train_acc,
-            "val_accuracy": val_acc,
-            "previous_val_accuracy": previous,
-            "test_accuracy": run_meta["test_accuracy"],
-            "epochs_run": run_meta["head"]["epochs_run"],
-            "refit_epochs": refit_epochs,
-            "fit_seconds": round(fit_seconds, 3),
-            "seconds": round(time.perf_counter() - started, 3),
-        }
+        return artifacts.prune(runs_root, keep) if keep is not None else []
 
 
 def load_run(path: str | os.PathLike):

@@ -135,6 +135,18 @@ def png_bytes(image: Image.Image | np.ndarray) -> bytes:
     return buf.getvalue()
 
 
+def figure_png(fig) -> bytes:
+    """Render a matplotlib figure as PNG bytes and close it (plots are written like images, atomically)."""
+    import io
+
+    import matplotlib.pyplot as plt
+
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=100, bbox_inches="tight")
+    plt.close(fig)
+    return buf.getvalue()
+
+
 def padded(pixels: np.ndarray, batch_size: int) -> np.ndarray:
     """Pad a short final batch with zeros to ``batch_size`` so a compiled model is not traced again."""
     missing = batch_size - len(pixels)

@@ -62,9 +62,13 @@ def _take_over(path: Path, stale_pid: int) -> None:
 def lock(path: str | os.PathLike, what: str, wait: bool = False, poll: float = 0.5) -> Iterator[None]:
     """Hold ``path`` (created O_EXCL with our pid inside) while the block runs; a dead pid's lock is taken over.
 
-    A live holder makes this raise UsageError, or, with ``wait``, poll until it is gone.
+    A live holder makes this raise UsageError, or, with ``wait``, poll until it is gone. A lock this
+    process already holds is re-entered, so ``tlcli run`` can hold its folders across the steps.
     """
     path = Path(path)
+    if _lock_owner(path) == os.getpid():
+        yield
+        return
     path.parent.mkdir(parents=True, exist_ok=True)
     while True:
         try:
