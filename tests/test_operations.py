@@ -335,7 +335,7 @@ def test_cron_retraining_on_a_growing_folder(cli, keras_home, shared_data, tmp_p
             (tmp_path / "data" / "colours" / cls / f.name).symlink_to(f)
     (tmp_path / "configs").mkdir()
     config = tmp_path / "configs" / "pets.toml"
-    config.write_text(CONFIG.format(weights="imagenet", size=128, evaluate="min_accuracy = 0.7"))
+    config.write_text(CONFIG.format(weights="imagenet", size=224, evaluate="min_accuracy = 0.7"))
     monkeypatch.chdir(tmp_path)
     first = cli("run", config, "--promote-if-better", "--json")
     assert first.exit_code == 0, first.stderr
@@ -354,3 +354,20 @@ def test_cron_retraining_on_a_growing_folder(cli, keras_home, shared_data, tmp_p
     better = history[1]["val_accuracy"] > history[0]["val_accuracy"]
     assert doc2["promoted"] == better and second.exit_code == (0 if better else 3), train
     assert history[1]["latest"] == better and history[1]["promoted"] == better
+
+
+@pytest.mark.parametrize("name", ["cats_vs_dogs", "oxford_pets", "flowers"])
+def test_shipped_configs_parse_for_every_step(name):
+    from tlcli.cli import read_config
+    from tlcli.run_cli import STEPS, parse_step
+
+    root = Path(__file__).resolve().parent.parent
+    path = root / "configs" / f"{name}.toml"
+    doc = read_config(path)
+    assert {"extract", "train-head", "evaluate"} <= set(doc) <= set(STEPS)
+    parsed = {s: parse_step(s, doc, path, {"run": "x"} if s == "evaluate" else {}) for s in STEPS if s in doc}
+    assert parsed["extract"]["data_dir"].parent == root / "data" and parsed["extract"]["alpha"] == 0.25
+    assert Path(parsed["train-head"]["features_dir"]) == parsed["extract"]["out_dir"]
+    assert parsed["evaluate"]["min_accuracy"] > 0.7
+    if "fetch-data" in parsed:
+        assert Path(parsed["fetch-data"]["data_dir"]) / parsed["fetch-data"]["source"] == parsed["extract"]["data_dir"]

@@ -40,7 +40,7 @@ from tlcli.features import LOCK_NAME
 STEPS = ("fetch-data", "extract", "train-head", "evaluate")
 
 
-def _parse(name: str, doc: dict, path: Path, overrides: dict) -> dict:
+def parse_step(name: str, doc: dict, path: Path, overrides: dict) -> dict:
     """Options of one step exactly as its subcommand would parse them from the config's [name] table."""
     command = typer.main.get_command(app).commands[name]
     defaults = {**section_defaults(command, name, doc, path), **overrides}
@@ -127,12 +127,12 @@ def run_cmd(
         raise UsageError(f"config {config}: unknown table(s) [{'], ['.join(unknown)}]; known: {', '.join(STEPS)}")
     common = {"wait": wait, "quiet": True, "as_json": True, **({"seed": seed} if seed is not None else {})}
     quiet = quiet or as_json
-    fp = _parse("fetch-data", doc, config, common) if "fetch-data" in doc else None
+    fp = parse_step("fetch-data", doc, config, common) if "fetch-data" in doc else None
     if fp is not None and not fp["source"]:
         raise UsageError(f"config {config} [fetch-data] needs source = a dataset name, URL, archive or folder")
     data_from_fetch = fp is not None and "data_dir" not in doc["extract"]
-    ep = _parse("extract", doc, config, {**common, **({"data_dir": "."} if data_from_fetch else {})})
-    tp = _parse(
+    ep = parse_step("extract", doc, config, {**common, **({"data_dir": "."} if data_from_fetch else {})})
+    tp = parse_step(
         "train-head",
         doc,
         config,
@@ -144,7 +144,7 @@ def run_cmd(
             **({"tensorboard": tensorboard} if tensorboard is not None else {}),
         },
     )
-    vp = _parse("evaluate", doc, config, {**common, "run": tp["out_dir"]})
+    vp = parse_step("evaluate", doc, config, {**common, "run": tp["out_dir"]})
     use_device(device, quiet)
     steps: list[dict] = []
     started = time.perf_counter()
