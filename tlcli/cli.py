@@ -262,9 +262,16 @@ def devices_cmd(as_json: JsonOpt = False) -> None:
     out.print("--device auto uses " + ("the GPU(s)" if info["gpus"] else "the CPU (no GPU visible)"))
 
 
+def _given(ctx: typer.Context, name: str) -> bool:
+    """True when an option came from the command line or a --config file rather than its default."""
+    source = ctx.get_parameter_source(name)
+    return source is not None and source.name != "DEFAULT"
+
+
 @app.command("extract")
 @handles_errors
 def extract_cmd(
+    ctx: typer.Context,
     data_dir: Annotated[Path, typer.Argument(help="Folder of class sub-folders (optionally with split.json).")],
     out_dir: Annotated[Path, typer.Option("--out", "-o", help="Feature store folder to write (or update).")] = Path(
         "features/default"
@@ -292,6 +299,28 @@ def extract_cmd(
     ] = "0.8,0.1,0.1",
     seed: SeedOpt = 0,
     batch_size: BatchOpt = 32,
+    precision: Annotated[
+        str,
+        typer.Option(
+            help="Keras dtype policy of the backbone: float32, mixed_bfloat16 or mixed_float16 (faster on "
+            "recent GPUs; vectors are stored as float32, in a store of their own)."
+        ),
+    ] = "float32",
+    shard: Annotated[
+        Optional[str],
+        typer.Option(
+            help="I/N: extract only worker I's share of N (array jobs; files assigned by a hash of their path) "
+            "into OUT/shards/I-of-N."
+        ),
+    ] = None,
+    merge_shards: Annotated[
+        bool,
+        typer.Option(
+            "--merge-shards",
+            help="Join the N parts under OUT/shards into OUT, as an unsharded extract would write it "
+            "(options come from the parts).",
+        ),
+    ] = False,
     as_json: JsonOpt = False,
     wait: WaitOpt = False,
     device: DeviceOpt = "auto",
@@ -299,32 +328,55 @@ def extract_cmd(
     config: ConfigOpt = None,
 ) -> None:
     """Run a frozen pre-trained backbone over every image and store one feature vector each (incremental)."""
-    from tlcli import datasets, features
+    from tlcli import datasets, features, shards
 
-    use_device(device, quiet or as_json)
     fractions = datasets.parse_fractions(split)
-    with progress_bar("extracting", quiet or as_json) as bar:
-        summary = features.extract(
-            data_dir,
-            out_dir,
-            backbone=backbone,
-            alpha=alpha,
-            size=size,
-            weights=weights,
-            resize=resize,
-            flip_average=flip,
-            fractions=fractions,
-            seed=seed,
-            batch_size=batch_size,
-            progress=bar,
-            wait=wait,
-        )
+    if merge_shards:
+        if shard is not None:
+            raise UsageError("--shard runs one worker and --merge-shards joins their parts; give one of them")
+        options = {
+            "backbone": backbone,
+            "alpha": alpha,
+            "size": size,
+            "weights": weights,
+            "resize": resize,
+            "flip_average": flip,
+            "precision": precision,
+            "fractions": fractions,
+            "seed": seed,
+        }
+        option_name = {"flip_average": "flip", "fractions": "split"}
+        given = {k: v for k, v in options.items() if _given(ctx, option_name.get(k, k))}
+        summary = features.merge_shards(data_dir, out_dir, wait=wait, **given)
+    else:
+        part = shards.parse(shard) if shard is not None else None
+        use_device(device, quiet or as_json)
+        with progress_bar("extracting", quiet or as_json) as bar:
+            summary = features.extract(
+                data_dir,
+                out_dir,
+                backbone=backbone,
+                alpha=alpha,
+                size=size,
+                weights=weights,
+                resize=resize,
+                flip_average=flip,
+                fractions=fractions,
+                seed=seed,
+                batch_size=batch_size,
+                precision=precision,
+                shard=part,
+                progress=bar,
+                wait=wait,
+            )
     if as_json:
         emit_json(summary)
         return
     s = summary["splits"]
+    merged = f"merged {summary['merged']} shards: " if merge_shards else ""
     out.print(
-        f"{summary['stored']} images -> {summary['out']} ({summary['key']}): train {s['train']}, val {s['val']}, "
+        merged
+        + f"{summary['stored']} images -> {summary['out']} ({summary['key']}): train {s['train']}, val {s['val']}, "
         f"test {s['test']}; extracted {summary['extracted']}, reused {summary['reused']}, "
         f"skipped {len(summary['skipped'])} "
         f"in {summary['seconds']:.1f}s"
