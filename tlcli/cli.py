@@ -302,15 +302,15 @@ def extract_cmd(
     precision: Annotated[
         str,
         typer.Option(
-            help="Keras dtype policy of the backbone: float32, mixed_bfloat16 or mixed_float16 (faster on "
-            "recent GPUs; vectors are stored as float32, in a store of their own)."
+            help="Keras mixed precision for the backbone: float32, mixed_bfloat16 or mixed_float16 (for GPUs; "
+            "no faster on a CPU). Vectors are stored as float32 and the precision is part of the store's key."
         ),
     ] = "float32",
     shard: Annotated[
         Optional[str],
         typer.Option(
-            help="I/N: extract only worker I's share of N (array jobs; files assigned by a hash of their path) "
-            "into OUT/shards/I-of-N."
+            help="I/N, 1 <= I <= N: worker I of N (array jobs) extracts only its files, chosen by a hash of "
+            "their path, into OUT/shards/I-of-N."
         ),
     ] = None,
     merge_shards: Annotated[
