@@ -286,7 +286,6 @@ def build(
     ``precision`` is the Keras dtype policy its layers compute in (weights stay float32).
     """
     sp = spec(name)
-    check_precision(precision)
     alpha = resolve_alpha(sp, alpha)
     size = size or sp.size
     if size < sp.min_size:

@@ -1,11 +1,11 @@
 """Which worker of an array job extracts which file, and where each worker writes its part.
 
-A file belongs to shard ``1 + sha256(relative path) mod N``. Each worker computes that from the
-path alone, so the assignment does not depend on the order files are listed in, on the machine, or
-on the other files: a file stays in its shard when the folder grows, and a re-run of that shard
-reuses its own part. The price is that shards are balanced only on average (about M/N ± sqrt(M/N)
-files each for M files); a sorted slice would be exactly even but moves files between shards
-whenever one is added or removed.
+A file belongs to shard ``1 + h mod N``, h the first 8 bytes of the sha256 of its relative path.
+Each worker computes that from the path alone, so the assignment does not depend on the order files
+are listed in, on the machine, or on the other files: a file stays in its shard when the folder
+grows, and a re-run of that shard reuses its own part. The price is that shards are balanced only
+on average (about M/N ± sqrt(M/N) files each for M files); a sorted slice would be exactly even but
+moves files between shards whenever one is added or removed.
 """
 
 from __future__ import annotations
