@@ -173,6 +173,8 @@ def keras_models_dir() -> Path:
     return Path(os.path.expanduser(config.keras_home())) / "models"
 
 
+PRECISIONS = ("float32", "mixed_float16", "mixed_bfloat16")
+
 NONE_WEIGHTS_SEED = 0
 """``--weights none`` initialises from this seed, so the extractor and the saved model agree."""
 
@@ -212,6 +214,30 @@ def recording_get_file(record: list) -> Iterator[None]:
         file_utils.get_file = original
 
 
+def check_precision(precision: str) -> str:
+    """A Keras dtype policy name tlcli accepts for --precision; usage error otherwise."""
+    if precision not in PRECISIONS:
+        raise UsageError(f"--precision {precision!r} is not one of {', '.join(PRECISIONS)}")
+    return precision
+
+
+@contextlib.contextmanager
+def dtype_policy(precision: str) -> Iterator[None]:
+    """Build layers under a Keras mixed-precision policy, restoring the previous global policy afterwards.
+
+    Only the layers created inside take the policy (Keras stores it per layer), so a head or model
+    built later in the same process stays float32.
+    """
+    import keras
+
+    previous = keras.mixed_precision.global_policy()
+    keras.mixed_precision.set_global_policy(check_precision(precision))
+    try:
+        yield
+    finally:
+        keras.mixed_precision.set_global_policy(previous)
+
+
 @dataclass
 class Backbone:
     """A built feature extractor: pixels already preprocessed in, pooled feature vector out."""
@@ -222,6 +248,7 @@ class Backbone:
     alpha: float | None
     weights: str
     weights_sha256: str | None
+    precision: str = "float32"
 
     @property
     def key(self) -> str:
@@ -229,7 +256,8 @@ class Backbone:
         alpha = f"-a{self.alpha:g}" if self.alpha is not None else ""
         tag = self.weights if self.weights in ("imagenet", "none") else "file"
         digest = f"-{self.weights_sha256[:12]}" if self.weights_sha256 else ""
-        return f"{self.spec.name}{alpha}-{self.size}-{tag}{digest}"
+        mixed = f"-{self.precision}" if self.precision != "float32" else ""
+        return f"{self.spec.name}{alpha}-{self.size}-{tag}{digest}{mixed}"
 
     def describe(self) -> dict:
         return {
@@ -239,6 +267,7 @@ class Backbone:
             "weights": self.weights,
             "weights_sha256": self.weights_sha256,
             "feature_dim": int(self.model.output_shape[-1]),
+            "precision": self.precision,
         }
 
 
@@ -250,8 +279,12 @@ def build(
     include_top: bool = False,
     pooling: str | None = "avg",
     classifier_activation: str | None = "softmax",
+    precision: str = "float32",
 ) -> Backbone:
-    """Build a keras.applications backbone, resolving ``weights`` ('imagenet', 'none' or a file path)."""
+    """Build a keras.applications backbone, resolving ``weights`` ('imagenet', 'none' or a file path).
+
+    ``precision`` is the Keras dtype policy its layers compute in (weights stay float32).
+    """
     sp = spec(name)
     alpha = resolve_alpha(sp, alpha)
     size = size or sp.size
@@ -287,7 +320,7 @@ def build(
     import warnings
 
     try:
-        with warnings.catch_warnings(), recording_get_file(record):
+        with warnings.catch_warnings(), recording_get_file(record), dtype_policy(precision):
             warnings.simplefilter("ignore")
             if label == "none":
                 import keras
@@ -306,4 +339,4 @@ def build(
             ) from None
         raise UsageError(f"cannot build {sp.name}: {first}") from None
     sha = _sha256(record[-1]) if record else (_sha256(weights) if label not in ("imagenet", "none") else None)
-    return Backbone(sp, model, size, alpha, label, sha)
+    return Backbone(sp, model, size, alpha, label, sha, precision)

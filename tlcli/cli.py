@@ -288,9 +288,15 @@ def devices_cmd(as_json: JsonOpt = False) -> None:
     out.print("--device auto uses " + ("the GPU(s)" if info["gpus"] else "the CPU (no GPU visible)"))
 
 
+def _given(ctx: typer.Context, name: str) -> bool:
+    """True when an option came from the command line or a --config file rather than its default."""
+    source = ctx.get_parameter_source(name)
+    return source is not None and source.name != "DEFAULT"
+
+
 def extract_step(p: dict, progress: Callable[[int, int], None] | None) -> dict:
     """The extract step from parsed options (shared by 'tlcli extract' and 'tlcli run')."""
-    from tlcli import datasets, features
+    from tlcli import datasets, features, shards
 
     return features.extract(
         p["data_dir"],
@@ -304,6 +310,8 @@ def extract_step(p: dict, progress: Callable[[int, int], None] | None) -> dict:
         fractions=datasets.parse_fractions(p["split"]),
         seed=p["seed"],
         batch_size=p["batch_size"],
+        precision=p["precision"],
+        shard=shards.parse(p["shard"]) if p["shard"] is not None else None,
         progress=progress,
         wait=p["wait"],
     )
@@ -340,6 +348,28 @@ def extract_cmd(
     ] = "0.8,0.1,0.1",
     seed: SeedOpt = 0,
     batch_size: BatchOpt = 32,
+    precision: Annotated[
+        str,
+        typer.Option(
+            help="Keras mixed precision for the backbone: float32, mixed_bfloat16 or mixed_float16 (for GPUs; "
+            "no faster on a CPU). Vectors are stored as float32 and the precision is part of the store's key."
+        ),
+    ] = "float32",
+    shard: Annotated[
+        Optional[str],
+        typer.Option(
+            help="I/N, 1 <= I <= N: worker I of N (array jobs) extracts only its files, chosen by a hash of "
+            "their path, into OUT/shards/I-of-N."
+        ),
+    ] = None,
+    merge_shards: Annotated[
+        bool,
+        typer.Option(
+            "--merge-shards",
+            help="Join the N parts under OUT/shards into OUT, as an unsharded extract would write it "
+            "(options come from the parts).",
+        ),
+    ] = False,
     as_json: JsonOpt = False,
     wait: WaitOpt = False,
     device: DeviceOpt = "auto",
@@ -347,15 +377,39 @@ def extract_cmd(
     config: ConfigOpt = None,
 ) -> None:
     """Run a frozen pre-trained backbone over every image and store one feature vector each (incremental)."""
-    use_device(device, quiet or as_json)
-    with progress_bar("extracting", quiet or as_json) as bar:
-        summary = extract_step(ctx.params, bar)
+    from tlcli import datasets, features, shards
+
+    if merge_shards:
+        if shard is not None:
+            raise UsageError("--shard runs one worker and --merge-shards joins their parts; give one of them")
+        options = {
+            "backbone": backbone,
+            "alpha": alpha,
+            "size": size,
+            "weights": weights,
+            "resize": resize,
+            "flip_average": flip,
+            "precision": precision,
+            "fractions": datasets.parse_fractions(split),
+            "seed": seed,
+        }
+        option_name = {"flip_average": "flip", "fractions": "split"}
+        given = {k: v for k, v in options.items() if _given(ctx, option_name.get(k, k))}
+        summary = features.merge_shards(data_dir, out_dir, wait=wait, **given)
+    else:
+        if shard is not None:
+            shards.parse(shard)
+        use_device(device, quiet or as_json)
+        with progress_bar("extracting", quiet or as_json) as bar:
+            summary = extract_step(ctx.params, bar)
     if as_json:
         emit_json(summary)
         return
     s = summary["splits"]
+    merged = f"merged {summary['merged']} shards: " if merge_shards else ""
     out.print(
-        f"{summary['stored']} images -> {summary['out']} ({summary['key']}): train {s['train']}, val {s['val']}, "
+        merged
+        + f"{summary['stored']} images -> {summary['out']} ({summary['key']}): train {s['train']}, val {s['val']}, "
         f"test {s['test']}; extracted {summary['extracted']}, reused {summary['reused']}, "
         f"skipped {len(summary['skipped'])} "
         f"in {summary['seconds']:.1f}s"

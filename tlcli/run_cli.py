@@ -132,6 +132,8 @@ def run_cmd(
         raise UsageError(f"config {config} [fetch-data] needs source = a dataset name, URL, archive or folder")
     data_from_fetch = fp is not None and "data_dir" not in doc["extract"]
     ep = parse_step("extract", doc, config, {**common, **({"data_dir": "."} if data_from_fetch else {})})
+    if ep["shard"] is not None or ep["merge_shards"]:
+        raise UsageError(f"config {config} [extract]: tlcli run extracts the whole folder; drop shard/merge_shards")
     tp = parse_step(
         "train-head",
         doc,
