@@ -371,3 +371,23 @@ def test_shipped_configs_parse_for_every_step(name):
     assert parsed["evaluate"]["min_accuracy"] > 0.7
     if "fetch-data" in parsed:
         assert Path(parsed["fetch-data"]["data_dir"]) / parsed["fetch-data"]["source"] == parsed["extract"]["data_dir"]
+
+
+def test_read_only_output_folder_is_one_line(cli, keras_home, tmp_path, colour_dataset, monkeypatch):
+    """As root, chmod cannot make a folder read-only, so the file system's EROFS is injected instead."""
+    assert cli("extract", colour_dataset, "--out", tmp_path / "f", *EXTRACT).exit_code == 0
+    runs = tmp_path / "runs"
+    runs.mkdir()
+    real_open = os.open
+
+    def read_only(path, flags, *args, **kwargs):
+        if str(path).startswith(str(runs)) and flags & (os.O_WRONLY | os.O_RDWR | os.O_CREAT):
+            raise OSError(errno.EROFS, os.strerror(errno.EROFS), str(path))
+        return real_open(path, flags, *args, **kwargs)
+
+    monkeypatch.setattr(os, "open", read_only)
+    result = cli("train-head", tmp_path / "f", "--out", runs, "-q")
+    monkeypatch.undo()
+    assert result.exit_code == 1
+    assert "Read-only file system" in result.stderr and len(result.stderr.strip().splitlines()) == 1
+    assert list(runs.iterdir()) == []
