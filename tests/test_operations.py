@@ -57,6 +57,11 @@ def add_photos(root: Path, k: int, start: int) -> None:
         make_photo(root / "data" / "colours" / cls / f"new{i}.jpg", colour, seed=1000 + i)
 
 
+def _as_in_a_terminal() -> None:
+    """Children of a backgrounded test run inherit an ignored SIGINT; a user's Ctrl-C is not ignored."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def tlcli(*args, cwd: Path, **kw) -> subprocess.Popen:
     """Start the real console entry point (python -m tlcli) in a child process."""
     return subprocess.Popen(
@@ -65,6 +70,7 @@ def tlcli(*args, cwd: Path, **kw) -> subprocess.Popen:
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
+        preexec_fn=_as_in_a_terminal,
         **kw,
     )
 
@@ -391,3 +397,18 @@ def test_read_only_output_folder_is_one_line(cli, keras_home, tmp_path, colour_d
     assert result.exit_code == 1
     assert "Read-only file system" in result.stderr and len(result.stderr.strip().splitlines()) == 1
     assert list(runs.iterdir()) == []
+
+
+def test_a_swallowed_interrupt_still_stops_every_commit(tmp_path, monkeypatch):
+    """A KeyboardInterrupt lost in a weakref callback must not let the command commit files afterwards."""
+    from tlcli import artifacts, interrupts
+
+    monkeypatch.setattr(interrupts, "_requested", signal.SIGTERM)
+    with pytest.raises(KeyboardInterrupt):
+        artifacts.write_json(tmp_path / "meta.json", {"a": 1})
+    (tmp_path / "run").mkdir()
+    with pytest.raises(KeyboardInterrupt):
+        artifacts.publish(tmp_path / "run", tmp_path)
+    with pytest.raises(KeyboardInterrupt):
+        artifacts.promote(tmp_path, tmp_path / "run")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]

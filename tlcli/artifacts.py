@@ -12,6 +12,7 @@ from collections.abc import Iterator
 from datetime import datetime, timezone
 from pathlib import Path
 
+from tlcli import interrupts
 from tlcli.errors import UsageError
 
 
@@ -34,6 +35,7 @@ def atomic_path(path: str | os.PathLike, suffix: str = "") -> Iterator[Path]:
         yield tmp_path
         with open(tmp_path, "rb+") as f:
             os.fsync(f.fileno())
+        interrupts.check()
         os.replace(tmp_path, path)
     finally:
         with contextlib.suppress(FileNotFoundError):
@@ -102,6 +104,7 @@ def staging_dir(runs_root: str | os.PathLike) -> Iterator[Path]:
 
 def publish(staging: Path, runs_root: str | os.PathLike) -> Path:
     """Rename a complete staging folder to ``runs_root/<timestamp>`` in one step."""
+    interrupts.check()
     final = Path(runs_root) / timestamp()
     os.rename(staging, final)
     return final
@@ -109,6 +112,7 @@ def publish(staging: Path, runs_root: str | os.PathLike) -> Path:
 
 def promote(runs_root: str | os.PathLike, run_dir: str | os.PathLike) -> None:
     """Point ``runs_root/latest`` at ``run_dir`` atomically (a relative symlink swapped in by rename)."""
+    interrupts.check()
     root = Path(runs_root)
     tmp = root / f".latest.{os.getpid()}.tmp"
     with contextlib.suppress(FileNotFoundError):

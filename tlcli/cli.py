@@ -6,7 +6,6 @@ import contextlib
 import functools
 import json
 import os
-import signal
 import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -19,7 +18,7 @@ from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
-from tlcli import __version__
+from tlcli import __version__, interrupts
 from tlcli.errors import EXIT_FAILURE, EXIT_GATE, EXIT_INTERRUPTED, EXIT_USAGE, GateError, TlcliError, UsageError
 
 app = typer.Typer(
@@ -45,7 +44,9 @@ def handles_errors(fn: Callable) -> Callable:
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         try:
-            return fn(*args, **kwargs)
+            result = fn(*args, **kwargs)
+            interrupts.check()
+            return result
         except typer.Exit:
             raise
         except TlcliError as exc:
@@ -177,8 +178,13 @@ def progress_bar(description: str, quiet: bool) -> Iterator[Callable[[int, int],
         transient=False,
     )
     task = progress.add_task(description, total=None)
+
+    def update(done: int, total: int, *_) -> None:
+        interrupts.check()
+        progress.update(task, completed=done, total=total)
+
     with progress:
-        yield lambda done, total, *_: progress.update(task, completed=done, total=total)
+        yield update
 
 
 def log(message: str, quiet: bool) -> None:
@@ -647,13 +653,9 @@ def export_cmd(
     )
 
 
-def _terminate(signum: int, frame) -> None:
-    raise KeyboardInterrupt
-
-
 def run() -> None:
     """Console-script entry point: SIGTERM (cron timeouts, docker stop, kill) stops like Ctrl-C, exit 130."""
-    signal.signal(signal.SIGTERM, _terminate)
+    interrupts.install()
     app()
 
 

@@ -22,6 +22,7 @@ from rich.progress import (
 from rich.table import Table
 from rich.text import Text
 
+from tlcli import interrupts
 from tlcli.cli import JsonOpt, QuietOpt, SeedOpt, app, emit_json, err, handles_errors, out
 from tlcli.errors import UsageError
 
@@ -55,6 +56,7 @@ def _stage_bars(quiet: bool) -> Iterator[Callable[..., None]]:
     tasks: dict[str, int] = {}
 
     def update(done: int, total: int | None, stage: str = "working") -> None:
+        interrupts.check()
         if stage not in tasks:
             tasks[stage] = progress.add_task(stage, total=total, bytes=stage.startswith("downloading"))
         progress.update(tasks[stage], completed=done, total=total)

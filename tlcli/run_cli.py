@@ -12,7 +12,7 @@ from typing import Annotated, Optional
 import typer
 from rich.table import Table
 
-from tlcli import artifacts
+from tlcli import artifacts, interrupts
 from tlcli.cli import (
     DeviceOpt,
     JsonOpt,
@@ -64,6 +64,7 @@ def _locked(folders: list[Path], wait: bool) -> Iterator[None]:
 
 def _timed(steps: list[dict], name: str, fn: Callable[[], dict], describe: Callable[[dict], str]) -> dict:
     started = time.perf_counter()
+    interrupts.check()
     try:
         summary = fn()
     except TlcliError:
