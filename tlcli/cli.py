@@ -18,7 +18,7 @@ from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
-from tlcli import __version__
+from tlcli import __version__, finetune
 from tlcli.errors import EXIT_FAILURE, EXIT_GATE, EXIT_INTERRUPTED, EXIT_USAGE, GateError, TlcliError, UsageError
 
 app = typer.Typer(
@@ -118,6 +118,7 @@ QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars 
 SeedOpt = Annotated[int, typer.Option(help="Random seed for splits, initialisation and shuffling.")]
 BatchOpt = Annotated[int, typer.Option(min=1, help="Images per batch.")]
 WaitOpt = Annotated[bool, typer.Option("--wait", help="If another tlcli is writing the output folder, wait for it.")]
+FINE_TUNE = finetune.Options()
 DeviceOpt = Annotated[
     str, typer.Option("--device", help="auto (a GPU if TensorFlow sees one, else CPU), cpu, gpu (all) or gpu:N.")
 ]
@@ -363,6 +364,38 @@ def train_head_cmd(
     ] = False,
     backbone: Annotated[Optional[str], typer.Option(help="Refuse features not made by this backbone.")] = None,
     size: Annotated[Optional[int], typer.Option(help="Refuse features not made at this input size.")] = None,
+    fine_tune_layers: Annotated[
+        Optional[int],
+        typer.Option(
+            help="Fine-tune: after the head, train the top N backbone layers (BatchNorm stays frozen) with it "
+            "end to end on the training images."
+        ),
+    ] = None,
+    fine_tune_from: Annotated[
+        Optional[str], typer.Option(metavar="LAYER", help="Fine-tune the backbone from this layer up.")
+    ] = None,
+    fine_tune_lr: Annotated[
+        Optional[float], typer.Option(help="Adam learning rate of fine-tuning (default: --lr / 10).")
+    ] = None,
+    fine_tune_epochs: Annotated[
+        Optional[int], typer.Option(help=f"Maximum fine-tuning epochs [default: {FINE_TUNE.epochs}].")
+    ] = None,
+    fine_tune_patience: Annotated[
+        Optional[int],
+        typer.Option(
+            help=f"Fine-tuning epochs without val improvement before stopping [default: {FINE_TUNE.patience}]."
+        ),
+    ] = None,
+    fine_tune_batch_size: Annotated[
+        Optional[int], typer.Option(help=f"Images per fine-tuning batch [default: {FINE_TUNE.batch_size}].")
+    ] = None,
+    augment: Annotated[
+        Optional[str],
+        typer.Option(
+            help="Random transforms of the fine-tuning images: any of flip,rotate,zoom,contrast, or none "
+            f"[default: {','.join(FINE_TUNE.augment) or 'none'}]."
+        ),
+    ] = None,
     seed: SeedOpt = 0,
     as_json: JsonOpt = False,
     wait: WaitOpt = False,
@@ -370,9 +403,18 @@ def train_head_cmd(
     quiet: QuietOpt = False,
     config: ConfigOpt = None,
 ) -> None:
-    """Train a softmax head on stored features; save backbone + head as one model taking RGB pixels."""
+    """Train a softmax head on stored features, optionally fine-tune the backbone; save one pixels-in model."""
     from tlcli import head
 
+    fine_tune = finetune.options(
+        fine_tune_layers,
+        fine_tune_from,
+        fine_tune_lr,
+        fine_tune_epochs,
+        fine_tune_patience,
+        fine_tune_batch_size,
+        augment,
+    )
     use_device(device, quiet or as_json)
     with progress_bar("training head (epochs)", quiet or as_json) as bar:
         summary = head.train(
@@ -392,6 +434,7 @@ def train_head_cmd(
             size=size,
             progress=bar,
             wait=wait,
+            fine_tune=fine_tune,
         )
     if as_json:
         emit_json(summary)
@@ -400,7 +443,9 @@ def train_head_cmd(
         out.print(
             f"run {summary['run']}: train {summary['train_accuracy']:.4f}, val {summary['val_accuracy']:.4f}"
             + (f", test {test:.4f}" if test is not None else "")
-            + f" after {summary['epochs_run']} epochs ({summary['fit_seconds']:.1f}s)"
+            + f" after {summary['epochs_run']} head epochs"
+            + (f" and {summary['fine_tune_epochs_run']} fine-tuning epochs" if fine_tune else "")
+            + f" ({summary['fit_seconds']:.1f}s)"
         )
         out.print(
             f"promoted to {summary['latest']}"

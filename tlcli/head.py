@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
-from tlcli import artifacts, backbones, evaluate, images, locks
+from tlcli import artifacts, backbones, evaluate, finetune, images, locks
 from tlcli.errors import UsageError
 from tlcli.features import LOCK_NAME, Split, Store
 
@@ -139,6 +139,23 @@ def _check_expectations(meta: dict, backbone: str | None, size: int | None, alph
         )
 
 
+def pixels_model(meta: dict, head) -> tuple:
+    """Preprocessing + backbone + ``head`` as one model taking RGB pixels; returns (model, backbone model)."""
+    import keras
+
+    from tlcli.layers import feature_model
+
+    bb = backbones.build(meta["backbone"], meta.get("alpha"), meta["input_size"], meta["weights"])
+    if bb.weights_sha256 != meta.get("weights_sha256"):
+        raise UsageError(
+            f"the {meta['backbone']} weights changed since extraction "
+            f"({meta.get('weights_sha256')} -> {bb.weights_sha256}); re-run 'tlcli extract'"
+        )
+    features = feature_model(bb, meta.get("flip_average", False), len(images.views(meta["resize"])))
+    pixels = keras.Input(images.pixel_shape(bb.size, meta["resize"]), name="pixels")
+    return keras.Model(pixels, head(features(pixels)), name=f"tlcli_{meta['backbone']}"), bb.model
+
+
 def _current_val_accuracy(runs_root: Path) -> float | None:
     link = runs_root / "latest"
     if not link.exists():
@@ -167,13 +184,18 @@ def train(
     alpha: float | None = None,
     progress: Callable[[int, int, dict], None] | None = None,
     wait: bool = False,
+    fine_tune: finetune.Options | None = None,
 ) -> dict:
-    """Train a head on the store at ``features_dir`` and save a full run under ``out``; return a summary."""
+    """Train a head on the store at ``features_dir`` and save a full run under ``out``; return a summary.
+
+    With ``fine_tune`` the trained head then goes on top of the backbone, whose top layers are
+    trained end to end with it on the store's training images.
+    """
     import keras
 
-    from tlcli.layers import feature_model
-
     started = time.perf_counter()
+    if fine_tune is not None:
+        finetune.check(fine_tune)
     store = Store.open(features_dir)
     meta = store.meta
     _check_expectations(meta, backbone, size, alpha)
@@ -211,7 +233,7 @@ def train(
 
     val_metrics = scores(val_split) if has_val else None
     refit_epochs = None
-    if refit and has_val:
+    if refit and has_val and fine_tune is None:
         refit_epochs = int(np.argmin(hist["val_loss"])) + 1
         both = Split(
             np.concatenate([train_split.features, val_split.features]),
@@ -232,27 +254,43 @@ def train(
             seed,
         )
         hist["refit_loss"] = refit_hist["loss"]
+    tuned, fine_tune_lr = None, None
+    if fine_tune is None:
+        full, _ = pixels_model(meta, head)
+
+        def probabilities(split) -> tuple[np.ndarray, np.ndarray]:
+            return head.predict(split.features, verbose=0, batch_size=256), split.labels
+
+    else:
+        fine_tune_lr = fine_tune.learning_rate or learning_rate / 10
+        keras.utils.set_random_seed(seed)
+        tuned = finetune.fine_tune(
+            lambda: pixels_model(meta, head),
+            meta["data_dir"],
+            train_split,
+            val_split if has_val else None,
+            meta["input_size"],
+            meta["resize"],
+            fine_tune,
+            fine_tune_lr,
+            _class_weights(train_split.labels, n_classes) if balance else None,
+            seed,
+            progress,
+        )
+        full = tuned.model
+
+        def probabilities(split) -> tuple[np.ndarray, np.ndarray]:
+            return finetune.predict(full, meta["data_dir"], split, meta["input_size"], meta["resize"])
+
     fit_seconds = time.perf_counter() - fit_t
 
     def scores(split) -> dict:
-        probs = (
-            head.predict(split.features, verbose=0, batch_size=256) if len(split.labels) else np.zeros((0, n_classes))
-        )
-        return evaluate.metrics(split.labels, probs, classes)
+        probs, labels = probabilities(split) if len(split.labels) else (np.zeros((0, n_classes)), split.labels)
+        return evaluate.metrics(labels, probs, classes)
 
     val_metrics = scores(val_split) if has_val else None
     test_metrics = scores(test_split)
     train_acc = scores(train_split)["accuracy"]
-
-    bb = backbones.build(meta["backbone"], meta.get("alpha"), meta["input_size"], meta["weights"])
-    if bb.weights_sha256 != meta.get("weights_sha256"):
-        raise UsageError(
-            f"the {meta['backbone']} weights changed since extraction "
-            f"({meta.get('weights_sha256')} -> {bb.weights_sha256}); re-run 'tlcli extract'"
-        )
-    features = feature_model(bb, meta.get("flip_average", False), len(images.views(meta["resize"])))
-    pixels = keras.Input(images.pixel_shape(bb.size, meta["resize"]), name="pixels")
-    full = keras.Model(pixels, head(features(pixels)), name=f"tlcli_{meta['backbone']}")
 
     runs_root = Path(out)
     with locks.lock(runs_root / LOCK_NAME, f"train-head is writing {runs_root}", wait=wait):
@@ -286,6 +324,22 @@ def train(
                 "class_weights": balance,
                 "refit_on_train_and_val_epochs": refit_epochs,
             },
+            "fine_tune": None
+            if tuned is None
+            else {
+                "layers": fine_tune.layers,
+                "from_layer": fine_tune.from_layer,
+                "unfrozen": tuned.unfrozen,
+                "learning_rate": fine_tune_lr,
+                "batch_size": fine_tune.batch_size,
+                "epochs": fine_tune.epochs,
+                "epochs_run": len(tuned.history["loss"]),
+                "patience": fine_tune.patience,
+                "start_val_loss": tuned.start_val_loss,
+                "best_epoch": tuned.best_epoch,
+                "augment": list(fine_tune.augment),
+                "batchnorm": "frozen (inference mode)",
+            },
             "seed": seed,
             "train_accuracy": train_acc,
             "val_accuracy": val_acc,
@@ -297,7 +351,9 @@ def train(
         with artifacts.staging_dir(runs_root) as staging:
             with artifacts.atomic_path(staging / "model.keras", suffix=".keras") as tmp:
                 full.save(tmp)
-            artifacts.write_json(staging / "history.json", hist)
+            artifacts.write_json(
+                staging / "history.json", hist if tuned is None else {**hist, "fine_tune": tuned.history}
+            )
             artifacts.write_json(staging / "metrics.json", {"split": "test", **test_metrics, "val": val_metrics})
             if test_metrics["n"]:
                 evaluate.confusion_png(test_metrics["confusion"], classes, staging / "confusion.png", "test split")
@@ -318,6 +374,8 @@ def train(
             "test_accuracy": run_meta["test_accuracy"],
             "epochs_run": run_meta["head"]["epochs_run"],
             "refit_epochs": refit_epochs,
+            "fine_tune_epochs_run": run_meta["fine_tune"]["epochs_run"] if tuned else None,
+            "fine_tune_best_epoch": tuned.best_epoch if tuned else None,
             "fit_seconds": round(fit_seconds, 3),
             "seconds": round(time.perf_counter() - started, 3),
         }
