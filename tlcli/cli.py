@@ -124,12 +124,16 @@ DeviceOpt = Annotated[
 ]
 
 
-def use_device(device: str, quiet: bool) -> dict:
-    """Choose devices through TensorFlow device placement before any op runs; say when auto falls back."""
+def use_device(device: str, quiet: bool, strategy: str | None = None) -> dict:
+    """Choose devices through TensorFlow device placement before any op runs; say when auto falls back.
+
+    A tf.distribute ``strategy`` is created here too, as a multi-worker one must precede the first op.
+    """
     from tlcli import devices
 
     with native_stderr_silenced():
         info = devices.select(device)
+        info["strategy"] = finetune.distribution(strategy) if strategy else None
         import tensorflow as tf
 
         tf.constant(0)
@@ -396,6 +400,13 @@ def train_head_cmd(
             f"[default: {','.join(FINE_TUNE.augment) or 'none'}]."
         ),
     ] = None,
+    strategy: Annotated[
+        Optional[str],
+        typer.Option(
+            help="Distribute fine-tuning: mirrored (all local GPUs) or multiworker (the cluster in TF_CONFIG; "
+            "run the same command on every worker, the chief saves the run)."
+        ),
+    ] = None,
     seed: SeedOpt = 0,
     as_json: JsonOpt = False,
     wait: WaitOpt = False,
@@ -414,8 +425,9 @@ def train_head_cmd(
         fine_tune_patience,
         fine_tune_batch_size,
         augment,
+        strategy,
     )
-    use_device(device, quiet or as_json)
+    info = use_device(device, quiet or as_json, fine_tune.strategy if fine_tune else None)
     with progress_bar("training head (epochs)", quiet or as_json) as bar:
         summary = head.train(
             features_dir,
@@ -435,7 +447,14 @@ def train_head_cmd(
             progress=bar,
             wait=wait,
             fine_tune=fine_tune,
+            strategy=info["strategy"],
         )
+    if summary["run"] is None:
+        if as_json:
+            emit_json(summary)
+        else:
+            out.print(f"worker {summary['worker']}: {summary['note']}")
+        return
     if as_json:
         emit_json(summary)
     else:

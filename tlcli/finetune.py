@@ -8,6 +8,7 @@ the rest of the network was trained against) are neither updated nor replaced by
 from __future__ import annotations
 
 import difflib
+import json
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -20,6 +21,9 @@ from tlcli.errors import UsageError
 from tlcli.features import Split
 
 AUGMENTATIONS = ("flip", "rotate", "zoom", "contrast")
+STRATEGIES = ("mirrored", "multiworker")
+CACHE_BYTES = 1 << 30
+"""Decoded splits up to this size stay in memory after the first epoch; larger ones are decoded every epoch."""
 
 
 @dataclass(frozen=True)
@@ -33,7 +37,7 @@ class Options:
     patience: int = 3
     batch_size: int = 32
     augment: tuple[str, ...] = ()
-    cache: bool = True
+    strategy: str | None = None
 
 
 def parse_augment(spec: str | None) -> tuple[str, ...]:
@@ -57,6 +61,7 @@ def options(
     patience: int | None = None,
     batch_size: int | None = None,
     augment: str | None = None,
+    strategy: str | None = None,
 ) -> Options | None:
     """Fine-tuning options from the command line: None when neither a layer count nor a layer is given.
 
@@ -68,12 +73,17 @@ def options(
         "patience": patience,
         "batch_size": batch_size,
         "augment": parse_augment(augment) if augment is not None else None,
+        "strategy": strategy,
     }
     if layers is None and from_layer is None:
         extra = [k for k, v in given.items() if v is not None]
         if extra:
-            flags = ", ".join("--augment" if k == "augment" else f"--fine-tune-{k.replace('_', '-')}" for k in extra)
-            raise UsageError(f"{flags} only apply to fine-tuning; add --fine-tune-layers N or --fine-tune-from LAYER")
+            flags = ", ".join(
+                f"--{k}" if k in ("augment", "strategy") else f"--fine-tune-{k.replace('_', '-')}" for k in extra
+            )
+            raise UsageError(
+                f"{flags} only take effect with fine-tuning; add --fine-tune-layers N or --fine-tune-from LAYER"
+            )
         return None
     result = Options(layers, from_layer, **{k: v for k, v in given.items() if v is not None})
     check(result)
@@ -90,6 +100,46 @@ def check(options: Options) -> None:
         raise UsageError(f"--fine-tune-lr must be above 0, not {options.learning_rate:g}")
     if options.epochs < 1 or options.patience < 1 or options.batch_size < 1:
         raise UsageError("--fine-tune-epochs, --fine-tune-patience and --fine-tune-batch-size must be at least 1")
+    if options.strategy is not None and options.strategy not in STRATEGIES:
+        raise UsageError(f"unknown --strategy {options.strategy!r}; use {' or '.join(STRATEGIES)}")
+
+
+def distribution(name: str):
+    """Create the tf.distribute strategy ``name``; it must come before TensorFlow runs its first op.
+
+    ``mirrored`` replicates the model on every local GPU (the CPU when there is none). ``multiworker``
+    joins the cluster that the standard TF_CONFIG variable describes; every worker runs the same
+    command and the chief (worker 0) writes the run.
+    """
+    import tensorflow as tf
+
+    if name == "mirrored":
+        return tf.distribute.MirroredStrategy()
+    if name != "multiworker":
+        raise UsageError(f"unknown --strategy {name!r}; use {' or '.join(STRATEGIES)}")
+    try:
+        config = json.loads(os.environ.get("TF_CONFIG") or "null")
+        workers = config["cluster"]["worker"]
+        task = (config["task"]["type"], int(config["task"]["index"]))
+    except (ValueError, KeyError, TypeError):
+        raise UsageError(
+            "--strategy multiworker reads the cluster from TF_CONFIG, which is missing or not "
+            '{"cluster": {"worker": ["host:port", ...]}, "task": {"type": "worker", "index": N}}'
+        ) from None
+    if not isinstance(workers, list) or task[0] not in config["cluster"] or task[1] >= len(config["cluster"][task[0]]):
+        raise UsageError(f"TF_CONFIG's task {task[0]} {task[1]} is not in its cluster {config['cluster']}")
+    try:
+        return tf.distribute.MultiWorkerMirroredStrategy()
+    except RuntimeError as exc:
+        raise UsageError(
+            f"cannot join the TF_CONFIG cluster ({str(exc).splitlines()[0]}); create the multiworker strategy "
+            "before TensorFlow runs any op"
+        ) from None
+
+
+def is_writer(strategy) -> bool:
+    """True for the one process that saves the run: the chief of a multi-worker cluster, else this one."""
+    return strategy is None or bool(strategy.extended.should_checkpoint)
 
 
 def unfreeze(backbone, layers: int | None, from_layer: str | None) -> list[str]:
@@ -154,12 +204,12 @@ def image_dataset(
     augment: tuple[str, ...] = (),
     seed: int = 0,
     training: bool = False,
-    cache: bool = False,
 ):
     """A tf.data pipeline of (float32 pixels, label) batches for a stored split, decoded by tlcli.images.
 
-    Training data are shuffled every epoch and augmented per view; files gone since extraction are a
-    usage error rather than a silently smaller split.
+    Training batches are reshuffled every epoch, full-sized (a remainder waits for the next epoch's
+    shuffle) and augmented view by view. Files gone since extraction are a usage error rather than a
+    silently smaller split.
     """
     import tensorflow as tf
 
@@ -171,41 +221,25 @@ def image_dataset(
             f"{len(missing)} image(s) of the feature store are gone from {root} (e.g. {missing[0]}); "
             "re-run 'tlcli extract'"
         )
+    shape = images.pixel_shape(size, resize)
     labels = tf.data.Dataset.from_tensor_slices(np.asarray(split.labels, np.int64))
     ds = tf.data.Dataset.zip(images.decoded(paths, size, resize), labels).map(lambda d, y: (d[0], y))
-    if cache:
+    if len(paths) * int(np.prod(shape)) <= CACHE_BYTES:
         ds = ds.cache()
     if training:
         ds = ds.shuffle(len(paths), seed=seed, reshuffle_each_iteration=True)
-    ds = ds.batch(batch_size)
-    shape = images.pixel_shape(size, resize)
+    ds = ds.batch(batch_size, drop_remainder=training)
     layer = augmenter(augment, seed) if training and augment else None
 
     def prepare(x, y):
         x = tf.cast(x, tf.float32)
         if layer is not None:
-            flat = layer(tf.reshape(x, (-1, size, size, 3)), training=True)
-            x = tf.reshape(flat, (-1, *shape))
+            x = tf.reshape(layer(tf.reshape(x, (-1, size, size, 3)), training=True), (-1, *shape))
         return x, y
 
-    return ds.map(prepare, num_parallel_calls=tf.data.AUTOTUNE).prefetch(tf.data.AUTOTUNE)
-
-
-def _early_stopping(start: float | None, **kwargs):
-    """Keras EarlyStopping for which the starting model (head on the frozen backbone) counts as epoch 0.
-
-    With a validation loss ``start`` to beat, a fine-tuning run that never improves on it restores the
-    starting weights instead of the least bad fine-tuned epoch (``best_epoch`` -1).
-    """
-    import keras
-
-    class EarlyStopping(keras.callbacks.EarlyStopping):
-        def on_train_begin(self, logs=None):
-            super().on_train_begin(logs)
-            if start is not None:
-                self.best, self.best_weights, self.best_epoch = start, self.model.get_weights(), -1
-
-    return EarlyStopping(**kwargs)
+    options = tf.data.Options()
+    options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.DATA
+    return ds.map(prepare, num_parallel_calls=tf.data.AUTOTUNE).prefetch(tf.data.AUTOTUNE).with_options(options)
 
 
 @dataclass
@@ -230,55 +264,97 @@ def fine_tune(
     learning_rate: float,
     class_weights: dict[int, float] | None,
     seed: int,
+    strategy=None,
     progress: Callable[[int, int, dict], None] | None = None,
 ) -> Result:
-    """Build the pixels-in model, unfreeze the chosen backbone layers and train end to end.
+    """Build the pixels-in model, unfreeze the chosen backbone layers and train end to end with Adam.
 
-    ``build`` returns (full model, backbone model) with the head already trained on stored features.
-    Early stopping watches validation loss (training loss without a val split) and restores the best
-    epoch's weights, the starting ones included.
+    ``build`` returns (full model, backbone model) with the head already trained on stored features;
+    it is called inside ``strategy``'s scope (a tf.distribute strategy; None trains in this process
+    alone). Every worker of a multi-worker strategy runs this same loop. Early stopping watches the
+    validation loss (training loss without a val split), counting the starting model as epoch 0, and
+    restores the best weights. Keras' ``fit`` is not used: it fails under MultiWorkerMirroredStrategy
+    (keras-team/keras#20585).
     """
     import keras
+    import tensorflow as tf
 
-    full, backbone = build()
-    unfrozen = unfreeze(backbone, options.layers, options.from_layer)
-    full.compile(
-        optimizer=keras.optimizers.Adam(learning_rate),
-        loss=keras.losses.SparseCategoricalCrossentropy(),
-        metrics=["accuracy"],
-    )
-    train_ds = image_dataset(
-        data_dir, train, size, resize, options.batch_size, options.augment, seed, training=True, cache=options.cache
+    strategy = strategy or tf.distribute.get_strategy()
+    with strategy.scope():
+        full, backbone = build()
+        unfrozen = unfreeze(backbone, options.layers, options.from_layer)
+        optimizer = keras.optimizers.Adam(learning_rate)
+        optimizer.build(full.trainable_variables)
+    batch_size = min(options.batch_size, len(train.labels))
+    train_ds = strategy.experimental_distribute_dataset(
+        image_dataset(data_dir, train, size, resize, batch_size, options.augment, seed, training=True)
     )
     val_ds = (
-        image_dataset(data_dir, val, size, resize, options.batch_size, cache=options.cache)
+        strategy.experimental_distribute_dataset(image_dataset(data_dir, val, size, resize, batch_size))
         if val is not None and len(val.labels)
         else None
     )
-    start = full.evaluate(val_ds, verbose=0, return_dict=True)["loss"] if val_ds is not None else None
-    stopper = _early_stopping(
-        start,
-        monitor="val_loss" if val_ds is not None else "loss",
-        patience=options.patience,
-        restore_best_weights=True,
-    )
-    callbacks = [stopper]
-    if progress:
-        callbacks.append(
-            keras.callbacks.LambdaCallback(
-                on_epoch_end=lambda epoch, logs: progress(epoch + 1, options.epochs, dict(logs or {}))
-            )
-        )
-    fitted = full.fit(
-        train_ds,
-        validation_data=val_ds,
-        epochs=options.epochs,
-        class_weight=class_weights,
-        callbacks=callbacks,
-        verbose=0,
-    )
-    history = {k: [round(float(v), 6) for v in vs] for k, vs in fitted.history.items()}
-    return Result(full, history, unfrozen, None if start is None else round(float(start), 6), stopper.best_epoch + 1)
+    n_classes = int(full.output_shape[-1])
+    weights = tf.constant([(class_weights or {}).get(i, 1.0) for i in range(n_classes)], tf.float32)
+    ce = keras.losses.SparseCategoricalCrossentropy(reduction=None)
+    variables = full.trainable_variables
+    replicas = strategy.num_replicas_in_sync
+
+    def sums(probs, labels, losses) -> tuple:
+        hits = tf.cast(tf.argmax(probs, 1, output_type=labels.dtype) == labels, tf.float32)
+        return tf.reduce_sum(losses), tf.reduce_sum(hits), tf.cast(tf.size(labels), tf.float32)
+
+    def train_step(x, y) -> tuple:
+        with tf.GradientTape() as tape:
+            probs = full(x, training=True)
+            losses = ce(y, probs) * tf.gather(weights, y)
+            loss = tf.reduce_sum(losses) / batch_size + tf.add_n([*full.losses, tf.constant(0.0)]) / replicas
+        optimizer.apply_gradients(zip(tape.gradient(loss, variables), variables, strict=True))
+        return sums(probs, y, losses)
+
+    def test_step(x, y) -> tuple:
+        probs = full(x, training=False)
+        return sums(probs, y, ce(y, probs))
+
+    @tf.function(reduce_retracing=True)
+    def train_batch(batch) -> list:
+        return [strategy.reduce("SUM", v, axis=None) for v in strategy.run(train_step, args=batch)]
+
+    @tf.function(reduce_retracing=True)
+    def test_batch(batch) -> list:
+        return [strategy.reduce("SUM", v, axis=None) for v in strategy.run(test_step, args=batch)]
+
+    def run(step, dataset) -> tuple[float, float]:
+        total = np.zeros(3)
+        for batch in dataset:
+            total += [float(v) for v in step(batch)]
+        return total[0] / max(total[2], 1.0), total[1] / max(total[2], 1.0)
+
+    history: dict[str, list[float]] = {"loss": [], "accuracy": []}
+    start = None
+    if val_ds is not None:
+        history.update(val_loss=[], val_accuracy=[])
+        start = run(test_batch, val_ds)[0]
+    best, best_weights, best_epoch, waited = start if start is not None else np.inf, full.get_weights(), 0, 0
+    for epoch in range(1, options.epochs + 1):
+        loss, acc = run(train_batch, train_ds)
+        history["loss"].append(round(loss, 6))
+        history["accuracy"].append(round(acc, 6))
+        monitored = loss
+        if val_ds is not None:
+            monitored, vacc = run(test_batch, val_ds)
+            history["val_loss"].append(round(monitored, 6))
+            history["val_accuracy"].append(round(vacc, 6))
+        if progress:
+            progress(epoch, options.epochs, {k: v[-1] for k, v in history.items()})
+        if monitored < best - 1e-6:
+            best, best_weights, best_epoch, waited = monitored, full.get_weights(), epoch, 0
+        else:
+            waited += 1
+            if waited >= options.patience:
+                break
+    full.set_weights(best_weights)
+    return Result(full, history, unfrozen, None if start is None else round(start, 6), best_epoch)
 
 
 def predict(

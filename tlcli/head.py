@@ -185,11 +185,14 @@ def train(
     progress: Callable[[int, int, dict], None] | None = None,
     wait: bool = False,
     fine_tune: finetune.Options | None = None,
+    strategy=None,
 ) -> dict:
     """Train a head on the store at ``features_dir`` and save a full run under ``out``; return a summary.
 
     With ``fine_tune`` the trained head then goes on top of the backbone, whose top layers are
-    trained end to end with it on the store's training images.
+    trained end to end with it on the store's training images, under ``strategy`` (a tf.distribute
+    strategy; by default the one ``fine_tune.strategy`` names). A multi-worker cluster's other workers
+    train and return without writing anything.
     """
     import keras
 
@@ -263,9 +266,17 @@ def train(
 
     else:
         fine_tune_lr = fine_tune.learning_rate or learning_rate / 10
+        if strategy is None and fine_tune.strategy:
+            strategy = finetune.distribution(fine_tune.strategy)
+
+        def build() -> tuple:
+            copy = keras.models.clone_model(head)
+            copy.set_weights(head.get_weights())
+            return pixels_model(meta, copy)
+
         keras.utils.set_random_seed(seed)
         tuned = finetune.fine_tune(
-            lambda: pixels_model(meta, head),
+            build,
             meta["data_dir"],
             train_split,
             val_split if has_val else None,
@@ -275,9 +286,19 @@ def train(
             fine_tune_lr,
             _class_weights(train_split.labels, n_classes) if balance else None,
             seed,
-            progress,
+            strategy=strategy,
+            progress=progress,
         )
         full = tuned.model
+        if not finetune.is_writer(strategy):
+            return {
+                "run": None,
+                "worker": int(strategy.cluster_resolver.task_id),
+                "note": "trained as a worker of the cluster; its chief saves the run",
+                "epochs_run": len(hist["loss"]),
+                "fine_tune_epochs_run": len(tuned.history["loss"]),
+                "seconds": round(time.perf_counter() - started, 3),
+            }
 
         def probabilities(split) -> tuple[np.ndarray, np.ndarray]:
             return finetune.predict(full, meta["data_dir"], split, meta["input_size"], meta["resize"])
@@ -338,6 +359,8 @@ def train(
                 "start_val_loss": tuned.start_val_loss,
                 "best_epoch": tuned.best_epoch,
                 "augment": list(fine_tune.augment),
+                "strategy": fine_tune.strategy,
+                "replicas": strategy.num_replicas_in_sync if strategy else 1,
                 "batchnorm": "frozen (inference mode)",
             },
             "seed": seed,
