@@ -208,8 +208,9 @@ def image_dataset(
     """A tf.data pipeline of (float32 pixels, label) batches for a stored split, decoded by tlcli.images.
 
     Training batches are reshuffled every epoch, full-sized (a remainder waits for the next epoch's
-    shuffle) and augmented view by view. Files gone since extraction are a usage error rather than a
-    silently smaller split.
+    shuffle) and augmented view by view, one batch after another so that a seed gives the same random
+    transforms every time. Files gone since extraction are a usage error rather than a silently
+    smaller split.
     """
     import tensorflow as tf
 
@@ -239,7 +240,7 @@ def image_dataset(
 
     options = tf.data.Options()
     options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.DATA
-    return ds.map(prepare, num_parallel_calls=tf.data.AUTOTUNE).prefetch(tf.data.AUTOTUNE).with_options(options)
+    return ds.map(prepare).prefetch(tf.data.AUTOTUNE).with_options(options)
 
 
 @dataclass
