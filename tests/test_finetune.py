@@ -88,10 +88,12 @@ BAD_OPTIONS = [
     (("--fine-tune-from", "conv_pw_13_bnn"), "did you mean conv_pw_13_bn"),
     (("--fine-tune-from", "conv_pw_13_relu"), "no layer with weights from there up"),
     (("--fine-tune-layers", "28"), "mobilenet_0.25_64 has only 27 layers with weights"),
+    (("--fine-tune-layers", "2", "--strategy", "multiworker"), "reads the cluster from TF_CONFIG, which is missing"),
 ]
 
 
-def test_bad_fine_tune_options_exit_2_with_one_line(cli, tiny_store, tmp_path):
+def test_bad_fine_tune_options_exit_2_with_one_line(cli, tiny_store, tmp_path, monkeypatch):
+    monkeypatch.delenv("TF_CONFIG", raising=False)
     for args, message in BAD_OPTIONS:
         result = cli("train-head", tiny_store, "--out", tmp_path / "runs", *args, "--quiet")
         assert result.exit_code == 2, (args, result.output)

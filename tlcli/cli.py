@@ -371,33 +371,33 @@ def train_head_cmd(
     fine_tune_layers: Annotated[
         Optional[int],
         typer.Option(
-            help="Fine-tune: after the head, train the top N backbone layers (BatchNorm stays frozen) with it "
-            "end to end on the training images."
+            help="Fine-tune: after the head, train the backbone's top N layers that hold weights with it, end "
+            "to end on the training images (BatchNorm stays frozen, in inference mode)."
         ),
     ] = None,
     fine_tune_from: Annotated[
-        Optional[str], typer.Option(metavar="LAYER", help="Fine-tune the backbone from this layer up.")
+        Optional[str], typer.Option(metavar="LAYER", help="Fine-tune the backbone from this named layer up.")
     ] = None,
     fine_tune_lr: Annotated[
         Optional[float], typer.Option(help="Adam learning rate of fine-tuning (default: --lr / 10).")
     ] = None,
     fine_tune_epochs: Annotated[
-        Optional[int], typer.Option(help=f"Maximum fine-tuning epochs [default: {FINE_TUNE.epochs}].")
+        Optional[int], typer.Option(help=f"Maximum fine-tuning epochs (default: {FINE_TUNE.epochs}).")
     ] = None,
     fine_tune_patience: Annotated[
         Optional[int],
         typer.Option(
-            help=f"Fine-tuning epochs without val improvement before stopping [default: {FINE_TUNE.patience}]."
+            help=f"Fine-tuning epochs without val improvement before stopping (default: {FINE_TUNE.patience})."
         ),
     ] = None,
     fine_tune_batch_size: Annotated[
-        Optional[int], typer.Option(help=f"Images per fine-tuning batch [default: {FINE_TUNE.batch_size}].")
+        Optional[int], typer.Option(help=f"Images per fine-tuning batch (default: {FINE_TUNE.batch_size}).")
     ] = None,
     augment: Annotated[
         Optional[str],
         typer.Option(
             help="Random transforms of the fine-tuning images: any of flip,rotate,zoom,contrast, or none "
-            f"[default: {','.join(FINE_TUNE.augment) or 'none'}]."
+            f"(default: {','.join(FINE_TUNE.augment) or 'none'})."
         ),
     ] = None,
     strategy: Annotated[
