@@ -428,7 +428,9 @@ def train_head_cmd(
         strategy,
     )
     info = use_device(device, quiet or as_json, fine_tune.strategy if fine_tune else None)
-    with progress_bar("training head (epochs)", quiet or as_json) as bar:
+    with progress_bar(
+        "training head, then fine-tuning (epochs)" if fine_tune else "training head (epochs)", quiet or as_json
+    ) as bar:
         summary = head.train(
             features_dir,
             out_dir,

@@ -210,7 +210,7 @@ def image_dataset(
     Training batches are reshuffled every epoch, full-sized (a remainder waits for the next epoch's
     shuffle) and augmented view by view, one batch after another so that a seed gives the same random
     transforms every time. Files gone since extraction are a usage error rather than a silently
-    smaller split.
+    smaller split; a file that no longer decodes is left out rather than trained on as a blank.
     """
     import tensorflow as tf
 
@@ -224,7 +224,8 @@ def image_dataset(
         )
     shape = images.pixel_shape(size, resize)
     labels = tf.data.Dataset.from_tensor_slices(np.asarray(split.labels, np.int64))
-    ds = tf.data.Dataset.zip(images.decoded(paths, size, resize), labels).map(lambda d, y: (d[0], y))
+    ds = tf.data.Dataset.zip(images.decoded(paths, size, resize), labels)
+    ds = ds.filter(lambda d, y: d[1]).map(lambda d, y: (d[0], y))
     if len(paths) * int(np.prod(shape)) <= CACHE_BYTES:
         ds = ds.cache()
     if training:
