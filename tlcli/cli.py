@@ -18,7 +18,7 @@ from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
-from tlcli import __version__, interrupts
+from tlcli import __version__, finetune, interrupts
 from tlcli.errors import EXIT_FAILURE, EXIT_GATE, EXIT_INTERRUPTED, EXIT_USAGE, GateError, TlcliError, UsageError
 
 app = typer.Typer(
@@ -145,17 +145,22 @@ KeepOpt = Annotated[
 TensorboardOpt = Annotated[
     Optional[Path], typer.Option(help="Write per-epoch TensorBoard scalars under this folder.", file_okay=False)
 ]
+FINE_TUNE = finetune.Options()
 DeviceOpt = Annotated[
     str, typer.Option("--device", help="auto (a GPU if TensorFlow sees one, else CPU), cpu, gpu (all) or gpu:N.")
 ]
 
 
-def use_device(device: str, quiet: bool) -> dict:
-    """Choose devices through TensorFlow device placement before any op runs; say when auto falls back."""
+def use_device(device: str, quiet: bool, strategy: str | None = None) -> dict:
+    """Choose devices through TensorFlow device placement before any op runs; say when auto falls back.
+
+    A tf.distribute ``strategy`` is created here too, as a multi-worker one must precede the first op.
+    """
     from tlcli import devices
 
     with native_stderr_silenced():
         info = devices.select(device)
+        info["strategy"] = finetune.distribution(strategy) if strategy else None
         import tensorflow as tf
 
         tf.constant(0)
@@ -430,6 +435,20 @@ def extract_cmd(
         err.print(f"ignored empty class folder(s): {', '.join(summary['empty_classes'])}", markup=False)
 
 
+def fine_tune_options(p: dict) -> finetune.Options | None:
+    """The fine-tuning options of parsed train-head options (None: head only)."""
+    return finetune.options(
+        p["fine_tune_layers"],
+        p["fine_tune_from"],
+        p["fine_tune_lr"],
+        p["fine_tune_epochs"],
+        p["fine_tune_patience"],
+        p["fine_tune_batch_size"],
+        p["augment"],
+        p["strategy"],
+    )
+
+
 def train_step(p: dict, progress: Callable[[int, int, dict], None] | None, **extra) -> dict:
     """The train-head step from parsed options (shared by 'tlcli train-head' and 'tlcli run')."""
     from tlcli import head
@@ -451,6 +470,7 @@ def train_step(p: dict, progress: Callable[[int, int, dict], None] | None, **ext
         size=p["size"],
         keep=p["keep"],
         tensorboard=p["tensorboard"],
+        fine_tune=fine_tune_options(p),
         progress=progress,
         wait=p["wait"],
         **extra,
@@ -484,6 +504,45 @@ def train_head_cmd(
     size: Annotated[Optional[int], typer.Option(help="Refuse features not made at this input size.")] = None,
     keep: KeepOpt = None,
     tensorboard: TensorboardOpt = None,
+    fine_tune_layers: Annotated[
+        Optional[int],
+        typer.Option(
+            help="Fine-tune: after the head, train the backbone's top N layers that hold weights with it, end "
+            "to end on the training images (BatchNorm stays frozen, in inference mode)."
+        ),
+    ] = None,
+    fine_tune_from: Annotated[
+        Optional[str], typer.Option(metavar="LAYER", help="Fine-tune the backbone from this named layer up.")
+    ] = None,
+    fine_tune_lr: Annotated[
+        Optional[float], typer.Option(help="Adam learning rate of fine-tuning (default: --lr / 10).")
+    ] = None,
+    fine_tune_epochs: Annotated[
+        Optional[int], typer.Option(help=f"Maximum fine-tuning epochs (default: {FINE_TUNE.epochs}).")
+    ] = None,
+    fine_tune_patience: Annotated[
+        Optional[int],
+        typer.Option(
+            help=f"Fine-tuning epochs without val improvement before stopping (default: {FINE_TUNE.patience})."
+        ),
+    ] = None,
+    fine_tune_batch_size: Annotated[
+        Optional[int], typer.Option(help=f"Images per fine-tuning batch (default: {FINE_TUNE.batch_size}).")
+    ] = None,
+    augment: Annotated[
+        Optional[str],
+        typer.Option(
+            help="Random transforms of the fine-tuning images: any of flip,rotate,zoom,contrast, or none "
+            f"(default: {','.join(FINE_TUNE.augment) or 'none'})."
+        ),
+    ] = None,
+    strategy: Annotated[
+        Optional[str],
+        typer.Option(
+            help="Distribute fine-tuning: mirrored (all local GPUs) or multiworker (the cluster in TF_CONFIG; "
+            "run the same command on every worker, the chief saves the run)."
+        ),
+    ] = None,
     seed: SeedOpt = 0,
     as_json: JsonOpt = False,
     wait: WaitOpt = False,
@@ -491,10 +550,19 @@ def train_head_cmd(
     quiet: QuietOpt = False,
     config: ConfigOpt = None,
 ) -> None:
-    """Train a softmax head on stored features; save backbone + head as one model taking RGB pixels."""
-    use_device(device, quiet or as_json)
-    with progress_bar("training head (epochs)", quiet or as_json) as bar:
-        summary = train_step(ctx.params, bar)
+    """Train a softmax head on stored features, optionally fine-tune the backbone; save one pixels-in model."""
+    fine_tune = fine_tune_options(ctx.params)
+    info = use_device(device, quiet or as_json, fine_tune.strategy if fine_tune else None)
+    with progress_bar(
+        "training head, then fine-tuning (epochs)" if fine_tune else "training head (epochs)", quiet or as_json
+    ) as bar:
+        summary = train_step(ctx.params, bar, strategy=info["strategy"])
+    if summary["run"] is None:
+        if as_json:
+            emit_json(summary)
+        else:
+            out.print(f"worker {summary['worker']}: {summary['note']}")
+        return
     if as_json:
         emit_json(summary)
     else:
@@ -502,7 +570,9 @@ def train_head_cmd(
         out.print(
             f"run {summary['run']}: train {summary['train_accuracy']:.4f}, val {summary['val_accuracy']:.4f}"
             + (f", test {test:.4f}" if test is not None else "")
-            + f" after {summary['epochs_run']} epochs ({summary['fit_seconds']:.1f}s)"
+            + f" after {summary['epochs_run']} head epochs"
+            + (f" and {summary['fine_tune_epochs_run']} fine-tuning epochs" if fine_tune else "")
+            + f" ({summary['fit_seconds']:.1f}s)"
         )
         out.print(
             f"promoted to {summary['latest']}"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import time
@@ -11,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from tlcli import artifacts, backbones, evaluate, images, locks
+from tlcli import artifacts, backbones, evaluate, finetune, images, locks
 from tlcli.errors import UsageError
 from tlcli.features import LOCK_NAME, Split, Store
 
@@ -191,6 +192,23 @@ def _check_expectations(meta: dict, backbone: str | None, size: int | None, alph
         )
 
 
+def pixels_model(meta: dict, head) -> tuple:
+    """Preprocessing + backbone + ``head`` as one model taking RGB pixels; returns (model, backbone model)."""
+    import keras
+
+    from tlcli.layers import feature_model
+
+    bb = backbones.build(meta["backbone"], meta.get("alpha"), meta["input_size"], meta["weights"])
+    if bb.weights_sha256 != meta.get("weights_sha256"):
+        raise UsageError(
+            f"the {meta['backbone']} weights changed since extraction "
+            f"({meta.get('weights_sha256')} -> {bb.weights_sha256}); re-run 'tlcli extract'"
+        )
+    features = feature_model(bb, meta.get("flip_average", False), len(images.views(meta["resize"])))
+    pixels = keras.Input(images.pixel_shape(bb.size, meta["resize"]), name="pixels")
+    return keras.Model(pixels, head(features(pixels)), name=f"tlcli_{meta['backbone']}"), bb.model
+
+
 def _current_val_accuracy(runs_root: Path) -> float | None:
     link = runs_root / "latest"
     if not link.exists():
@@ -202,12 +220,22 @@ def _current_val_accuracy(runs_root: Path) -> float | None:
 
 
 def _holding_runs_lock(fn: Callable) -> Callable:
-    """Hold the runs folder's lock for the whole of training, so a second writer stops at once."""
+    """Hold the runs folder's lock for the whole of training, so a second writer stops at once.
+
+    Only the process that writes the run locks: the other workers of a multi-worker cluster do not.
+    """
 
     @functools.wraps(fn)
-    def wrapper(features_dir, out, *args, wait: bool = False, **kwargs):
-        with locks.lock(Path(out) / LOCK_NAME, f"train-head is writing {out}", wait=wait):
-            return fn(features_dir, out, *args, wait=wait, **kwargs)
+    def wrapper(features_dir, out, *args, wait: bool = False, strategy=None, fine_tune=None, **kwargs):
+        if strategy is None and fine_tune is not None and fine_tune.strategy:
+            strategy = finetune.distribution(fine_tune.strategy)
+        held = (
+            locks.lock(Path(out) / LOCK_NAME, f"train-head is writing {out}", wait=wait)
+            if finetune.is_writer(strategy)
+            else contextlib.nullcontext()
+        )
+        with held:
+            return fn(features_dir, out, *args, wait=wait, strategy=strategy, fine_tune=fine_tune, **kwargs)
 
     return wrapper
 
@@ -235,19 +263,24 @@ def train(
     tensorboard: str | os.PathLike | None = None,
     defer_promotion: bool = False,
     config: dict | None = None,
+    fine_tune: finetune.Options | None = None,
+    strategy=None,
 ) -> dict:
     """Train a head on the store at ``features_dir`` and save a full run under ``out``; return a summary.
 
     ``keep`` prunes old never-promoted runs; ``tensorboard`` writes per-epoch scalars there;
     ``defer_promotion`` publishes the run without moving ``latest`` (``tlcli run`` promotes after
-    evaluating); ``config`` is recorded in meta.json so the run can be redone.
+    evaluating); ``config`` is recorded in meta.json so the run can be redone. With ``fine_tune``
+    the trained head then goes on top of the backbone, whose top layers are trained end to end with
+    it on the store's training images, under ``strategy`` (a tf.distribute strategy). A multi-worker
+    cluster's other workers train and return without writing anything.
     """
     import keras
 
-    from tlcli.layers import feature_model
-
     started = time.perf_counter()
     log = RunLog()
+    if fine_tune is not None:
+        finetune.check(fine_tune)
     store = Store.open(features_dir)
     meta = store.meta
     _check_expectations(meta, backbone, size, alpha)
@@ -287,16 +320,14 @@ def train(
         + (f", best val loss {min(hist['val_loss']):.4f}" if has_val else "")
     )
 
-    def scores(split) -> dict:
-        probs = (
-            head.predict(split.features, verbose=0, batch_size=256) if len(split.labels) else np.zeros((0, n_classes))
-        )
-        return evaluate.metrics(split.labels, probs, classes)
-
-    # val accuracy of the early-stopped head, before the refit sees the val images
-    val_metrics = scores(val_split) if has_val else None
+    # val accuracy of the early-stopped head, before a refit sees the val images
+    val_metrics = (
+        evaluate.metrics(val_split.labels, head.predict(val_split.features, verbose=0, batch_size=256), classes)
+        if has_val
+        else None
+    )
     refit_epochs = None
-    if refit and has_val:
+    if refit and has_val and fine_tune is None:
         refit_epochs = int(np.argmin(hist["val_loss"])) + 1
         both = Split(
             np.concatenate([train_split.features, val_split.features]),
@@ -318,20 +349,60 @@ def train(
             seed,
         )
         hist["refit_loss"] = refit_hist["loss"]
+    tuned, fine_tune_lr = None, None
+    if fine_tune is None:
+        full, _ = pixels_model(meta, head)
+
+        def probabilities(split) -> tuple[np.ndarray, np.ndarray]:
+            return head.predict(split.features, verbose=0, batch_size=256), split.labels
+
+    else:
+        fine_tune_lr = fine_tune.learning_rate or learning_rate / 10
+
+        def build() -> tuple:
+            copy = keras.models.clone_model(head)
+            copy.set_weights(head.get_weights())
+            return pixels_model(meta, copy)
+
+        keras.utils.set_random_seed(seed)
+        tuned = finetune.fine_tune(
+            build,
+            meta["data_dir"],
+            train_split,
+            val_split if has_val else None,
+            meta["input_size"],
+            meta["resize"],
+            fine_tune,
+            fine_tune_lr,
+            _class_weights(train_split.labels, n_classes) if balance else None,
+            seed,
+            strategy=strategy,
+            progress=progress,
+        )
+        full = tuned.model
+        if not finetune.is_writer(strategy):
+            return {
+                "run": None,
+                "worker": int(strategy.cluster_resolver.task_id),
+                "note": "trained as a worker of the cluster; its chief saves the run",
+                "epochs_run": len(hist["loss"]),
+                "fine_tune_epochs_run": len(tuned.history["loss"]),
+                "seconds": round(time.perf_counter() - started, 3),
+            }
+
+        def probabilities(split) -> tuple[np.ndarray, np.ndarray]:
+            return finetune.predict(full, meta["data_dir"], split, meta["input_size"], meta["resize"])
+
     fit_seconds = time.perf_counter() - fit_t
 
+    def scores(split) -> dict:
+        probs, labels = probabilities(split) if len(split.labels) else (np.zeros((0, n_classes)), split.labels)
+        return evaluate.metrics(labels, probs, classes)
+
+    if tuned is not None and has_val:
+        val_metrics = scores(val_split)
     test_metrics = scores(test_split)
     train_acc = scores(train_split)["accuracy"]
-
-    bb = backbones.build(meta["backbone"], meta.get("alpha"), meta["input_size"], meta["weights"])
-    if bb.weights_sha256 != meta.get("weights_sha256"):
-        raise UsageError(
-            f"the {meta['backbone']} weights changed since extraction "
-            f"({meta.get('weights_sha256')} -> {bb.weights_sha256}); re-run 'tlcli extract'"
-        )
-    features = feature_model(bb, meta.get("flip_average", False), len(images.views(meta["resize"])))
-    pixels = keras.Input(images.pixel_shape(bb.size, meta["resize"]), name="pixels")
-    full = keras.Model(pixels, head(features(pixels)), name=f"tlcli_{meta['backbone']}")
 
     runs_root = Path(out)
     artifacts.remove_leftovers(runs_root)
@@ -372,6 +443,24 @@ def train(
             "class_weights": balance,
             "refit_on_train_and_val_epochs": refit_epochs,
         },
+        "fine_tune": None
+        if tuned is None
+        else {
+            "layers": fine_tune.layers,
+            "from_layer": fine_tune.from_layer,
+            "unfrozen": tuned.unfrozen,
+            "learning_rate": fine_tune_lr,
+            "batch_size": fine_tune.batch_size,
+            "epochs": fine_tune.epochs,
+            "epochs_run": len(tuned.history["loss"]),
+            "patience": fine_tune.patience,
+            "start_val_loss": tuned.start_val_loss,
+            "best_epoch": tuned.best_epoch,
+            "augment": list(fine_tune.augment),
+            "strategy": fine_tune.strategy,
+            "replicas": strategy.num_replicas_in_sync if strategy else 1,
+            "batchnorm": "frozen (inference mode)",
+        },
         "seed": seed,
         "config": config,
         "train_accuracy": train_acc,
@@ -384,11 +473,15 @@ def train(
     with artifacts.staging_dir(runs_root) as staging:
         with artifacts.atomic_path(staging / "model.keras", suffix=".keras") as tmp:
             full.save(tmp)
-        artifacts.write_json(staging / "history.json", hist)
+        artifacts.write_json(staging / "history.json", hist if tuned is None else {**hist, "fine_tune": tuned.history})
         artifacts.write_json(staging / "metrics.json", {"split": "test", **test_metrics, "val": val_metrics})
         if test_metrics["n"]:
             evaluate.confusion_png(test_metrics["confusion"], classes, staging / "confusion.png", "test split")
-        evaluate.curves_png(hist, staging / "curves.png", f"{meta['backbone']} head, {n_classes} classes")
+        evaluate.curves_png(
+            hist if tuned is None else {**hist, **{f"fine_tune_{k}": v for k, v in tuned.history.items()}},
+            staging / "curves.png",
+            f"{meta['backbone']} head" + (", then fine-tuned" if tuned else "") + f", {n_classes} classes",
+        )
         run_meta["promoted"] = promoted
         artifacts.write_json(staging / "meta.json", run_meta)
         artifacts.write_bytes(staging / "train.log", log.text().encode())
@@ -409,6 +502,8 @@ def train(
         "test_accuracy": run_meta["test_accuracy"],
         "epochs_run": run_meta["head"]["epochs_run"],
         "refit_epochs": refit_epochs,
+        "fine_tune_epochs_run": run_meta["fine_tune"]["epochs_run"] if tuned else None,
+        "fine_tune_best_epoch": tuned.best_epoch if tuned else None,
         "fit_seconds": round(fit_seconds, 3),
         "seconds": round(time.perf_counter() - started, 3),
     }

@@ -192,19 +192,15 @@ def _load_or_blank(path: bytes, size: int, policy: str) -> tuple[np.ndarray, boo
         return np.zeros(pixel_shape(size, policy), np.uint8), False, str(exc)
 
 
-def batches(
-    paths: Sequence[str], size: int, policy: str = "crop", batch_size: int = 32
-) -> Iterator[tuple[np.ndarray, np.ndarray, list[str]]]:
-    """Yield (pixels uint8 [b, *pixel_shape], ok mask [b], error reasons [b]) over ``paths`` in order.
+def decoded(paths: Sequence[str], size: int, policy: str = "crop"):
+    """A tf.data.Dataset of (pixels uint8 [*pixel_shape], ok, error reason) per path, in order.
 
-    Decoding runs in parallel inside a prefetched tf.data pipeline; undecodable files come back
-    with ok=False and a reason instead of raising.
+    Decoding runs in parallel; an undecodable file comes back blank with ok=False and a reason
+    instead of raising.
     """
     import tensorflow as tf
 
     shape = pixel_shape(size, policy)
-    if not paths:
-        return
 
     def _py_load(p):
         img, ok, why = _load_or_blank(p, size, policy)
@@ -218,12 +214,20 @@ def batches(
         return img, ok, why
 
     encoded = [os.fsencode(p) for p in paths]
-    ds = (
-        tf.data.Dataset.from_tensor_slices(tf.constant(encoded, dtype=tf.string))
-        .map(_tf_load, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-        .batch(batch_size)
-        .prefetch(tf.data.AUTOTUNE)
+    return tf.data.Dataset.from_tensor_slices(tf.constant(encoded, dtype=tf.string)).map(
+        _tf_load, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True
     )
+
+
+def batches(
+    paths: Sequence[str], size: int, policy: str = "crop", batch_size: int = 32
+) -> Iterator[tuple[np.ndarray, np.ndarray, list[str]]]:
+    """Yield (pixels uint8 [b, *pixel_shape], ok mask [b], error reasons [b]) over ``paths`` in order."""
+    import tensorflow as tf
+
+    if not paths:
+        return
+    ds = decoded(paths, size, policy).batch(batch_size).prefetch(tf.data.AUTOTUNE)
     for img, ok, why in ds.as_numpy_iterator():
         yield img, ok, [w.decode("utf-8", "replace") for w in why]
 

@@ -1,0 +1,368 @@
+"""Fine-tuning: unfreeze the top of the backbone and train backbone + head end to end on augmented images.
+
+BatchNormalization layers stay frozen: in Keras 3 a BN layer with ``trainable=False`` runs in inference
+mode even when the model is called with ``training=True``, so its moving statistics (the ImageNet ones
+the rest of the network was trained against) are neither updated nor replaced by small-batch statistics.
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from tlcli import images
+from tlcli.errors import UsageError
+from tlcli.features import Split
+
+AUGMENTATIONS = ("flip", "rotate", "zoom", "contrast")
+STRATEGIES = ("mirrored", "multiworker")
+CACHE_BYTES = 1 << 30
+"""Decoded splits up to this size stay in memory after the first epoch; larger ones are decoded every epoch."""
+
+
+@dataclass(frozen=True)
+class Options:
+    """What to unfreeze and how to train end to end; ``learning_rate`` None means the head's / 10."""
+
+    layers: int | None = None
+    from_layer: str | None = None
+    learning_rate: float | None = None
+    epochs: int = 10
+    patience: int = 3
+    batch_size: int = 32
+    augment: tuple[str, ...] = ()
+    strategy: str | None = None
+
+
+def parse_augment(spec: str | None) -> tuple[str, ...]:
+    """``flip,rotate,zoom,contrast`` (any subset, comma-separated; ``none`` or empty for no augmentation)."""
+    if spec is None or spec.strip().lower() in ("", "none"):
+        return ()
+    names = [s.strip().lower() for s in spec.split(",")]
+    bad = [n for n in names if n not in AUGMENTATIONS]
+    if bad or len(set(names)) != len(names):
+        raise UsageError(
+            f"unknown or repeated augmentation in --augment {spec!r}; use any of {','.join(AUGMENTATIONS)} or none"
+        )
+    return tuple(names)
+
+
+def options(
+    layers: int | None = None,
+    from_layer: str | None = None,
+    learning_rate: float | None = None,
+    epochs: int | None = None,
+    patience: int | None = None,
+    batch_size: int | None = None,
+    augment: str | None = None,
+    strategy: str | None = None,
+) -> Options | None:
+    """Fine-tuning options from the command line: None when neither a layer count nor a layer is given.
+
+    The other settings only mean something with fine-tuning, so giving them alone is a usage error.
+    """
+    given = {
+        "learning_rate": learning_rate,
+        "epochs": epochs,
+        "patience": patience,
+        "batch_size": batch_size,
+        "augment": parse_augment(augment) if augment is not None else None,
+        "strategy": strategy,
+    }
+    if layers is None and from_layer is None:
+        extra = [k for k, v in given.items() if v is not None]
+        if extra:
+            flags = ", ".join(
+                f"--{k}" if k in ("augment", "strategy") else f"--fine-tune-{k.replace('_', '-')}" for k in extra
+            )
+            raise UsageError(
+                f"{flags} only take effect with fine-tuning; add --fine-tune-layers N or --fine-tune-from LAYER"
+            )
+        return None
+    result = Options(layers, from_layer, **{k: v for k, v in given.items() if v is not None})
+    check(result)
+    return result
+
+
+def check(options: Options) -> None:
+    """Reject option values that no backbone could satisfy, before any training starts."""
+    if options.layers is not None and options.from_layer is not None:
+        raise UsageError("give --fine-tune-layers or --fine-tune-from, not both")
+    if options.layers is not None and options.layers < 1:
+        raise UsageError(f"--fine-tune-layers must be at least 1, not {options.layers}")
+    if options.learning_rate is not None and not options.learning_rate > 0:
+        raise UsageError(f"--fine-tune-lr must be above 0, not {options.learning_rate:g}")
+    if options.epochs < 1 or options.patience < 1 or options.batch_size < 1:
+        raise UsageError("--fine-tune-epochs, --fine-tune-patience and --fine-tune-batch-size must be at least 1")
+    if options.strategy is not None and options.strategy not in STRATEGIES:
+        raise UsageError(f"unknown --strategy {options.strategy!r}; use {' or '.join(STRATEGIES)}")
+
+
+def distribution(name: str):
+    """Create the tf.distribute strategy ``name``; it must come before TensorFlow runs its first op.
+
+    ``mirrored`` replicates the model on every local GPU (the CPU when there is none). ``multiworker``
+    joins the cluster that the standard TF_CONFIG variable describes; every worker runs the same
+    command and the chief (worker 0) writes the run.
+    """
+    import tensorflow as tf
+
+    if name == "mirrored":
+        return tf.distribute.MirroredStrategy()
+    if name != "multiworker":
+        raise UsageError(f"unknown --strategy {name!r}; use {' or '.join(STRATEGIES)}")
+    try:
+        config = json.loads(os.environ.get("TF_CONFIG") or "null")
+        workers = config["cluster"]["worker"]
+        task = (config["task"]["type"], int(config["task"]["index"]))
+    except (ValueError, KeyError, TypeError):
+        raise UsageError(
+            "--strategy multiworker reads the cluster from TF_CONFIG, which is missing or not "
+            '{"cluster": {"worker": ["host:port", ...]}, "task": {"type": "worker", "index": N}}'
+        ) from None
+    if not isinstance(workers, list) or task[0] not in config["cluster"] or task[1] >= len(config["cluster"][task[0]]):
+        raise UsageError(f"TF_CONFIG's task {task[0]} {task[1]} is not in its cluster {config['cluster']}")
+    try:
+        return tf.distribute.MultiWorkerMirroredStrategy()
+    except RuntimeError as exc:
+        raise UsageError(
+            f"cannot join the TF_CONFIG cluster ({str(exc).splitlines()[0]}); create the multiworker strategy "
+            "before TensorFlow runs any op"
+        ) from None
+
+
+def is_writer(strategy) -> bool:
+    """True for the one process that saves the run: the chief of a multi-worker cluster, else this one."""
+    return strategy is None or bool(strategy.extended.should_checkpoint)
+
+
+def unfreeze(backbone, layers: int | None, from_layer: str | None) -> list[str]:
+    """Make the top ``layers`` weight-holding layers (or every layer from ``from_layer`` up) trainable.
+
+    Only layers with weights are counted (convolutions, dense, ...; BatchNormalization is never
+    counted nor unfrozen), so N is the number of layers that learn: the Keras tutorials' count of all
+    layers would make a small N unfreeze only activations and pooling. Returns the unfrozen layers
+    that hold weights, bottom to top.
+    """
+    import keras
+
+    stack = [layer for layer in backbone.layers if not isinstance(layer, keras.layers.InputLayer)]
+
+    def learns(layer) -> bool:
+        return bool(layer.weights) and not isinstance(layer, keras.layers.BatchNormalization)
+
+    names = [layer.name for layer in stack]
+    if from_layer is not None:
+        if from_layer not in names:
+            close = difflib.get_close_matches(from_layer, names, n=3, cutoff=0.5)
+            hint = (
+                f"; did you mean {', '.join(close)}?" if close else f"; its layers run from {names[0]} to {names[-1]}"
+            )
+            raise UsageError(f"--fine-tune-from {from_layer!r} is not a layer of {backbone.name}{hint}")
+        start = names.index(from_layer)
+    else:
+        weighted = [i for i, layer in enumerate(stack) if learns(layer)]
+        if layers > len(weighted):
+            raise UsageError(
+                f"--fine-tune-layers {layers}: {backbone.name} has only {len(weighted)} layers with weights"
+            )
+        start = weighted[-layers]
+    backbone.trainable = True
+    for i, layer in enumerate(stack):
+        layer.trainable = i >= start and not isinstance(layer, keras.layers.BatchNormalization)
+    unfrozen = [layer.name for layer in stack[start:] if learns(layer)]
+    if not unfrozen:
+        raise UsageError(f"--fine-tune-from {from_layer}: no layer with weights from there up; choose a lower layer")
+    return unfrozen
+
+
+def augmenter(names: tuple[str, ...], seed: int):
+    """The random image transforms of ``--augment``, for the training input pipeline only."""
+    import keras
+
+    make = {
+        "flip": lambda s: keras.layers.RandomFlip("horizontal", seed=s),
+        "rotate": lambda s: keras.layers.RandomRotation(0.05, seed=s),
+        "zoom": lambda s: keras.layers.RandomZoom((-0.15, 0.0), seed=s),
+        "contrast": lambda s: keras.layers.RandomContrast(0.2, seed=s),
+    }
+    return keras.Sequential([make[n](seed + i) for i, n in enumerate(names)], name="augment")
+
+
+def image_dataset(
+    data_dir: str | os.PathLike,
+    split: Split,
+    size: int,
+    resize: str,
+    batch_size: int,
+    augment: tuple[str, ...] = (),
+    seed: int = 0,
+    training: bool = False,
+):
+    """A tf.data pipeline of (float32 pixels, label) batches for a stored split, decoded by tlcli.images.
+
+    Training batches are reshuffled every epoch, full-sized (a remainder waits for the next epoch's
+    shuffle) and augmented view by view, one batch after another so that a seed gives the same random
+    transforms every time. Files gone since extraction are a usage error rather than a silently
+    smaller split; a file that no longer decodes is left out rather than trained on as a blank.
+    """
+    import tensorflow as tf
+
+    root = Path(data_dir)
+    paths = [str(root / p) for p in split.paths]
+    missing = [p for p in paths if not os.path.isfile(p)]
+    if missing:
+        raise UsageError(
+            f"{len(missing)} image(s) of the feature store are gone from {root} (e.g. {missing[0]}); "
+            "re-run 'tlcli extract'"
+        )
+    shape = images.pixel_shape(size, resize)
+    labels = tf.data.Dataset.from_tensor_slices(np.asarray(split.labels, np.int64))
+    ds = tf.data.Dataset.zip(images.decoded(paths, size, resize), labels)
+    ds = ds.filter(lambda d, y: d[1]).map(lambda d, y: (d[0], y))
+    if len(paths) * int(np.prod(shape)) <= CACHE_BYTES:
+        ds = ds.cache()
+    if training:
+        ds = ds.shuffle(len(paths), seed=seed, reshuffle_each_iteration=True)
+    ds = ds.batch(batch_size, drop_remainder=training)
+    layer = augmenter(augment, seed) if training and augment else None
+
+    def prepare(x, y):
+        x = tf.cast(x, tf.float32)
+        if layer is not None:
+            x = tf.reshape(layer(tf.reshape(x, (-1, size, size, 3)), training=True), (-1, *shape))
+        return x, y
+
+    options = tf.data.Options()
+    options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.DATA
+    return ds.map(prepare).prefetch(tf.data.AUTOTUNE).with_options(options)
+
+
+@dataclass
+class Result:
+    """A fine-tuned model and how it got there; ``best_epoch`` 0 means no epoch beat the starting model."""
+
+    model: object
+    history: dict[str, list[float]]
+    unfrozen: list[str]
+    start_val_loss: float | None
+    best_epoch: int
+
+
+def fine_tune(
+    build: Callable[[], tuple],
+    data_dir: str | os.PathLike,
+    train: Split,
+    val: Split | None,
+    size: int,
+    resize: str,
+    options: Options,
+    learning_rate: float,
+    class_weights: dict[int, float] | None,
+    seed: int,
+    strategy=None,
+    progress: Callable[[int, int, dict], None] | None = None,
+) -> Result:
+    """Build the pixels-in model, unfreeze the chosen backbone layers and train end to end with Adam.
+
+    ``build`` returns (full model, backbone model) with the head already trained on stored features;
+    it is called inside ``strategy``'s scope (a tf.distribute strategy; None trains in this process
+    alone). Every worker of a multi-worker strategy runs this same loop. Early stopping watches the
+    validation loss (training loss without a val split), counting the starting model as epoch 0, and
+    restores the best weights. Keras' ``fit`` is not used: it fails under MultiWorkerMirroredStrategy
+    (keras-team/keras#20585).
+    """
+    import keras
+    import tensorflow as tf
+
+    strategy = strategy or tf.distribute.get_strategy()
+    with strategy.scope():
+        full, backbone = build()
+        unfrozen = unfreeze(backbone, options.layers, options.from_layer)
+        optimizer = keras.optimizers.Adam(learning_rate)
+        optimizer.build(full.trainable_variables)
+    batch_size = min(options.batch_size, len(train.labels))
+    train_ds = strategy.experimental_distribute_dataset(
+        image_dataset(data_dir, train, size, resize, batch_size, options.augment, seed, training=True)
+    )
+    val_ds = (
+        strategy.experimental_distribute_dataset(image_dataset(data_dir, val, size, resize, batch_size))
+        if val is not None and len(val.labels)
+        else None
+    )
+    n_classes = int(full.output_shape[-1])
+    weights = tf.constant([(class_weights or {}).get(i, 1.0) for i in range(n_classes)], tf.float32)
+    ce = keras.losses.SparseCategoricalCrossentropy(reduction=None)
+    variables = full.trainable_variables
+    replicas = strategy.num_replicas_in_sync
+
+    def sums(probs, labels, losses) -> tuple:
+        hits = tf.cast(tf.argmax(probs, 1, output_type=labels.dtype) == labels, tf.float32)
+        return tf.reduce_sum(losses), tf.reduce_sum(hits), tf.cast(tf.size(labels), tf.float32)
+
+    def train_step(x, y) -> tuple:
+        with tf.GradientTape() as tape:
+            probs = full(x, training=True)
+            losses = ce(y, probs) * tf.gather(weights, y)
+            loss = tf.reduce_sum(losses) / batch_size + tf.add_n([*full.losses, tf.constant(0.0)]) / replicas
+        optimizer.apply_gradients(zip(tape.gradient(loss, variables), variables, strict=True))
+        return sums(probs, y, losses)
+
+    def test_step(x, y) -> tuple:
+        probs = full(x, training=False)
+        return sums(probs, y, ce(y, probs))
+
+    @tf.function(reduce_retracing=True)
+    def train_batch(batch) -> list:
+        return [strategy.reduce("SUM", v, axis=None) for v in strategy.run(train_step, args=batch)]
+
+    @tf.function(reduce_retracing=True)
+    def test_batch(batch) -> list:
+        return [strategy.reduce("SUM", v, axis=None) for v in strategy.run(test_step, args=batch)]
+
+    def run(step, dataset) -> tuple[float, float]:
+        total = np.zeros(3)
+        for batch in dataset:
+            total += [float(v) for v in step(batch)]
+        return total[0] / max(total[2], 1.0), total[1] / max(total[2], 1.0)
+
+    history: dict[str, list[float]] = {"loss": [], "accuracy": []}
+    start = None
+    if val_ds is not None:
+        history.update(val_loss=[], val_accuracy=[])
+        start = run(test_batch, val_ds)[0]
+    best, best_weights, best_epoch, waited = start if start is not None else np.inf, full.get_weights(), 0, 0
+    for epoch in range(1, options.epochs + 1):
+        loss, acc = run(train_batch, train_ds)
+        history["loss"].append(round(loss, 6))
+        history["accuracy"].append(round(acc, 6))
+        monitored = loss
+        if val_ds is not None:
+            monitored, vacc = run(test_batch, val_ds)
+            history["val_loss"].append(round(monitored, 6))
+            history["val_accuracy"].append(round(vacc, 6))
+        if progress:
+            progress(epoch, options.epochs, {k: v[-1] for k, v in history.items()})
+        if monitored < best - 1e-6:
+            best, best_weights, best_epoch, waited = monitored, full.get_weights(), epoch, 0
+        else:
+            waited += 1
+            if waited >= options.patience:
+                break
+    full.set_weights(best_weights)
+    return Result(full, history, unfrozen, None if start is None else round(start, 6), best_epoch)
+
+
+def predict(
+    model, data_dir: str | os.PathLike, split: Split, size: int, resize: str, batch_size: int = 32
+) -> tuple[np.ndarray, np.ndarray]:
+    """Probabilities of a pixels-in model on a stored split's images, with the labels of those it could read."""
+    paths = [str(Path(data_dir) / p) for p in split.paths]
+    probs, kept, _ = images.apply_model(model, paths, size, resize, batch_size)
+    return probs, np.asarray(split.labels)[kept]
