@@ -127,7 +127,7 @@ ConfigOpt = Annotated[
     Optional[Path],
     typer.Option(
         "--config",
-        help="Workflow TOML (configs/*.toml); its [command] table gives defaults.",
+        help="Workflow TOML (configs/*.toml); its table named like the command gives defaults.",
         callback=load_config,
         is_eager=True,
         dir_okay=False,
