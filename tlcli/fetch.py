@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import difflib
+import errno
 import hashlib
 import http.client
 import lzma
@@ -497,6 +498,11 @@ def extract_archive(
             raise UsageError(f"{archive.name} is neither a zip nor a tar archive; give a .zip or .tar(.gz/.bz2/.xz)")
     except (zipfile.BadZipFile, tarfile.TarError, EOFError, zlib.error, lzma.LZMAError) as exc:
         raise UsageError(f"{archive.name} is damaged ({exc}); fetch it again with --force") from None
+    except MemoryError:
+        # members are copied in CHUNK blocks, so only a reader trusting a header's declared size gets here
+        raise UsageError(
+            f"{archive.name} is damaged (a header declares an impossible size); fetch it again with --force"
+        ) from None
     except (IsADirectoryError, NotADirectoryError, FileExistsError) as exc:
         raise UsageError(f"{archive.name} has conflicting entries ({exc.filename}); cannot unpack it") from None
     except NotImplementedError as exc:
@@ -506,6 +512,13 @@ def extract_archive(
     except OSError as exc:
         if exc.errno is None:
             raise UsageError(f"{archive.name} is damaged ({exc}); fetch it again with --force") from None
+        if exc.errno == errno.ENAMETOOLONG:
+            raise UsageError(f"{archive.name} has an entry whose path is too long for this file system") from None
+        if exc.errno == errno.EINVAL:
+            raise UsageError(
+                f"{archive.name} cannot be unpacked ({exc.strerror}): it is damaged or holds a name this file "
+                "system refuses"
+            ) from None
         raise
     return {"files": budget.files, "bytes": budget.bytes}
 

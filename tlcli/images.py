@@ -15,6 +15,8 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".gif", ".bmp", ".webp", ".tif", ".
 RESIZE_POLICIES = ("squash", "crop", "pad")
 DEFAULT_RESIZE = "crop+pad"
 PAD_VALUE = 127
+MAX_CROP_ASPECT = 64
+TILE_PIXELS = 1 << 20
 
 ImageFile.LOAD_TRUNCATED_IMAGES = False
 Image.MAX_IMAGE_PIXELS = 64_000_000
@@ -30,24 +32,43 @@ def is_image_name(path: str | Path) -> bool:
     return not name.startswith(".") and name.lower().endswith(IMAGE_EXTENSIONS)
 
 
+def _tiles(width: int, height: int) -> Iterator[tuple[int, int, int, int]]:
+    """Boxes of at most TILE_PIXELS pixels covering a ``width`` x ``height`` image, row by row."""
+    tile_w = max(1, min(width, TILE_PIXELS))
+    tile_h = max(1, min(height, TILE_PIXELS // tile_w))
+    for top in range(0, height, tile_h):
+        for left in range(0, width, tile_w):
+            yield left, top, min(left + tile_w, width), min(top + tile_h, height)
+
+
 def _to_rgb(im: Image.Image) -> Image.Image:
-    """Convert any PIL mode (grey, 16-bit, palette, CMYK, alpha) to 8-bit RGB; alpha is composited on white."""
+    """Convert any PIL mode (grey, 16-bit, palette, CMYK, alpha) to 8-bit RGB; alpha is composited on white.
+
+    Deep and alpha images are converted tile by tile: whole-image temporaries of a 64-megapixel
+    image would take gigabytes.
+    """
     if im.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
-        arr = np.asarray(im, dtype=np.float64)
+        arr = np.asarray(im).reshape(-1)
         top = 65535.0 if im.mode.startswith("I;16") else max(float(arr.max()), 1.0)
-        grey = np.clip(arr * (255.0 / top), 0, 255).astype(np.uint8)
-        return Image.fromarray(grey, "L").convert("RGB")
-    if im.mode == "P" and "transparency" in im.info:
-        im = im.convert("RGBA")
-    if im.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
-        rgba = im.convert("RGBA")
-        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        return Image.alpha_composite(background, rgba).convert("RGB")
+        grey = np.empty(arr.shape, np.uint8)
+        for start in range(0, arr.size, TILE_PIXELS):
+            part = arr[start : start + TILE_PIXELS].astype(np.float64)
+            grey[start : start + TILE_PIXELS] = np.clip(part * (255.0 / top), 0, 255).astype(np.uint8)
+        return Image.fromarray(grey.reshape(im.height, im.width), "L").convert("RGB")
+    if im.mode in ("RGBA", "LA", "PA", "RGBa", "La") or (im.mode == "P" and "transparency" in im.info):
+        rgb = Image.new("RGB", im.size)
+        for box in _tiles(*im.size):
+            tile = im.crop(box).convert("RGBA")
+            white = Image.new("RGBA", tile.size, (255, 255, 255, 255))
+            rgb.paste(Image.alpha_composite(white, tile).convert("RGB"), box[:2])
+        return rgb
     return im.convert("RGB") if im.mode != "RGB" else im
 
 
 def decode(path: str | Path, size: int | None = None) -> Image.Image:
     """Fully decode an image file to an upright RGB PIL image; raise ImageError for anything else.
+
+    Images over ``Image.MAX_IMAGE_PIXELS`` are refused before decoding (PIL itself only warns below twice that).
 
     With ``size``, JPEGs are decoded at a reduced scale (never below ``size`` on either side).
     """
@@ -55,6 +76,11 @@ def decode(path: str | Path, size: int | None = None) -> Image.Image:
         with Image.open(path) as im:
             if size and im.format == "JPEG":
                 im.draft("RGB", (size, size))
+            if im.width * im.height > Image.MAX_IMAGE_PIXELS:
+                raise ImageError(
+                    f"{im.width}x{im.height} pixels is over the limit of {Image.MAX_IMAGE_PIXELS} "
+                    "(possible decompression bomb)"
+                )
             im.seek(0)
             im.load()
             im = ImageOps.exif_transpose(im) or im
@@ -96,7 +122,8 @@ def fit(im: Image.Image, size: int, policy: str = "crop") -> Image.Image:
     """Resize to size x size.
 
     ``squash`` ignores the aspect ratio, ``crop`` fills the square then centre-crops, ``pad`` fits
-    the whole photo and pads with grey.
+    the whole photo and pads with grey. Past ``MAX_CROP_ASPECT``, ``crop`` resamples only the source
+    box under the crop: scaling a 1x2,000,000 strip whole would take gigabytes.
     """
     if policy == "squash":
         return im.resize((size, size), Image.BILINEAR, reducing_gap=3.0)
@@ -104,8 +131,11 @@ def fit(im: Image.Image, size: int, policy: str = "crop") -> Image.Image:
     if policy == "crop":
         scale = size / min(w, h)
         nw, nh = max(size, round(w * scale)), max(size, round(h * scale))
-        im = im.resize((nw, nh), Image.BILINEAR, reducing_gap=3.0)
         left, top = (nw - size) // 2, (nh - size) // 2
+        if max(nw, nh) > MAX_CROP_ASPECT * size:
+            box = (left * w / nw, top * h / nh, (left + size) * w / nw, (top + size) * h / nh)
+            return im.resize((size, size), Image.BILINEAR, box=box, reducing_gap=3.0)
+        im = im.resize((nw, nh), Image.BILINEAR, reducing_gap=3.0)
         return im.crop((left, top, left + size, top + size))
     if policy == "pad":
         scale = size / max(w, h)
