@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import os
+from collections import deque
 from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -185,11 +187,23 @@ def padded(pixels: np.ndarray, batch_size: int) -> np.ndarray:
     return np.concatenate([pixels, np.zeros((missing, *pixels.shape[1:]), pixels.dtype)])
 
 
-def _load_or_blank(path: bytes, size: int, policy: str) -> tuple[np.ndarray, bool, str]:
-    try:
-        return load(path.decode("utf-8", "surrogateescape"), size, policy), True, ""
-    except ImageError as exc:
-        return np.zeros(pixel_shape(size, policy), np.uint8), False, str(exc)
+def _load_batch(paths: Sequence[str], size: int, policy: str) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """Load one batch: pixels (blank where a file is not an image), ok mask and error reasons."""
+    pixels = np.zeros((len(paths), *pixel_shape(size, policy)), np.uint8)
+    ok = np.zeros(len(paths), bool)
+    why = [""] * len(paths)
+    for i, path in enumerate(paths):
+        try:
+            pixels[i] = load(path, size, policy)
+            ok[i] = True
+        except ImageError as exc:
+            why[i] = str(exc)
+    return pixels, ok, why
+
+
+def load_workers() -> int:
+    """Threads that decode images: one per usable core (PIL releases the GIL while decoding and resizing)."""
+    return max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
 
 
 def batches(
@@ -197,35 +211,51 @@ def batches(
 ) -> Iterator[tuple[np.ndarray, np.ndarray, list[str]]]:
     """Yield (pixels uint8 [b, *pixel_shape], ok mask [b], error reasons [b]) over ``paths`` in order.
 
-    Decoding runs in parallel inside a prefetched tf.data pipeline; undecodable files come back
-    with ok=False and a reason instead of raising.
+    Batches are decoded ahead by a pool of threads while the caller runs the model on the previous
+    one; at most one batch per thread waits ahead, so memory does not grow with the number of
+    files. Undecodable files come back with ok=False and a reason instead of raising.
+    """
+    pixel_shape(size, policy)
+    workers = load_workers()
+    chunks = (paths[i : i + batch_size] for i in range(0, len(paths), batch_size))
+    with ThreadPoolExecutor(workers, thread_name_prefix="tlcli-load") as pool:
+        ahead: deque[Future] = deque()
+        try:
+            for chunk in chunks:
+                ahead.append(pool.submit(_load_batch, chunk, size, policy))
+                if len(ahead) > workers:
+                    yield ahead.popleft().result()
+            while ahead:
+                yield ahead.popleft().result()
+        finally:
+            for future in ahead:
+                future.cancel()
+
+
+CONSTANT_WEIGHTS_LIMIT = 1 << 28
+
+
+def inference_function(model, batch_size: int, shape: tuple[int, ...]):
+    """A graph that maps a uint8 pixel batch [batch_size, *shape] to the model's outputs.
+
+    Weights up to ``CONSTANT_WEIGHTS_LIMIT`` bytes are traced in as constants rather than variable
+    reads, so TensorFlow's graph optimiser folds batch normalisation into the convolutions (a
+    quarter less CPU time per image for MobileNet, outputs equal to ~1e-5); bigger models read
+    their variables, keeping a single copy of the weights in memory.
     """
     import tensorflow as tf
 
-    shape = pixel_shape(size, policy)
-    if not paths:
-        return
+    spec = tf.TensorSpec((batch_size, *shape), tf.uint8)
+    trainable = [v.numpy() for v in model.trainable_variables]
+    frozen = [v.numpy() for v in model.non_trainable_variables]
+    if sum(w.nbytes for w in trainable + frozen) > CONSTANT_WEIGHTS_LIMIT:
+        return tf.function(lambda x: model(tf.cast(x, tf.float32), training=False), input_signature=[spec])
 
-    def _py_load(p):
-        img, ok, why = _load_or_blank(p, size, policy)
-        return img, np.bool_(ok), np.bytes_(why.encode("utf-8", "replace"))
+    def run(x):
+        constants = [tf.constant(w) for w in trainable], [tf.constant(w) for w in frozen]
+        return model.stateless_call(*constants, tf.cast(x, tf.float32), training=False)[0]
 
-    def _tf_load(p):
-        img, ok, why = tf.numpy_function(_py_load, [p], (tf.uint8, tf.bool, tf.string), stateful=False)
-        img.set_shape(shape)
-        ok.set_shape(())
-        why.set_shape(())
-        return img, ok, why
-
-    encoded = [os.fsencode(p) for p in paths]
-    ds = (
-        tf.data.Dataset.from_tensor_slices(tf.constant(encoded, dtype=tf.string))
-        .map(_tf_load, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-        .batch(batch_size)
-        .prefetch(tf.data.AUTOTUNE)
-    )
-    for img, ok, why in ds.as_numpy_iterator():
-        yield img, ok, [w.decode("utf-8", "replace") for w in why]
+    return tf.function(run, input_signature=[spec])
 
 
 def apply_model(
@@ -238,15 +268,13 @@ def apply_model(
 ) -> tuple[np.ndarray, list[int], list[dict]]:
     """Run a pixels-in model over image files: (outputs of the decodable ones, their indices, skipped files).
 
-    Short final batches are padded so the compiled model is traced once.
+    Short final batches are padded so the graph is traced once.
     """
-    import tensorflow as tf
-
-    infer = tf.function(lambda x: model(x, training=False), reduce_retracing=True)
+    infer = inference_function(model, batch_size, pixel_shape(size, resize))
     outputs, kept, skipped = [], [], []
     done = 0
     for pixels, ok, why in batches(list(paths), size, resize, batch_size):
-        out = infer(tf.constant(padded(pixels, batch_size), tf.float32)).numpy()[: len(pixels)]
+        out = infer(padded(pixels, batch_size)).numpy()[: len(pixels)]
         for j in range(len(pixels)):
             if ok[j]:
                 outputs.append(out[j])
