@@ -268,6 +268,23 @@ def test_weights_file_option(cli, keras_home, colour_dataset, tmp_path):
     os.chmod(tmp_path, 0o755)
 
 
+def test_a_changed_weights_file_re_extracts_everything(cli, keras_home, colour_dataset, tmp_path):
+    """Same options, new weights at the same path: decoding starts on the old store's guess, the key decides."""
+    import h5py
+
+    weights = tmp_path / "w.h5"
+    shutil.copy(keras_home / "models" / "mobilenet_2_5_224_tf_no_top.h5", weights)
+    first = _extract(cli, colour_dataset, tmp_path / "f", "--weights", weights)
+    assert _extract(cli, colour_dataset, tmp_path / "f", "--weights", weights)["extracted"] == 0
+    with h5py.File(weights, "r+") as f:
+        kernels = []
+        f.visititems(lambda name, obj: kernels.append(obj) if isinstance(obj, h5py.Dataset) and obj.ndim == 4 else None)
+        kernels[0][...] = kernels[0][...] * 1.5
+    again = _extract(cli, colour_dataset, tmp_path / "f", "--weights", weights)
+    assert again["replaced_key"] == first["key"] != again["key"]
+    assert again["extracted"] == again["stored"] == first["stored"]
+
+
 def test_a_second_writer_is_refused_and_a_dead_ones_lock_is_taken_over(cli, keras_home, colour_dataset, tmp_path):
     import subprocess
 

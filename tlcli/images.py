@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import itertools
 import os
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
@@ -187,7 +189,10 @@ def padded(pixels: np.ndarray, batch_size: int) -> np.ndarray:
     return np.concatenate([pixels, np.zeros((missing, *pixels.shape[1:]), pixels.dtype)])
 
 
-def _load_batch(paths: Sequence[str], size: int, policy: str) -> tuple[np.ndarray, np.ndarray, list[str]]:
+Batch = tuple[np.ndarray, np.ndarray, list[str]]
+
+
+def _load_batch(paths: Sequence[str], size: int, policy: str) -> Batch:
     """Load one batch: pixels (blank where a file is not an image), ok mask and error reasons."""
     pixels = np.zeros((len(paths), *pixel_shape(size, policy)), np.uint8)
     ok = np.zeros(len(paths), bool)
@@ -206,30 +211,49 @@ def load_workers() -> int:
     return max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
 
 
-def batches(
-    paths: Sequence[str], size: int, policy: str = "crop", batch_size: int = 32
-) -> Iterator[tuple[np.ndarray, np.ndarray, list[str]]]:
-    """Yield (pixels uint8 [b, *pixel_shape], ok mask [b], error reasons [b]) over ``paths`` in order.
+AHEAD_BYTES = 1 << 26
 
-    Batches are decoded ahead by a pool of threads while the caller runs the model on the previous
-    one; at most one batch per thread waits ahead, so memory does not grow with the number of
-    files. Undecodable files come back with ok=False and a reason instead of raising.
+
+@contextlib.contextmanager
+def decoding(paths: Sequence[str], size: int, policy: str = "crop", batch_size: int = 32) -> Iterator[Iterator[Batch]]:
+    """Start decoding ``paths`` in batches now; yield an iterator over them in order (see ``batches``).
+
+    A pool of one thread per core decodes up to ``AHEAD_BYTES`` of pixels (at least one batch per
+    thread and one more) ahead of the consumer, so the caller can build its model while the first
+    batches decode, and memory does not grow with the number of files.
     """
-    pixel_shape(size, policy)
+    batch_bytes = batch_size * int(np.prod(pixel_shape(size, policy)))
     workers = load_workers()
+    limit = max(workers + 1, AHEAD_BYTES // batch_bytes)
     chunks = (paths[i : i + batch_size] for i in range(0, len(paths), batch_size))
     with ThreadPoolExecutor(workers, thread_name_prefix="tlcli-load") as pool:
         ahead: deque[Future] = deque()
-        try:
-            for chunk in chunks:
+
+        def fill() -> None:
+            for chunk in itertools.islice(chunks, limit - len(ahead)):
                 ahead.append(pool.submit(_load_batch, chunk, size, policy))
-                if len(ahead) > workers:
-                    yield ahead.popleft().result()
+
+        def drain() -> Iterator[Batch]:
             while ahead:
-                yield ahead.popleft().result()
+                batch = ahead.popleft().result()
+                fill()
+                yield batch
+
+        fill()
+        try:
+            yield drain()
         finally:
             for future in ahead:
                 future.cancel()
+
+
+def batches(paths: Sequence[str], size: int, policy: str = "crop", batch_size: int = 32) -> Iterator[Batch]:
+    """Yield (pixels uint8 [b, *pixel_shape], ok mask [b], error reasons [b]) over ``paths`` in order.
+
+    Undecodable files come back with ok=False and a reason instead of raising.
+    """
+    with decoding(paths, size, policy, batch_size) as loaded:
+        yield from loaded
 
 
 CONSTANT_WEIGHTS_LIMIT = 1 << 28
@@ -266,14 +290,29 @@ def apply_model(
     batch_size: int = 32,
     progress: Callable[[int, int], None] | None = None,
 ) -> tuple[np.ndarray, list[int], list[dict]]:
-    """Run a pixels-in model over image files: (outputs of the decodable ones, their indices, skipped files).
+    """Run a pixels-in model over image files: (outputs of the decodable ones, their indices, skipped files)."""
+    with decoding(list(paths), size, resize, batch_size) as loaded:
+        return apply_batches(model, loaded, paths, size, resize, batch_size, progress)
 
-    Short final batches are padded so the graph is traced once.
+
+def apply_batches(
+    model,
+    loaded: Iterator[Batch],
+    paths: Sequence[str],
+    size: int,
+    resize: str,
+    batch_size: int = 32,
+    progress: Callable[[int, int], None] | None = None,
+) -> tuple[np.ndarray, list[int], list[dict]]:
+    """``apply_model`` over batches already decoding (from ``decoding``) for ``paths``.
+
+    The graph is traced while the first batches decode; short final batches are padded so it is
+    traced once.
     """
     infer = inference_function(model, batch_size, pixel_shape(size, resize))
     outputs, kept, skipped = [], [], []
     done = 0
-    for pixels, ok, why in batches(list(paths), size, resize, batch_size):
+    for pixels, ok, why in loaded:
         out = infer(padded(pixels, batch_size)).numpy()[: len(pixels)]
         for j in range(len(pixels)):
             if ok[j]:
