@@ -87,7 +87,7 @@ def decode(path: str | Path, size: int | None = None) -> Image.Image:
                 )
             im.seek(0)
             im.load()
-            im = ImageOps.exif_transpose(im) or im
+            ImageOps.exif_transpose(im, in_place=True)
             rgb = _to_rgb(im)
             rgb.load()
             if rgb.width < 1 or rgb.height < 1:
