@@ -259,21 +259,67 @@ def batches(paths: Sequence[str], size: int, policy: str = "crop", batch_size: i
 CONSTANT_WEIGHTS_LIMIT = 1 << 28
 
 
+def _fold_batch_norms(model, values: dict[int, np.ndarray]) -> None:
+    """Fold each batch norm that only follows a convolution into that convolution's weights, in ``values``.
+
+    ``values`` maps id(variable) to its value. The kernel (and bias) are scaled by gamma / sqrt(variance
+    + epsilon) and the batch norm is left adding a shifted beta (mean 0, variance 1 - epsilon, gamma 1),
+    which the graph optimiser reduces to a bias add: one multiply-add pass over the activations less
+    per layer. The same function up to float rounding.
+    """
+    import keras
+
+    layers = model._flatten_layers(include_self=True)
+    outputs = {id(t) for m in layers if isinstance(m, keras.Model) for t in keras.tree.flatten(m.outputs)}
+    convs = (keras.layers.Conv2D, keras.layers.DepthwiseConv2D)
+    for bn in layers:
+        if not isinstance(bn, keras.layers.BatchNormalization) or not bn.center or len(bn._inbound_nodes) != 1:
+            continue
+        parents = bn._inbound_nodes[0].parent_nodes
+        conv = parents[0].operation if len(parents) == 1 else None
+        if (
+            not isinstance(conv, convs)
+            or len(conv._inbound_nodes) != 1
+            or len(conv._outbound_nodes) != 1
+            or id(conv._inbound_nodes[0].outputs[0]) in outputs
+            or conv.data_format != "channels_last"
+            or conv.activation is not keras.activations.linear
+            or bn.axis not in (-1, len(conv._inbound_nodes[0].outputs[0].shape) - 1)
+        ):
+            continue
+        mean, var = values[id(bn.moving_mean)], values[id(bn.moving_variance)]
+        gamma = values[id(bn.gamma)] if bn.scale else 1.0
+        scale = (gamma / np.sqrt(var.astype(np.float64) + bn.epsilon)).astype(var.dtype)
+        kernel = values[id(conv.kernel)]
+        depthwise = isinstance(conv, keras.layers.DepthwiseConv2D)
+        values[id(conv.kernel)] = kernel * (scale.reshape(kernel.shape[-2:]) if depthwise else scale)
+        if conv.use_bias:
+            values[id(conv.bias)] = values[id(conv.bias)] * scale
+        values[id(bn.beta)] = values[id(bn.beta)] - mean * scale
+        values[id(bn.moving_mean)] = np.zeros_like(mean)
+        values[id(bn.moving_variance)] = np.full_like(var, 1.0 - bn.epsilon)
+        if bn.scale:
+            values[id(bn.gamma)] = np.ones_like(values[id(bn.gamma)])
+
+
 def inference_function(model, batch_size: int, shape: tuple[int, ...]):
     """A graph that maps a uint8 pixel batch [batch_size, *shape] to the model's outputs.
 
     Weights up to ``CONSTANT_WEIGHTS_LIMIT`` bytes are traced in as constants rather than variable
-    reads, so TensorFlow's graph optimiser folds batch normalisation into the convolutions (a
-    quarter less CPU time per image for MobileNet, outputs equal to ~1e-5); bigger models read
-    their variables, keeping a single copy of the weights in memory.
+    reads, with batch norms folded into the convolutions before them, so TensorFlow's graph
+    optimiser can fuse each convolution with its bias and activation (MobileNet 0.25: ~40% less
+    CPU time per image, outputs equal to ~2e-5); bigger models read their variables, keeping a
+    single copy of the weights in memory.
     """
     import tensorflow as tf
 
     spec = tf.TensorSpec((batch_size, *shape), tf.uint8)
-    trainable = [v.numpy() for v in model.trainable_variables]
-    frozen = [v.numpy() for v in model.non_trainable_variables]
-    if sum(w.nbytes for w in trainable + frozen) > CONSTANT_WEIGHTS_LIMIT:
+    if sum(int(np.prod(v.shape)) * np.dtype(v.dtype).itemsize for v in model.variables) > CONSTANT_WEIGHTS_LIMIT:
         return tf.function(lambda x: model(tf.cast(x, tf.float32), training=False), input_signature=[spec])
+    values = {id(v): v.numpy() for v in model.variables}
+    _fold_batch_norms(model, values)
+    trainable = [values[id(v)] for v in model.trainable_variables]
+    frozen = [values[id(v)] for v in model.non_trainable_variables]
 
     def run(x):
         constants = [tf.constant(w) for w in trainable], [tf.constant(w) for w in frozen]
