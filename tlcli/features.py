@@ -203,7 +203,7 @@ def extract(
             records.append((rel, label, digest, st.st_size, st.st_mtime_ns, None))
 
         bb = None
-        while True:
+        while True:  # a second round only when the old store's options matched but the built key does not
             todo = [r for r in records if r[5] is None and r[2] not in vectors and r[2] not in old_bad]
             todo_unique = list({r[2]: r for r in todo}.values())
             paths = [str(ds.root / r[0]) for r in todo_unique]

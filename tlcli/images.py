@@ -1,4 +1,5 @@
-"""The one image-loading path: decode any photo to RGB pixels of a fixed size, and batch them with tf.data."""
+"""The one image-loading path: decode any photo to RGB pixels of a fixed size, batch them ahead in threads, and
+run a model over them."""
 
 from __future__ import annotations
 
@@ -270,7 +271,9 @@ def _fold_batch_norms(model, values: dict[int, np.ndarray]) -> None:
     import keras
 
     layers = model._flatten_layers(include_self=True)
-    outputs = {id(t) for m in layers if isinstance(m, keras.Model) for t in keras.tree.flatten(m.outputs)}
+    outputs = {
+        id(t) for m in layers if isinstance(m, keras.Model) for t in keras.tree.flatten(getattr(m, "outputs", []))
+    }
     convs = (keras.layers.Conv2D, keras.layers.DepthwiseConv2D)
     for bn in layers:
         if not isinstance(bn, keras.layers.BatchNormalization) or not bn.center or len(bn._inbound_nodes) != 1:
