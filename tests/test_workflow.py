@@ -269,7 +269,7 @@ def test_weights_file_option(cli, keras_home, colour_dataset, tmp_path):
 
 
 def test_a_changed_weights_file_re_extracts_everything(cli, keras_home, colour_dataset, tmp_path):
-    """Same options, new weights at the same path: decoding starts on the old store's guess, the key decides."""
+    """New weights at the same path change the store's key: nothing is reused."""
     import h5py
 
     weights = tmp_path / "w.h5"

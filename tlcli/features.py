@@ -122,32 +122,6 @@ def _drop_unreferenced(root: Path, meta: dict) -> None:
 Progress = Callable[[int, int], None]
 
 
-def _options(sp: backbones.Spec, alpha, size: int, weights: str, resize: str, flip_average: bool) -> dict:
-    """What decides a store's vectors, as far as it is known before the backbone is built.
-
-    Only the built backbone's key (with the weights' content hash) is final; matching options let
-    extract start decoding the images the old store lacks while the backbone builds.
-    """
-    tag = (weights or "none").lower()
-    return {
-        "backbone": sp.name,
-        "alpha": alpha,
-        "input_size": size,
-        "weights": tag if tag in ("imagenet", "none") else "file",
-        "resize": resize,
-        "flip_average": flip_average,
-    }
-
-
-def _options_of(meta: dict) -> dict:
-    """``_options`` of an existing store, from its meta.json."""
-    weights = meta.get("weights")
-    return {
-        **{k: meta.get(k) for k in ("backbone", "alpha", "input_size", "resize", "flip_average")},
-        "weights": weights if weights in ("imagenet", "none") else "file",
-    }
-
-
 def extract(
     data_dir: str | os.PathLike,
     out: str | os.PathLike,
@@ -171,24 +145,28 @@ def extract(
     n_views = len(images.views(resize))
     ds = datasets.scan(data_dir)
     assignment, split_source = datasets.assign_splits(ds, fractions, seed)
-    sp = backbones.spec(backbone)
-    options = _options(sp, backbones.resolve_alpha(sp, alpha), size or sp.size, weights, resize, flip_average)
+    bb = backbones.build(backbone, alpha, size, weights)
+    key = f"{bb.key}-{resize}{'-flip' if flip_average else ''}"
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise UsageError(f"--out {out} is a file; give a folder for the feature store")
 
     with locks.lock(out / LOCK_NAME, f"extract is writing {out}", wait=wait):
         artifacts.remove_leftovers(out)
-        old = None
+        vectors: dict[str, np.ndarray] = {}
+        old_stats: dict[str, tuple[int, int, str]] = {}
+        old_bad: dict[str, str] = {}
+        replaced = None
         if (out / META).is_file():
             try:
                 old = Store.open(out)
             except UsageError:
                 old = None
-        vectors, old_stats = old.cached() if old is not None else ({}, {})
-        old_bad = {b["hash"]: b["reason"] for b in old.meta.get("skipped", []) if b.get("hash")} if old else {}
-        if old is None or _options_of(old.meta) != options:
-            vectors, old_bad = {}, {}
+            if old is not None and old.meta.get("key") == key:
+                vectors, old_stats = old.cached()
+                old_bad = {b["hash"]: b["reason"] for b in old.meta.get("skipped", []) if b.get("hash")}
+            elif old is not None:
+                replaced = old.meta.get("key")
 
         records = []
         for rel, label in zip(ds.files, ds.labels, strict=True):
@@ -202,33 +180,20 @@ def extract(
                 continue
             records.append((rel, label, digest, st.st_size, st.st_mtime_ns, None))
 
-        bb = None
-        while True:  # a second round only when the old store's options matched but the built key does not
-            todo = [r for r in records if r[5] is None and r[2] not in vectors and r[2] not in old_bad]
-            todo_unique = list({r[2]: r for r in todo}.values())
-            paths = [str(ds.root / r[0]) for r in todo_unique]
-            with images.decoding(paths, options["input_size"], resize, batch_size) as loaded:
-                if bb is None:
-                    bb = backbones.build(backbone, alpha, size, weights)
-                    key = f"{bb.key}-{resize}{'-flip' if flip_average else ''}"
-                    replaced = old.meta.get("key") if old is not None and old.meta.get("key") != key else None
-                    if replaced and (vectors or old_bad):
-                        vectors, old_bad = {}, {}
-                        continue
-                fresh_bad: dict[str, str] = {}
-                if todo_unique:
-                    from tlcli.layers import feature_model
+        todo = [r for r in records if r[5] is None and r[2] not in vectors and r[2] not in old_bad]
+        todo_unique = list({r[2]: r for r in todo}.values())
+        fresh_bad: dict[str, str] = {}
+        if todo_unique:
+            from tlcli.layers import feature_model
 
-                    model = feature_model(bb, flip_average, n_views)
-                    feats, kept, failed = images.apply_batches(
-                        model, loaded, paths, bb.size, resize, batch_size, progress
-                    )
-                    for row, i in zip(feats, kept, strict=True):
-                        vectors[todo_unique[i][2]] = row
-                    digest_of = {path: rec[2] for path, rec in zip(paths, todo_unique, strict=True)}
-                    for item in failed:
-                        fresh_bad[digest_of[item["path"]]] = item["reason"]
-            break
+            model = feature_model(bb, flip_average, n_views)
+            paths = [str(ds.root / r[0]) for r in todo_unique]
+            feats, kept, failed = images.apply_model(model, paths, bb.size, resize, batch_size, progress)
+            for row, i in zip(feats, kept, strict=True):
+                vectors[todo_unique[i][2]] = row
+            digest_of = {path: rec[2] for path, rec in zip(paths, todo_unique, strict=True)}
+            for item in failed:
+                fresh_bad[digest_of[item["path"]]] = item["reason"]
 
         bad_reasons = {**old_bad, **fresh_bad}
         skipped = []

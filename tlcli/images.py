@@ -220,7 +220,7 @@ def decoding(paths: Sequence[str], size: int, policy: str = "crop", batch_size: 
     """Start decoding ``paths`` in batches now; yield an iterator over them in order (see ``batches``).
 
     A pool of one thread per core decodes up to ``AHEAD_BYTES`` of pixels (at least one batch per
-    thread and one more) ahead of the consumer, so the caller can build its model while the first
+    thread and one more) ahead of the consumer, so the caller can trace its model while the first
     batches decode, and memory does not grow with the number of files.
     """
     batch_bytes = batch_size * int(np.prod(pixel_shape(size, policy)))
@@ -339,38 +339,25 @@ def apply_model(
     batch_size: int = 32,
     progress: Callable[[int, int], None] | None = None,
 ) -> tuple[np.ndarray, list[int], list[dict]]:
-    """Run a pixels-in model over image files: (outputs of the decodable ones, their indices, skipped files)."""
-    with decoding(list(paths), size, resize, batch_size) as loaded:
-        return apply_batches(model, loaded, paths, size, resize, batch_size, progress)
-
-
-def apply_batches(
-    model,
-    loaded: Iterator[Batch],
-    paths: Sequence[str],
-    size: int,
-    resize: str,
-    batch_size: int = 32,
-    progress: Callable[[int, int], None] | None = None,
-) -> tuple[np.ndarray, list[int], list[dict]]:
-    """``apply_model`` over batches already decoding (from ``decoding``) for ``paths``.
+    """Run a pixels-in model over image files: (outputs of the decodable ones, their indices, skipped files).
 
     The graph is traced while the first batches decode; short final batches are padded so it is
     traced once.
     """
-    infer = inference_function(model, batch_size, pixel_shape(size, resize))
     outputs, kept, skipped = [], [], []
     done = 0
-    for pixels, ok, why in loaded:
-        out = infer(padded(pixels, batch_size)).numpy()[: len(pixels)]
-        for j in range(len(pixels)):
-            if ok[j]:
-                outputs.append(out[j])
-                kept.append(done + j)
-            else:
-                skipped.append({"path": paths[done + j], "reason": why[j]})
-        done += len(pixels)
-        if progress:
-            progress(done, len(paths))
+    with decoding(list(paths), size, resize, batch_size) as loaded:
+        infer = inference_function(model, batch_size, pixel_shape(size, resize))
+        for pixels, ok, why in loaded:
+            out = infer(padded(pixels, batch_size)).numpy()[: len(pixels)]
+            for j in range(len(pixels)):
+                if ok[j]:
+                    outputs.append(out[j])
+                    kept.append(done + j)
+                else:
+                    skipped.append({"path": paths[done + j], "reason": why[j]})
+            done += len(pixels)
+            if progress:
+                progress(done, len(paths))
     width = int(model.output_shape[-1])
     return np.asarray(outputs, np.float32).reshape(-1, width), kept, skipped
