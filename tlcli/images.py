@@ -3,8 +3,6 @@ run a model over them."""
 
 from __future__ import annotations
 
-import contextlib
-import itertools
 import os
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
@@ -212,49 +210,27 @@ def load_workers() -> int:
     return max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
 
 
-AHEAD_BYTES = 1 << 26
-
-
-@contextlib.contextmanager
-def decoding(paths: Sequence[str], size: int, policy: str = "crop", batch_size: int = 32) -> Iterator[Iterator[Batch]]:
-    """Start decoding ``paths`` in batches now; yield an iterator over them in order (see ``batches``).
-
-    A pool of one thread per core decodes up to ``AHEAD_BYTES`` of pixels (at least one batch per
-    thread and one more) ahead of the consumer, so the caller can trace its model while the first
-    batches decode, and memory does not grow with the number of files.
-    """
-    batch_bytes = batch_size * int(np.prod(pixel_shape(size, policy)))
-    workers = load_workers()
-    limit = max(workers + 1, AHEAD_BYTES // batch_bytes)
-    chunks = (paths[i : i + batch_size] for i in range(0, len(paths), batch_size))
-    with ThreadPoolExecutor(workers, thread_name_prefix="tlcli-load") as pool:
-        ahead: deque[Future] = deque()
-
-        def fill() -> None:
-            for chunk in itertools.islice(chunks, limit - len(ahead)):
-                ahead.append(pool.submit(_load_batch, chunk, size, policy))
-
-        def drain() -> Iterator[Batch]:
-            while ahead:
-                batch = ahead.popleft().result()
-                fill()
-                yield batch
-
-        fill()
-        try:
-            yield drain()
-        finally:
-            for future in ahead:
-                future.cancel()
-
-
 def batches(paths: Sequence[str], size: int, policy: str = "crop", batch_size: int = 32) -> Iterator[Batch]:
     """Yield (pixels uint8 [b, *pixel_shape], ok mask [b], error reasons [b]) over ``paths`` in order.
 
-    Undecodable files come back with ok=False and a reason instead of raising.
+    A pool of one thread per core decodes whole batches ahead while the caller runs the model on
+    the previous one; at most one batch per thread and one more wait, so memory does not grow with
+    the number of files. Undecodable files come back with ok=False and a reason instead of raising.
     """
-    with decoding(paths, size, policy, batch_size) as loaded:
-        yield from loaded
+    pixel_shape(size, policy)
+    workers = load_workers()
+    with ThreadPoolExecutor(workers, thread_name_prefix="tlcli-load") as pool:
+        ahead: deque[Future] = deque()
+        try:
+            for start in range(0, len(paths), batch_size):
+                ahead.append(pool.submit(_load_batch, paths[start : start + batch_size], size, policy))
+                if len(ahead) > workers:
+                    yield ahead.popleft().result()
+            while ahead:
+                yield ahead.popleft().result()
+        finally:
+            for future in ahead:
+                future.cancel()
 
 
 CONSTANT_WEIGHTS_LIMIT = 1 << 28
@@ -341,23 +317,21 @@ def apply_model(
 ) -> tuple[np.ndarray, list[int], list[dict]]:
     """Run a pixels-in model over image files: (outputs of the decodable ones, their indices, skipped files).
 
-    The graph is traced while the first batches decode; short final batches are padded so it is
-    traced once.
+    Short final batches are padded so the graph is traced once.
     """
+    infer = inference_function(model, batch_size, pixel_shape(size, resize))
     outputs, kept, skipped = [], [], []
     done = 0
-    with decoding(list(paths), size, resize, batch_size) as loaded:
-        infer = inference_function(model, batch_size, pixel_shape(size, resize))
-        for pixels, ok, why in loaded:
-            out = infer(padded(pixels, batch_size)).numpy()[: len(pixels)]
-            for j in range(len(pixels)):
-                if ok[j]:
-                    outputs.append(out[j])
-                    kept.append(done + j)
-                else:
-                    skipped.append({"path": paths[done + j], "reason": why[j]})
-            done += len(pixels)
-            if progress:
-                progress(done, len(paths))
+    for pixels, ok, why in batches(list(paths), size, resize, batch_size):
+        out = infer(padded(pixels, batch_size)).numpy()[: len(pixels)]
+        for j in range(len(pixels)):
+            if ok[j]:
+                outputs.append(out[j])
+                kept.append(done + j)
+            else:
+                skipped.append({"path": paths[done + j], "reason": why[j]})
+        done += len(pixels)
+        if progress:
+            progress(done, len(paths))
     width = int(model.output_shape[-1])
     return np.asarray(outputs, np.float32).reshape(-1, width), kept, skipped
