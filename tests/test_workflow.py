@@ -66,6 +66,36 @@ def test_extract_is_incremental(cli, keras_home, colour_dataset, tmp_path):
     assert same and all(np.array_equal(after[p], before[p]) for p in same)
 
 
+def test_a_rerun_runs_the_saved_graph_without_building_the_backbone(
+    cli, keras_home, colour_dataset, tmp_path, monkeypatch
+):
+    from tlcli import backbones
+
+    out = tmp_path / "f"
+    _extract(cli, colour_dataset, out)
+    saved = out / json.loads((out / "meta.json").read_text())["extractor"]["file"]
+    make_photo(colour_dataset / "red" / "new1.jpg", (210, 30, 30), seed=77)
+    with monkeypatch.context() as m:
+        m.setattr(backbones, "build", lambda *a, **k: pytest.fail("the backbone was built again"))
+        assert _extract(cli, colour_dataset, out)["extracted"] == 1
+    fresh = tmp_path / "g"
+    _extract(cli, colour_dataset, fresh)
+
+    def vectors(store):
+        found = {}
+        for split in ("train", "val", "test"):
+            s = Store.open(store).split(split)
+            found.update(zip(s.paths, s.features, strict=True))
+        return found
+
+    np.testing.assert_allclose(vectors(out)["red/new1.jpg"], vectors(fresh)["red/new1.jpg"], rtol=1e-5, atol=1e-5)
+    saved.write_bytes(b"damaged")
+    make_photo(colour_dataset / "blue" / "new2.jpg", (30, 30, 210), seed=78)
+    assert _extract(cli, colour_dataset, out)["extracted"] == 1
+    rebuilt = json.loads((out / "meta.json").read_text())["extractor"]["file"]
+    assert (out / rebuilt).read_bytes() != b"damaged"
+
+
 def test_bad_files_are_skipped_and_listed(cli, keras_home, colour_dataset, tmp_path):
     red = colour_dataset / "red"
     (red / "zero.jpg").write_bytes(b"")

@@ -17,6 +17,8 @@ from tlcli.errors import UsageError
 
 STORE_FORMAT = 1
 META = "meta.json"
+EXTRACTOR = "extractor"
+DESCRIBED = ("backbone", "alpha", "input_size", "weights", "weights_sha256", "feature_dim")
 LOCK_NAME = ".tlcli.lock"
 
 
@@ -40,9 +42,10 @@ class Split:
 
 @dataclass
 class Store:
-    """A feature store folder: meta.json plus one ``<split>-<content hash>.npz`` per split.
+    """A feature store folder: meta.json plus one ``<split>-<content hash>.npz`` per split and the
+    traced feature graph ``extractor-<content hash>.pb`` (so a re-run need not rebuild the backbone).
 
-    meta.json names the split files and is written last, so replacing it is the single step that
+    meta.json names these files and is written last, so replacing it is the single step that
     commits a new store: a killed extract leaves the previous store whole.
     """
 
@@ -112,11 +115,58 @@ def _write_split(root: Path, name: str, arrays: dict) -> str:
 
 
 def _drop_unreferenced(root: Path, meta: dict) -> None:
-    """Delete split files the committed meta.json no longer names (the previous store's)."""
+    """Delete split and extractor files the committed meta.json no longer names (the previous store's)."""
     keep = {s["file"] for s in meta["splits"].values() if "file" in s}
-    for path in root.glob("*.npz"):
-        if path.name not in keep and path.stem.split("-")[0] in datasets.SPLITS:
+    keep.add(meta.get(EXTRACTOR, {}).get("file"))
+    for path in [*root.glob("*.npz"), *root.glob(f"{EXTRACTOR}-*.pb")]:
+        if path.name not in keep and path.stem.split("-")[0] in (*datasets.SPLITS, EXTRACTOR):
             path.unlink(missing_ok=True)
+
+
+def _weights_stat(path: str | None) -> list[int] | None:
+    """Size and modification time of a weights file, to tell later whether it changed."""
+    if path is None:
+        return None
+    st = os.stat(path)
+    return [st.st_size, st.st_mtime_ns]
+
+
+def _saved_extractor(old: Store | None, options: dict, batch_size: int):
+    """The feature graph a previous extract saved in the store, if it still makes the store's vectors.
+
+    That needs the same options (backbone, alpha, size, weights, resize, flip), batch size and
+    library versions, and the weights file unchanged in size and modification time; then the
+    backbone is neither built nor traced again. Anything unreadable means building it.
+    """
+    saved = old.meta.get(EXTRACTOR) if old is not None else None
+    if not saved or saved.get("batch_size") != batch_size or old.meta.get("versions") != artifacts.versions():
+        return None
+    if any(old.meta.get(k) != v for k, v in options.items()):
+        return None
+    try:
+        if _weights_stat(saved["weights_file"]) != saved["weights_stat"]:
+            return None
+        return images.load_graph((old.root / saved["file"]).read_bytes(), saved["input"], saved["output"])
+    except Exception:  # a damaged or foreign cache file is rebuilt, never an error
+        return None
+
+
+def _save_extractor(root: Path, infer, bb: backbones.Backbone, batch_size: int) -> dict | None:
+    """Write the traced feature graph into the store; its meta.json entry, or None if it reads variables."""
+    graph = images.graph_bytes(infer)
+    if graph is None:
+        return None
+    data, input_name, output_name = graph
+    filename = f"{EXTRACTOR}-{hashlib.blake2b(data, digest_size=8).hexdigest()}.pb"
+    artifacts.write_bytes(root / filename, data)
+    return {
+        "file": filename,
+        "input": input_name,
+        "output": output_name,
+        "batch_size": batch_size,
+        "weights_file": bb.weights_file,
+        "weights_stat": _weights_stat(bb.weights_file),
+    }
 
 
 Progress = Callable[[int, int], None]
@@ -145,28 +195,43 @@ def extract(
     n_views = len(images.views(resize))
     ds = datasets.scan(data_dir)
     assignment, split_source = datasets.assign_splits(ds, fractions, seed)
-    bb = backbones.build(backbone, alpha, size, weights)
-    key = f"{bb.key}-{resize}{'-flip' if flip_average else ''}"
+    sp = backbones.spec(backbone)
+    options = {
+        "backbone": sp.name,
+        "alpha": backbones.resolve_alpha(sp, alpha),
+        "input_size": size or sp.size,
+        "weights": backbones.weights_label(weights),
+        "resize": resize,
+        "flip_average": flip_average,
+    }
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise UsageError(f"--out {out} is a file; give a folder for the feature store")
 
     with locks.lock(out / LOCK_NAME, f"extract is writing {out}", wait=wait):
         artifacts.remove_leftovers(out)
-        vectors: dict[str, np.ndarray] = {}
-        old_stats: dict[str, tuple[int, int, str]] = {}
-        old_bad: dict[str, str] = {}
-        replaced = None
+        old = None
         if (out / META).is_file():
             try:
                 old = Store.open(out)
             except UsageError:
                 old = None
-            if old is not None and old.meta.get("key") == key:
-                vectors, old_stats = old.cached()
-                old_bad = {b["hash"]: b["reason"] for b in old.meta.get("skipped", []) if b.get("hash")}
-            elif old is not None:
-                replaced = old.meta.get("key")
+        infer = _saved_extractor(old, options, batch_size)
+        if infer is not None:
+            key, described, extractor = old.meta["key"], {k: old.meta[k] for k in DESCRIBED}, old.meta[EXTRACTOR]
+        else:
+            bb = backbones.build(backbone, alpha, size, weights)
+            key, described, extractor = f"{bb.key}-{resize}{'-flip' if flip_average else ''}", bb.describe(), None
+            described["feature_dim"] *= n_views
+        vectors: dict[str, np.ndarray] = {}
+        old_stats: dict[str, tuple[int, int, str]] = {}
+        old_bad: dict[str, str] = {}
+        replaced = None
+        if old is not None and old.meta.get("key") == key:
+            vectors, old_stats = old.cached()
+            old_bad = {b["hash"]: b["reason"] for b in old.meta.get("skipped", []) if b.get("hash")}
+        elif old is not None:
+            replaced = old.meta.get("key")
 
         records = []
         for rel, label in zip(ds.files, ds.labels, strict=True):
@@ -183,12 +248,22 @@ def extract(
         todo = [r for r in records if r[5] is None and r[2] not in vectors and r[2] not in old_bad]
         todo_unique = list({r[2]: r for r in todo}.values())
         fresh_bad: dict[str, str] = {}
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise UsageError(f"cannot create {out}: {exc.strerror}") from None
         if todo_unique:
-            from tlcli.layers import feature_model
+            if infer is None:
+                from tlcli.layers import feature_model
 
-            model = feature_model(bb, flip_average, n_views)
+                model = feature_model(bb, flip_average, n_views)
+                infer = images.inference_function(model, batch_size, images.pixel_shape(options["input_size"], resize))
             paths = [str(ds.root / r[0]) for r in todo_unique]
-            feats, kept, failed = images.apply_model(model, paths, bb.size, resize, batch_size, progress)
+            feats, kept, failed = images.apply_graph(
+                infer, described["feature_dim"], paths, options["input_size"], resize, batch_size, progress
+            )
+            if extractor is None:
+                extractor = _save_extractor(out, infer, bb, batch_size)
             for row, i in zip(feats, kept, strict=True):
                 vectors[todo_unique[i][2]] = row
             digest_of = {path: rec[2] for path, rec in zip(paths, todo_unique, strict=True)}
@@ -213,11 +288,7 @@ def extract(
             arrays["sizes"].append(fsize)
             arrays["mtimes"].append(mtime)
 
-        dim = int(bb.model.output_shape[-1]) * n_views
-        try:
-            out.mkdir(parents=True, exist_ok=True)
-        except OSError as exc:
-            raise UsageError(f"cannot create {out}: {exc.strerror}") from None
+        dim = described["feature_dim"]
         split_meta = {}
         for name, arrays in per_split.items():
             n = len(arrays["paths"])
@@ -239,8 +310,7 @@ def extract(
         meta = {
             "format": STORE_FORMAT,
             "key": key,
-            **bb.describe(),
-            "feature_dim": dim,
+            **described,
             "resize": resize,
             "flip_average": flip_average,
             "data_dir": str(ds.root.resolve()),
@@ -254,6 +324,7 @@ def extract(
             "empty_classes": ds.empty_classes,
             "versions": artifacts.versions(),
             "written": artifacts.timestamp(),
+            **({EXTRACTOR: extractor} if extractor else {}),
         }
         artifacts.write_json(out / META, meta)
         _drop_unreferenced(out, meta)
@@ -261,7 +332,7 @@ def extract(
         return {
             "out": str(out),
             "key": key,
-            "backbone": bb.spec.name,
+            "backbone": described["backbone"],
             "images": n_ok + len(skipped),
             "stored": n_ok,
             "extracted": len([r for r in todo_unique if r[2] in vectors]),

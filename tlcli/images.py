@@ -307,6 +307,25 @@ def inference_function(model, batch_size: int, shape: tuple[int, ...]):
     return tf.function(run, input_signature=[spec])
 
 
+def graph_bytes(infer) -> tuple[bytes, str, str] | None:
+    """An ``inference_function`` graph as a self-contained GraphDef with its input and output tensor
+    names, to run again without Keras (``load_graph``); None when it reads variables."""
+    concrete = infer.get_concrete_function()
+    if concrete.captured_inputs:
+        return None
+    return concrete.graph.as_graph_def().SerializeToString(), concrete.inputs[0].name, concrete.outputs[0].name
+
+
+def load_graph(data: bytes, input_name: str, output_name: str):
+    """The function ``graph_bytes`` saved: uint8 pixel batch in, outputs out."""
+    import tensorflow as tf
+
+    graph_def = tf.compat.v1.GraphDef.FromString(data)
+    wrapped = tf.compat.v1.wrap_function(lambda: tf.compat.v1.import_graph_def(graph_def, name=""), [])
+    run = wrapped.prune(wrapped.graph.get_tensor_by_name(input_name), wrapped.graph.get_tensor_by_name(output_name))
+    return lambda pixels: run(tf.constant(pixels))
+
+
 def apply_model(
     model,
     paths: Sequence[str],
@@ -315,15 +334,28 @@ def apply_model(
     batch_size: int = 32,
     progress: Callable[[int, int], None] | None = None,
 ) -> tuple[np.ndarray, list[int], list[dict]]:
-    """Run a pixels-in model over image files: (outputs of the decodable ones, their indices, skipped files).
+    """Run a pixels-in model over image files: (outputs of the decodable ones, their indices, skipped files)."""
+    infer = inference_function(model, batch_size, pixel_shape(size, resize))
+    return apply_graph(infer, int(model.output_shape[-1]), paths, size, resize, batch_size, progress)
+
+
+def apply_graph(
+    infer,
+    width: int,
+    paths: Sequence[str],
+    size: int,
+    resize: str,
+    batch_size: int = 32,
+    progress: Callable[[int, int], None] | None = None,
+) -> tuple[np.ndarray, list[int], list[dict]]:
+    """``apply_model`` with the model's graph (``inference_function`` or ``load_graph``) and output width.
 
     Short final batches are padded so the graph is traced once.
     """
-    infer = inference_function(model, batch_size, pixel_shape(size, resize))
     outputs, kept, skipped = [], [], []
     done = 0
     for pixels, ok, why in batches(list(paths), size, resize, batch_size):
-        out = infer(padded(pixels, batch_size)).numpy()[: len(pixels)]
+        out = np.asarray(infer(padded(pixels, batch_size)))[: len(pixels)]
         for j in range(len(pixels)):
             if ok[j]:
                 outputs.append(out[j])
@@ -333,5 +365,4 @@ def apply_model(
         done += len(pixels)
         if progress:
             progress(done, len(paths))
-    width = int(model.output_shape[-1])
     return np.asarray(outputs, np.float32).reshape(-1, width), kept, skipped
