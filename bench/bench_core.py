@@ -3,10 +3,12 @@
     .venv/bin/python bench/bench_core.py [--data ../shared/data/cats_vs_dogs] [--epochs 10]
 
 Prints a table:
-  1. extract: tlcli extract (images/s) vs image_dataset_from_directory + model.predict;
+  1. extract: tlcli extract (images/s) vs image_dataset_from_directory + model.predict, both timed
+     in fresh processes from building the model to the feature vectors (imports excluded);
   2. head training: train-head on stored features vs the same head trained end to end through the
      frozen backbone, for the same number of epochs;
-  3. incremental: re-extract after adding 5% new images vs a full extract;
+  3. incremental: re-extract after adding 5% new images vs a full extract (fresh processes), on the
+     cats_vs_dogs photos and on every photo of ../shared/data;
   4. peak memory of extract as the dataset grows (each size in a fresh process).
 Needs the offline MobileNet v1 0.25 weights (../shared/weights) or network access.
 """
@@ -38,16 +40,33 @@ def seed_keras_home() -> None:
     os.environ["KERAS_HOME"] = str(home)
 
 
+PHOTO_SUFFIXES = (".jpg", ".jpeg", ".png")
+
+
 def link_dataset(src: Path, dst: Path, limit: int | None = None, skip: int = 0) -> int:
     """Symlink up to ``limit`` images per class from src into dst (skipping the first ``skip``)."""
     n = 0
     for cls in sorted(p for p in src.iterdir() if p.is_dir()):
         (dst / cls.name).mkdir(parents=True, exist_ok=True)
-        files = sorted(f for f in cls.iterdir() if f.suffix.lower() in (".jpg", ".jpeg", ".png"))[skip:]
+        files = sorted(f for f in cls.iterdir() if f.suffix.lower() in PHOTO_SUFFIXES)[skip:]
         for f in files[:limit]:
             os.symlink(f, dst / cls.name / f.name)
             n += 1
     return n
+
+
+def link_all_sets(src: Path, dst: Path, every: int) -> tuple[Path, Path, int, int]:
+    """Every photo of every set in ``src`` as classes ``<set>__<class>``: a base folder without each
+    ``every``-th photo and a grown folder with all of them. Returns (base, grown, n base, n new)."""
+    base, grown = dst / "base", dst / "grown"
+    photos = sorted(f for f in src.glob("*/*/*") if f.suffix.lower() in PHOTO_SUFFIXES)
+    new = set(photos[::every])
+    for f in photos:
+        cls = f"{f.parent.parent.name}__{f.parent.name}"
+        for root in (grown,) if f in new else (base, grown):
+            (root / cls).mkdir(parents=True, exist_ok=True)
+            os.symlink(f, root / cls / f.name)
+    return base, grown, len(photos) - len(new), len(new)
 
 
 def upscaled_copy(src: Path, dst: Path, factor: float) -> int:
@@ -70,11 +89,12 @@ def upscaled_copy(src: Path, dst: Path, factor: float) -> int:
 
 
 def plain_keras_extract(data: Path, size: int, batch: int) -> tuple[float, int]:
+    """The plain Keras way, timed like tlcli's ``seconds``: from building the model to the vectors."""
     import keras
     import tensorflow as tf
 
-    model = keras.applications.MobileNet(alpha=0.25, input_shape=(size, size, 3), include_top=False, pooling="avg")
     start = time.perf_counter()
+    model = keras.applications.MobileNet(alpha=0.25, input_shape=(size, size, 3), include_top=False, pooling="avg")
     ds = keras.utils.image_dataset_from_directory(
         data, image_size=(size, size), batch_size=batch, shuffle=False, crop_to_aspect_ratio=True, verbose=False
     )
@@ -127,13 +147,43 @@ def fresh_process_seconds(kind: str, data: Path, out: Path, size: int, batch: in
     return float(res.stdout.strip().splitlines()[-1])
 
 
-def median_seconds(kind: str, data: Path, work: Path, size: int, batch: int, reps: int, resize: str = "crop") -> float:
-    times = []
+def interleaved_medians(
+    kinds: list[tuple[str, str]], data: Path, work: Path, size: int, batch: int, reps: int
+) -> dict[tuple[str, str], float]:
+    """Median seconds of each (kind, resize) over ``reps`` rounds of fresh processes, one of each kind a round."""
+    times: dict[tuple[str, str], list[float]] = {k: [] for k in kinds}
     for i in range(reps):
-        out = work / f"{kind}-{data.name}-{resize}-{i}"
-        times.append(fresh_process_seconds(kind, data, out, size, batch, resize))
-        shutil.rmtree(out, ignore_errors=True)
-    return sorted(times)[len(times) // 2]
+        for kind, resize in kinds:
+            out = work / f"{kind}-{data.name}-{resize}-{i}"
+            times[kind, resize].append(fresh_process_seconds(kind, data, out, size, batch, resize))
+            shutil.rmtree(out, ignore_errors=True)
+    return {k: sorted(v)[len(v) // 2] for k, v in times.items()}
+
+
+def incremental_row(
+    label: str, base: Path, grown: Path, n_new: int, work: Path, size: int, batch: int, reps: int
+) -> tuple[str, ...]:
+    """Re-extract ``grown`` into a copy of ``base``'s store vs a full extract of ``grown``, each a fresh
+    process (default crop+pad), interleaved; medians of ``reps``."""
+    store = work / f"store-{label}"
+    tlcli_extract(base, store, size, batch, resize="crop+pad")
+    again, full = [], []
+    for i in range(reps):
+        out = work / f"again-{label}-{i}"
+        shutil.copytree(store, out)
+        again.append(fresh_process_seconds("tlcli", grown, out, size, batch, "crop+pad"))
+        full.append(fresh_process_seconds("tlcli", grown, work / f"full-{label}-{i}", size, batch, "crop+pad"))
+        shutil.rmtree(out)
+        shutil.rmtree(work / f"full-{label}-{i}")
+    t_again, t_full = sorted(again)[reps // 2], sorted(full)[reps // 2]
+    n = sum(1 for _ in grown.rglob("*") if _.is_symlink())
+    return (
+        f"incremental extract, {label} (s)",
+        f"{t_full:.1f} (full)",
+        f"{t_again:.2f}",
+        f"{t_again / t_full:.0%} of full",
+        f"{n} images of which {n_new} new ({n_new / (n - n_new):.0%}), crop+pad; median of {reps} fresh processes",
+    )
 
 
 def peak_rss_mb(data: Path, out: Path, size: int) -> float:
@@ -173,6 +223,7 @@ def main() -> None:
 
     from tlcli import head
 
+    load_start = os.getloadavg()
     work = Path(tempfile.mkdtemp(prefix="tlcli-bench-"))
     rows = []
     try:
@@ -184,30 +235,29 @@ def main() -> None:
         big = work / "big"
         upscaled_copy(data, big, args.upscale)
         for label, folder in (("", data), (f", photos x{args.upscale:g}", big)):
-            t_plain = median_seconds("plain", folder, work, args.size, args.batch, args.reps)
-            t_tlcli = median_seconds("tlcli", folder, work, args.size, args.batch, args.reps)
+            kinds = [("plain", "crop"), ("tlcli", "crop")] + ([("tlcli", "crop+pad")] if folder == data else [])
+            t = interleaved_medians(kinds, folder, work, args.size, args.batch, args.reps)
             rows.append(
                 (
-                    f"extract{label} (images/s)",
-                    f"{n / t_plain:.0f}",
-                    f"{n / t_tlcli:.0f}",
-                    f"{t_plain / t_tlcli:.2f}x",
-                    f"{n} images, MobileNet 0.25 @ {args.size}, centre crop; median of {args.reps} fresh processes, "
-                    "timed from model build to vectors",
+                    f"extract{label}, centre crop (images/s)",
+                    f"{n / t['plain', 'crop']:.0f}",
+                    f"{n / t['tlcli', 'crop']:.0f}",
+                    f"{t['plain', 'crop'] / t['tlcli', 'crop']:.2f}x",
+                    f"{n} images, MobileNet 0.25 @ {args.size}, batch {args.batch}; median of {args.reps} fresh "
+                    "processes each, interleaved, timed from model build to vectors",
                 )
             )
-        t_views = median_seconds("tlcli", data, work, args.size, args.batch, args.reps, resize="crop+pad")
-        rows.append(
-            (
-                "extract, default crop+pad (images/s)",
-                "",
-                f"{n / t_views:.0f}",
-                "",
-                "two views per image (tlcli's default, more accurate)",
-            )
-        )
+            if ("tlcli", "crop+pad") in t:
+                rows.append(
+                    (
+                        "extract, default crop+pad (images/s)",
+                        f"{n / t['plain', 'crop']:.0f}",
+                        f"{n / t['tlcli', 'crop+pad']:.0f}",
+                        f"{t['plain', 'crop'] / t['tlcli', 'crop+pad']:.2f}x",
+                        "tlcli's default: two views (crop and pad) per image through the backbone; plain is one view",
+                    )
+                )
         tlcli_extract(data, work / "features", args.size, args.batch)
-        tlcli_extract(data, work / "features_views", args.size, args.batch, resize="crop+pad")
 
         t_e2e = plain_keras_head_training(data, args.size, args.epochs, classes)
         trained = head.train(work / "features", work / "runs", epochs=args.epochs, patience=args.epochs, refit=False)
@@ -221,24 +271,18 @@ def main() -> None:
             )
         )
 
-        added = 0
+        grown = work / "grown"
+        shutil.copytree(data, grown, symlinks=True)
         per_class = max(1, round(0.05 * n / classes))
         extra_files = sorted(f for f in args.extra.rglob("*.jpg"))[: per_class * classes]
         for i, f in enumerate(extra_files):
-            cls = sorted(p.name for p in data.iterdir() if p.is_dir())[i % classes]
-            os.symlink(f, data / cls / f"new_{i}_{f.name}")
-            added += 1
-        again = tlcli_extract(data, work / "features_views", args.size, args.batch, resize="crop+pad")
-        full = tlcli_extract(data, work / "features_full", args.size, args.batch, resize="crop+pad")
+            cls = sorted(p.name for p in grown.iterdir() if p.is_dir())[i % classes]
+            os.symlink(f, grown / cls / f"new_{i}_{f.name}")
         rows.append(
-            (
-                "incremental extract (s)",
-                f"{full['seconds']:.1f}",
-                f"{again['seconds']:.1f}",
-                f"{again['seconds'] / full['seconds']:.0%} of full",
-                f"+{added} new images ({added / n:.0%}); extracted {again['extracted']}, reused {again['reused']}",
-            )
+            incremental_row(args.data.name, data, grown, len(extra_files), work, args.size, args.batch, args.reps)
         )
+        base, grown_all, _, n_new = link_all_sets(args.data.parent, work / "all", 20)
+        rows.append(incremental_row("all photos", base, grown_all, n_new, work, args.size, args.batch, args.reps))
 
         mems = []
         for limit in (125, 250, 500):
@@ -257,13 +301,14 @@ def main() -> None:
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
-    table = Table(title="tlcli vs plain Keras (same images, same run)")
+    loads = " -> ".join("/".join(f"{x:.1f}" for x in load) for load in (load_start, os.getloadavg()))
+    table = Table(title=f"tlcli vs plain Keras (same images, same run; load average 1/5/15 min {loads})")
     for col in ("what", "plain Keras", "tlcli", "ratio", "notes"):
         table.add_column(col)
     for row in rows:
         table.add_row(*row)
     Console().print(table)
-    print(json.dumps({"rows": rows}))
+    print(json.dumps({"rows": rows, "load_average": loads}))
 
 
 if __name__ == "__main__":

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 
-from tlcli import backbones, features, head
+from tlcli import backbones, features, head, images
 from tlcli.errors import UsageError
 
 from .conftest import make_photo
@@ -78,3 +79,28 @@ def test_names_are_forgiving_and_errors_suggest(name, hint):
 def test_too_small_input_is_a_usage_error():
     with pytest.raises(UsageError, match="at least 75"):
         backbones.build("inceptionv3", size=64, weights="none")
+
+
+@pytest.mark.parametrize("name", ["mobilenet", "resnet50", "efficientnetb0", "densenet121"])
+def test_inference_graph_with_folded_batch_norms_matches_keras(name):
+    """Conv -> batch norm pairs folded into constants: same outputs as the Keras model, to float rounding."""
+    import keras
+    import tensorflow as tf
+
+    from tlcli.layers import feature_model
+
+    model = feature_model(backbones.build(name, size=32, weights="none"), flip_average=False, n_views=2)
+    rng = np.random.default_rng(0)
+    norms = [layer for layer in model._flatten_layers() if isinstance(layer, keras.layers.BatchNormalization)]
+    for bn in norms:
+        for v in (bn.moving_mean, bn.beta):
+            v.assign(rng.normal(0, 0.1, v.shape).astype("float32"))
+        for v in (bn.gamma, bn.moving_variance):
+            v.assign(rng.uniform(0.8, 1.2, v.shape).astype("float32"))
+    values = {id(v): v.numpy() for v in model.variables}
+    images._fold_batch_norms(model, values)
+    assert any(not values[id(bn.moving_mean)].any() for bn in norms), "no batch norm was folded"
+    pixels = rng.integers(0, 256, (4, 2, 32, 32, 3), dtype=np.uint8)
+    expected = model(tf.cast(pixels, tf.float32), training=False).numpy()
+    got = images.inference_function(model, 4, (2, 32, 32, 3))(pixels).numpy()
+    np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-4 * np.abs(expected).max())

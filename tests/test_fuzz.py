@@ -469,7 +469,7 @@ def image_folder(draw) -> list[tuple[str, bytes]]:
 @fuzz(6, deadline=60)
 @given(files=image_folder(), policy=st.sampled_from(images.RESIZE_POLICIES))
 def test_batch_pipeline_keeps_good_files_and_lists_bad_ones(files: list[tuple[str, bytes]], policy: str):
-    """Through tf.data and a model: decodable files give the model's output, the rest are skipped with the reason."""
+    """Through the batch pipeline and a model: decodable files give its output, the rest are skipped with the reason."""
     model = pooling_model()
     with tempfile.TemporaryDirectory(prefix="tlcli-fuzz-") as tmp:
         paths = []

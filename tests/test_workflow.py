@@ -66,6 +66,36 @@ def test_extract_is_incremental(cli, keras_home, colour_dataset, tmp_path):
     assert same and all(np.array_equal(after[p], before[p]) for p in same)
 
 
+def test_a_rerun_runs_the_saved_graph_without_building_the_backbone(
+    cli, keras_home, colour_dataset, tmp_path, monkeypatch
+):
+    from tlcli import backbones
+
+    out = tmp_path / "f"
+    _extract(cli, colour_dataset, out)
+    saved = out / json.loads((out / "meta.json").read_text())["extractor"]["file"]
+    make_photo(colour_dataset / "red" / "new1.jpg", (210, 30, 30), seed=77)
+    with monkeypatch.context() as m:
+        m.setattr(backbones, "build", lambda *a, **k: pytest.fail("the backbone was built again"))
+        assert _extract(cli, colour_dataset, out)["extracted"] == 1
+    fresh = tmp_path / "g"
+    _extract(cli, colour_dataset, fresh)
+
+    def vectors(store):
+        found = {}
+        for split in ("train", "val", "test"):
+            s = Store.open(store).split(split)
+            found.update(zip(s.paths, s.features, strict=True))
+        return found
+
+    np.testing.assert_allclose(vectors(out)["red/new1.jpg"], vectors(fresh)["red/new1.jpg"], rtol=1e-5, atol=1e-5)
+    saved.write_bytes(b"damaged")
+    make_photo(colour_dataset / "blue" / "new2.jpg", (30, 30, 210), seed=78)
+    assert _extract(cli, colour_dataset, out)["extracted"] == 1
+    rebuilt = json.loads((out / "meta.json").read_text())["extractor"]["file"]
+    assert (out / rebuilt).read_bytes() != b"damaged"
+
+
 def test_bad_files_are_skipped_and_listed(cli, keras_home, colour_dataset, tmp_path):
     red = colour_dataset / "red"
     (red / "zero.jpg").write_bytes(b"")
@@ -266,6 +296,23 @@ def test_weights_file_option(cli, keras_home, colour_dataset, tmp_path):
     wrong = cli("extract", colour_dataset, "--out", tmp_path / "g", "--backbone", "mobilenetv2", "--weights", weights)
     assert wrong.exit_code == 2 and "does not fit mobilenetv2" in wrong.stderr
     os.chmod(tmp_path, 0o755)
+
+
+def test_a_changed_weights_file_re_extracts_everything(cli, keras_home, colour_dataset, tmp_path):
+    """New weights at the same path change the store's key: nothing is reused."""
+    import h5py
+
+    weights = tmp_path / "w.h5"
+    shutil.copy(keras_home / "models" / "mobilenet_2_5_224_tf_no_top.h5", weights)
+    first = _extract(cli, colour_dataset, tmp_path / "f", "--weights", weights)
+    assert _extract(cli, colour_dataset, tmp_path / "f", "--weights", weights)["extracted"] == 0
+    with h5py.File(weights, "r+") as f:
+        kernels = []
+        f.visititems(lambda name, obj: kernels.append(obj) if isinstance(obj, h5py.Dataset) and obj.ndim == 4 else None)
+        kernels[0][...] = kernels[0][...] * 1.5
+    again = _extract(cli, colour_dataset, tmp_path / "f", "--weights", weights)
+    assert again["replaced_key"] == first["key"] != again["key"]
+    assert again["extracted"] == again["stored"] == first["stored"]
 
 
 def test_a_second_writer_is_refused_and_a_dead_ones_lock_is_taken_over(cli, keras_home, colour_dataset, tmp_path):

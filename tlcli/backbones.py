@@ -238,6 +238,12 @@ def dtype_policy(precision: str) -> Iterator[None]:
         keras.mixed_precision.set_global_policy(previous)
 
 
+def weights_label(weights: str | None) -> str:
+    """How ``--weights`` is recorded: 'imagenet', 'none' or the file's absolute path."""
+    lowered = (weights or "none").lower()
+    return lowered if lowered in ("imagenet", "none") else str(Path(weights).resolve())
+
+
 @dataclass
 class Backbone:
     """A built feature extractor: pixels already preprocessed in, pooled feature vector out."""
@@ -249,6 +255,7 @@ class Backbone:
     weights: str
     weights_sha256: str | None
     precision: str = "float32"
+    weights_file: str | None = None
 
     @property
     def key(self) -> str:
@@ -304,18 +311,10 @@ def build(
         kwargs["pooling"] = pooling
     if alpha is not None:
         kwargs["alpha"] = alpha
-    weights_arg: str | None
-    wl = (weights or "none").lower()
-    if wl == "imagenet":
-        weights_arg, label = "imagenet", "imagenet"
-    elif wl == "none":
-        weights_arg, label = None, "none"
-    else:
-        if not os.path.isfile(weights):
-            raise UsageError(
-                f"weights file {weights} does not exist; pass a .h5/.weights.h5 file, 'imagenet' or 'none'"
-            )
-        weights_arg, label = None, str(Path(weights).resolve())
+    label = weights_label(weights)
+    weights_arg = "imagenet" if label == "imagenet" else None
+    if label not in ("imagenet", "none") and not os.path.isfile(weights):
+        raise UsageError(f"weights file {weights} does not exist; pass a .h5/.weights.h5 file, 'imagenet' or 'none'")
     record: list = []
     import warnings
 
@@ -338,5 +337,5 @@ def build(
                 f"weights file {weights} does not fit {sp.name} (include_top={include_top}): {first}"
             ) from None
         raise UsageError(f"cannot build {sp.name}: {first}") from None
-    sha = _sha256(record[-1]) if record else (_sha256(weights) if label not in ("imagenet", "none") else None)
-    return Backbone(sp, model, size, alpha, label, sha, precision)
+    source = record[-1] if record else (label if label not in ("imagenet", "none") else None)
+    return Backbone(sp, model, size, alpha, label, _sha256(source) if source else None, precision, source)

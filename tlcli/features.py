@@ -20,6 +20,8 @@ from tlcli.errors import UsageError
 
 STORE_FORMAT = 1
 META = "meta.json"
+EXTRACTOR = "extractor"
+DESCRIBED = ("backbone", "alpha", "input_size", "weights", "weights_sha256", "feature_dim", "precision")
 LOCK_NAME = ".tlcli.lock"
 COLUMNS = ("features", "labels", "paths", "hashes", "sizes", "mtimes")
 _DTYPES = {
@@ -65,7 +67,12 @@ class Split:
 
 @dataclass
 class Store:
-    """A feature store folder: meta.json plus {train,val,test}.npz."""
+    """A feature store folder: meta.json plus one ``<split>-<content hash>.npz`` per split and the
+    traced feature graph ``extractor-<content hash>.pb`` (so a re-run need not rebuild the backbone).
+
+    meta.json names these files and is written last, so replacing it is the single step that
+    commits a new store: a killed extract leaves the previous store whole.
+    """
 
     root: Path
     meta: dict
@@ -149,10 +156,11 @@ def _write_split(root: Path, name: str, arrays: dict) -> str:
 
 
 def _drop_unreferenced(root: Path, meta: dict) -> None:
-    """Delete split files the committed meta.json no longer names (the previous store's)."""
+    """Delete split and extractor files the committed meta.json no longer names (the previous store's)."""
     keep = {s["file"] for s in meta["splits"].values() if "file" in s}
-    for path in root.glob("*.npz"):
-        if path.name not in keep and path.stem.split("-")[0] in datasets.SPLITS:
+    keep.add(meta.get(EXTRACTOR, {}).get("file"))
+    for path in [*root.glob("*.npz"), *root.glob(f"{EXTRACTOR}-*.pb")]:
+        if path.name not in keep and path.stem.split("-")[0] in (*datasets.SPLITS, EXTRACTOR):
             path.unlink(missing_ok=True)
 
 
@@ -196,19 +204,82 @@ def _plan(data_dir: str | os.PathLike, fractions, seed: int) -> tuple[datasets.D
     return ds, assignment, split_source, manifest
 
 
-def _cache(root: Path, key: str) -> tuple[dict, dict, dict, str | None]:
-    """What the store at ``root`` can reuse for ``key``: vectors, file stats, bad files; or the key it replaces."""
+def _open_previous(root: Path) -> Store | None:
+    """The store already at ``root``, or None if there is none or it does not read."""
     if not (root / META).is_file():
-        return {}, {}, {}, None
+        return None
     try:
-        old = Store.open(root)
+        return Store.open(root)
     except UsageError:
+        return None
+
+
+def _cache(old: Store | None, key: str) -> tuple[dict, dict, dict, str | None]:
+    """What store ``old`` can reuse for ``key``: vectors, file stats, bad files; or the key it replaces."""
+    if old is None:
         return {}, {}, {}, None
     if old.meta.get("key") != key:
         return {}, {}, {}, old.meta.get("key")
     vectors, stats = old.cached()
     bad = {b["hash"]: b["reason"] for b in old.meta.get("skipped", []) if b.get("hash")}
     return vectors, stats, bad, None
+
+
+def _weights_stat(path: str | None) -> list[int] | None:
+    """Size and modification time of a weights file, to tell later whether it changed."""
+    if path is None:
+        return None
+    st = os.stat(path)
+    return [st.st_size, st.st_mtime_ns]
+
+
+def _saved_extractor(old: Store | None, options: dict, batch_size: int):
+    """The feature graph a previous extract saved in the store, if it still makes the store's vectors.
+
+    That needs the same options (backbone, alpha, size, weights, resize, flip), batch size and
+    library versions, and the weights file unchanged in size and modification time; then the
+    backbone is neither built nor traced again. Anything unreadable means building it.
+    """
+    saved = old.meta.get(EXTRACTOR) if old is not None else None
+    if not saved or saved.get("batch_size") != batch_size or old.meta.get("versions") != artifacts.versions():
+        return None
+    if any(old.meta.get(k) != v for k, v in options.items()):
+        return None
+    try:
+        if _weights_stat(saved["weights_file"]) != saved["weights_stat"]:
+            return None
+        return images.load_graph((old.root / saved["file"]).read_bytes(), saved["input"], saved["output"])
+    except Exception:  # a damaged or foreign cache file is rebuilt, never an error
+        return None
+
+
+def _save_extractor(root: Path, infer, bb: backbones.Backbone, batch_size: int) -> dict | None:
+    """Write the traced feature graph into the store; its meta.json entry, or None if it reads variables."""
+    graph = images.graph_bytes(infer)
+    if graph is None:
+        return None
+    data, input_name, output_name = graph
+    filename = f"{EXTRACTOR}-{hashlib.blake2b(data, digest_size=8).hexdigest()}.pb"
+    artifacts.write_bytes(root / filename, data)
+    return {
+        "file": filename,
+        "input": input_name,
+        "output": output_name,
+        "batch_size": batch_size,
+        "weights_file": bb.weights_file,
+        "weights_stat": _weights_stat(bb.weights_file),
+    }
+
+
+def _carry_extractor(part: Store, out: Path) -> dict | None:
+    """Copy a shard part's saved feature graph into the merged store, so it is reused like an unsharded one's."""
+    saved = part.meta.get(EXTRACTOR)
+    try:
+        data = (part.root / saved["file"]).read_bytes()
+    except (TypeError, KeyError, OSError):
+        return None
+    artifacts.write_bytes(out / saved["file"], data)
+    return saved
 
 
 Progress = Callable[[int, int], None]
@@ -241,8 +312,16 @@ def extract(
     started = time.perf_counter()
     n_views = len(images.views(resize))
     ds, assignment, split_source, manifest = _plan(data_dir, fractions, seed)
-    bb = backbones.build(backbone, alpha, size, weights, precision=precision)
-    key = f"{bb.key}-{resize}{'-flip' if flip_average else ''}"
+    sp = backbones.spec(backbone)
+    options = {
+        "backbone": sp.name,
+        "alpha": backbones.resolve_alpha(sp, alpha),
+        "input_size": size or sp.size,
+        "weights": backbones.weights_label(weights),
+        "resize": resize,
+        "flip_average": flip_average,
+        "precision": backbones.check_precision(precision),
+    }
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise UsageError(f"--out {out} is a file; give a folder for the feature store")
@@ -255,9 +334,17 @@ def extract(
 
     with locks.lock(root / LOCK_NAME, f"extract is writing {root}", wait=wait):
         artifacts.remove_leftovers(root)
-        vectors, old_stats, old_bad, replaced = _cache(root, key)
+        old = _open_previous(root)
+        infer = _saved_extractor(old, options, batch_size)
+        if infer is not None:
+            key, described, extractor = old.meta["key"], {k: old.meta[k] for k in DESCRIBED}, old.meta[EXTRACTOR]
+        else:
+            bb = backbones.build(backbone, alpha, size, weights, precision=precision)
+            key, described, extractor = f"{bb.key}-{resize}{'-flip' if flip_average else ''}", bb.describe(), None
+            described["feature_dim"] *= n_views
+        vectors, old_stats, old_bad, replaced = _cache(old, key)
         if shard is not None:
-            merged_vectors, merged_stats, merged_bad, _ = _cache(out, key)
+            merged_vectors, merged_stats, merged_bad, _ = _cache(_open_previous(out), key)
             vectors, old_stats, old_bad = (
                 {**merged_vectors, **vectors},
                 {**merged_stats, **old_stats},
@@ -278,12 +365,22 @@ def extract(
         todo = [r for r in records if r[5] is None and r[2] not in vectors and r[2] not in old_bad]
         todo_unique = list({r[2]: r for r in todo}.values())
         fresh_bad: dict[str, str] = {}
+        try:
+            root.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise UsageError(f"cannot create {root}: {exc.strerror}") from None
         if todo_unique:
-            from tlcli.layers import feature_model
+            if infer is None:
+                from tlcli.layers import feature_model
 
-            model = feature_model(bb, flip_average, n_views)
+                model = feature_model(bb, flip_average, n_views)
+                infer = images.inference_function(model, batch_size, images.pixel_shape(options["input_size"], resize))
             paths = [str(ds.root / r[0]) for r in todo_unique]
-            feats, kept, failed = images.apply_model(model, paths, bb.size, resize, batch_size, progress)
+            feats, kept, failed = images.apply_graph(
+                infer, described["feature_dim"], paths, options["input_size"], resize, batch_size, progress
+            )
+            if extractor is None:
+                extractor = _save_extractor(root, infer, bb, batch_size)
             for row, i in zip(feats, kept, strict=True):
                 vectors[todo_unique[i][2]] = row
             digest_of = {path: rec[2] for path, rec in zip(paths, todo_unique, strict=True)}
@@ -303,8 +400,7 @@ def extract(
         meta = {
             "format": STORE_FORMAT,
             "key": key,
-            **bb.describe(),
-            "feature_dim": int(bb.model.output_shape[-1]) * n_views,
+            **described,
             "resize": resize,
             "flip_average": flip_average,
             "data_dir": str(ds.root.resolve()),
@@ -319,6 +415,7 @@ def extract(
             "empty_classes": ds.empty_classes,
             "versions": artifacts.versions(),
             "written": artifacts.timestamp(),
+            **({EXTRACTOR: extractor} if extractor else {}),
         }
         if shard is not None:
             meta["shard"] = shard[0]
@@ -326,8 +423,8 @@ def extract(
         return {
             "out": str(root),
             "key": key,
-            "backbone": bb.spec.name,
-            "precision": bb.precision,
+            "backbone": described["backbone"],
+            "precision": described["precision"],
             "shard": shards.label(*shard) if shard else None,
             "images": len(rows) + len(skipped),
             "stored": len(rows),
@@ -533,9 +630,12 @@ def merge_shards(
             skipped += part.meta.get("skipped", [])
         rows.sort(key=lambda r: order[r.path])
         skipped.sort(key=lambda s: order[s["path"]])
-        replaced = _cache(out, ref["key"])[3]
-        meta = {k: v for k, v in ref.items() if k != "shard"}
+        replaced = _cache(_open_previous(out), ref["key"])[3]
+        meta = {k: v for k, v in ref.items() if k not in ("shard", EXTRACTOR)}
         meta.update(splits={}, skipped=skipped, written=artifacts.timestamp())
+        graph = _carry_extractor(parts[first], out)
+        if graph:
+            meta[EXTRACTOR] = graph
         _write(out, rows, ds.classes, ref["feature_dim"], meta)
         return {
             "out": str(out),

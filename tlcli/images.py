@@ -1,9 +1,12 @@
-"""The one image-loading path: decode any photo to RGB pixels of a fixed size, and batch them with tf.data."""
+"""The one image-loading path: decode any photo to RGB pixels of a fixed size, batch them ahead in threads, and
+run a model over them."""
 
 from __future__ import annotations
 
 import os
+from collections import deque
 from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -83,7 +86,7 @@ def decode(path: str | Path, size: int | None = None) -> Image.Image:
                 )
             im.seek(0)
             im.load()
-            im = ImageOps.exif_transpose(im) or im
+            ImageOps.exif_transpose(im, in_place=True)
             rgb = _to_rgb(im)
             rgb.load()
             if rgb.width < 1 or rgb.height < 1:
@@ -185,6 +188,9 @@ def padded(pixels: np.ndarray, batch_size: int) -> np.ndarray:
     return np.concatenate([pixels, np.zeros((missing, *pixels.shape[1:]), pixels.dtype)])
 
 
+Batch = tuple[np.ndarray, np.ndarray, list[str]]
+
+
 def _load_or_blank(path: bytes, size: int, policy: str) -> tuple[np.ndarray, bool, str]:
     try:
         return load(path.decode("utf-8", "surrogateescape"), size, policy), True, ""
@@ -219,17 +225,139 @@ def decoded(paths: Sequence[str], size: int, policy: str = "crop"):
     )
 
 
-def batches(
-    paths: Sequence[str], size: int, policy: str = "crop", batch_size: int = 32
-) -> Iterator[tuple[np.ndarray, np.ndarray, list[str]]]:
-    """Yield (pixels uint8 [b, *pixel_shape], ok mask [b], error reasons [b]) over ``paths`` in order."""
+def _load_batch(paths: Sequence[str], size: int, policy: str) -> Batch:
+    """Load one batch: pixels (blank where a file is not an image), ok mask and error reasons."""
+    pixels = np.zeros((len(paths), *pixel_shape(size, policy)), np.uint8)
+    ok = np.zeros(len(paths), bool)
+    why = [""] * len(paths)
+    for i, path in enumerate(paths):
+        try:
+            pixels[i] = load(path, size, policy)
+            ok[i] = True
+        except ImageError as exc:
+            why[i] = str(exc)
+    return pixels, ok, why
+
+
+def load_workers() -> int:
+    """Threads that decode images: one per usable core (PIL releases the GIL while decoding and resizing)."""
+    return max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
+
+
+def batches(paths: Sequence[str], size: int, policy: str = "crop", batch_size: int = 32) -> Iterator[Batch]:
+    """Yield (pixels uint8 [b, *pixel_shape], ok mask [b], error reasons [b]) over ``paths`` in order.
+
+    A pool of one thread per core decodes whole batches ahead while the caller runs the model on
+    the previous one; at most one batch per thread and one more wait, so memory does not grow with
+    the number of files. Undecodable files come back with ok=False and a reason instead of raising.
+    """
+    pixel_shape(size, policy)
+    workers = load_workers()
+    with ThreadPoolExecutor(workers, thread_name_prefix="tlcli-load") as pool:
+        ahead: deque[Future] = deque()
+        try:
+            for start in range(0, len(paths), batch_size):
+                ahead.append(pool.submit(_load_batch, paths[start : start + batch_size], size, policy))
+                if len(ahead) > workers:
+                    yield ahead.popleft().result()
+            while ahead:
+                yield ahead.popleft().result()
+        finally:
+            for future in ahead:
+                future.cancel()
+
+
+CONSTANT_WEIGHTS_LIMIT = 1 << 28
+
+
+def _fold_batch_norms(model, values: dict[int, np.ndarray]) -> None:
+    """Fold each batch norm that only follows a convolution into that convolution's weights, in ``values``.
+
+    ``values`` maps id(variable) to its value. The kernel (and bias) are scaled by gamma / sqrt(variance
+    + epsilon) and the batch norm is left adding a shifted beta (mean 0, variance 1 - epsilon, gamma 1),
+    which the graph optimiser reduces to a bias add: one multiply-add pass over the activations less
+    per layer. The same function up to float rounding.
+    """
+    import keras
+
+    layers = model._flatten_layers(include_self=True)
+    outputs = {
+        id(t) for m in layers if isinstance(m, keras.Model) for t in keras.tree.flatten(getattr(m, "outputs", []))
+    }
+    convs = (keras.layers.Conv2D, keras.layers.DepthwiseConv2D)
+    for bn in layers:
+        if not isinstance(bn, keras.layers.BatchNormalization) or not bn.center or len(bn._inbound_nodes) != 1:
+            continue
+        parents = bn._inbound_nodes[0].parent_nodes
+        conv = parents[0].operation if len(parents) == 1 else None
+        if (
+            not isinstance(conv, convs)
+            or len(conv._inbound_nodes) != 1
+            or len(conv._outbound_nodes) != 1
+            or id(conv._inbound_nodes[0].outputs[0]) in outputs
+            or conv.data_format != "channels_last"
+            or conv.activation is not keras.activations.linear
+            or bn.axis not in (-1, len(conv._inbound_nodes[0].outputs[0].shape) - 1)
+        ):
+            continue
+        mean, var = values[id(bn.moving_mean)], values[id(bn.moving_variance)]
+        gamma = values[id(bn.gamma)] if bn.scale else 1.0
+        scale = (gamma / np.sqrt(var.astype(np.float64) + bn.epsilon)).astype(var.dtype)
+        kernel = values[id(conv.kernel)]
+        depthwise = isinstance(conv, keras.layers.DepthwiseConv2D)
+        values[id(conv.kernel)] = kernel * (scale.reshape(kernel.shape[-2:]) if depthwise else scale)
+        if conv.use_bias:
+            values[id(conv.bias)] = values[id(conv.bias)] * scale
+        values[id(bn.beta)] = values[id(bn.beta)] - mean * scale
+        values[id(bn.moving_mean)] = np.zeros_like(mean)
+        values[id(bn.moving_variance)] = np.full_like(var, 1.0 - bn.epsilon)
+        if bn.scale:
+            values[id(bn.gamma)] = np.ones_like(values[id(bn.gamma)])
+
+
+def inference_function(model, batch_size: int, shape: tuple[int, ...]):
+    """A graph that maps a uint8 pixel batch [batch_size, *shape] to the model's outputs.
+
+    Weights up to ``CONSTANT_WEIGHTS_LIMIT`` bytes are traced in as constants rather than variable
+    reads, with batch norms folded into the convolutions before them, so TensorFlow's graph
+    optimiser can fuse each convolution with its bias and activation (MobileNet 0.25: ~40% less
+    CPU time per image, outputs equal to ~2e-5); bigger models read their variables, keeping a
+    single copy of the weights in memory.
+    """
     import tensorflow as tf
 
-    if not paths:
-        return
-    ds = decoded(paths, size, policy).batch(batch_size).prefetch(tf.data.AUTOTUNE)
-    for img, ok, why in ds.as_numpy_iterator():
-        yield img, ok, [w.decode("utf-8", "replace") for w in why]
+    spec = tf.TensorSpec((batch_size, *shape), tf.uint8)
+    if sum(int(np.prod(v.shape)) * np.dtype(v.dtype).itemsize for v in model.variables) > CONSTANT_WEIGHTS_LIMIT:
+        return tf.function(lambda x: model(tf.cast(x, tf.float32), training=False), input_signature=[spec])
+    values = {id(v): v.numpy() for v in model.variables}
+    _fold_batch_norms(model, values)
+    trainable = [values[id(v)] for v in model.trainable_variables]
+    frozen = [values[id(v)] for v in model.non_trainable_variables]
+
+    def run(x):
+        constants = [tf.constant(w) for w in trainable], [tf.constant(w) for w in frozen]
+        return model.stateless_call(*constants, tf.cast(x, tf.float32), training=False)[0]
+
+    return tf.function(run, input_signature=[spec])
+
+
+def graph_bytes(infer) -> tuple[bytes, str, str] | None:
+    """An ``inference_function`` graph as a self-contained GraphDef with its input and output tensor
+    names, to run again without Keras (``load_graph``); None when it reads variables."""
+    concrete = infer.get_concrete_function()
+    if concrete.captured_inputs:
+        return None
+    return concrete.graph.as_graph_def().SerializeToString(), concrete.inputs[0].name, concrete.outputs[0].name
+
+
+def load_graph(data: bytes, input_name: str, output_name: str):
+    """The function ``graph_bytes`` saved: uint8 pixel batch in, outputs out."""
+    import tensorflow as tf
+
+    graph_def = tf.compat.v1.GraphDef.FromString(data)
+    wrapped = tf.compat.v1.wrap_function(lambda: tf.compat.v1.import_graph_def(graph_def, name=""), [])
+    run = wrapped.prune(wrapped.graph.get_tensor_by_name(input_name), wrapped.graph.get_tensor_by_name(output_name))
+    return lambda pixels: run(tf.constant(pixels))
 
 
 def apply_model(
@@ -240,17 +368,28 @@ def apply_model(
     batch_size: int = 32,
     progress: Callable[[int, int], None] | None = None,
 ) -> tuple[np.ndarray, list[int], list[dict]]:
-    """Run a pixels-in model over image files: (outputs of the decodable ones, their indices, skipped files).
+    """Run a pixels-in model over image files: (outputs of the decodable ones, their indices, skipped files)."""
+    infer = inference_function(model, batch_size, pixel_shape(size, resize))
+    return apply_graph(infer, int(model.output_shape[-1]), paths, size, resize, batch_size, progress)
 
-    Short final batches are padded so the compiled model is traced once.
+
+def apply_graph(
+    infer,
+    width: int,
+    paths: Sequence[str],
+    size: int,
+    resize: str,
+    batch_size: int = 32,
+    progress: Callable[[int, int], None] | None = None,
+) -> tuple[np.ndarray, list[int], list[dict]]:
+    """``apply_model`` with the model's graph (``inference_function`` or ``load_graph``) and output width.
+
+    Short final batches are padded so the graph is traced once.
     """
-    import tensorflow as tf
-
-    infer = tf.function(lambda x: model(x, training=False), reduce_retracing=True)
     outputs, kept, skipped = [], [], []
     done = 0
     for pixels, ok, why in batches(list(paths), size, resize, batch_size):
-        out = infer(tf.constant(padded(pixels, batch_size), tf.float32)).numpy()[: len(pixels)]
+        out = np.asarray(infer(padded(pixels, batch_size)))[: len(pixels)]
         for j in range(len(pixels)):
             if ok[j]:
                 outputs.append(out[j])
@@ -260,5 +399,4 @@ def apply_model(
         done += len(pixels)
         if progress:
             progress(done, len(paths))
-    width = int(model.output_shape[-1])
     return np.asarray(outputs, np.float32).reshape(-1, width), kept, skipped
