@@ -18,7 +18,6 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".gif", ".bmp", ".webp", ".tif", ".
 RESIZE_POLICIES = ("squash", "crop", "pad")
 DEFAULT_RESIZE = "crop+pad"
 PAD_VALUE = 127
-MAX_CROP_ASPECT = 64
 TILE_PIXELS = 1 << 20
 
 ImageFile.LOAD_TRUNCATED_IMAGES = False
@@ -125,21 +124,17 @@ def fit(im: Image.Image, size: int, policy: str = "crop") -> Image.Image:
     """Resize to size x size.
 
     ``squash`` ignores the aspect ratio, ``crop`` fills the square then centre-crops, ``pad`` fits
-    the whole photo and pads with grey. Past ``MAX_CROP_ASPECT``, ``crop`` resamples only the source
-    box under the crop: scaling a 1x2,000,000 strip whole would take gigabytes.
+    the whole photo and pads with grey. ``crop`` resamples only the centred square box of the
+    source, never the parts it would cut off: a quarter less work on a 4:3 photo, and a 1x2,000,000
+    strip costs no more than its square.
     """
     if policy == "squash":
         return im.resize((size, size), Image.BILINEAR, reducing_gap=3.0)
     w, h = im.size
     if policy == "crop":
-        scale = size / min(w, h)
-        nw, nh = max(size, round(w * scale)), max(size, round(h * scale))
-        left, top = (nw - size) // 2, (nh - size) // 2
-        if max(nw, nh) > MAX_CROP_ASPECT * size:
-            box = (left * w / nw, top * h / nh, (left + size) * w / nw, (top + size) * h / nh)
-            return im.resize((size, size), Image.BILINEAR, box=box, reducing_gap=3.0)
-        im = im.resize((nw, nh), Image.BILINEAR, reducing_gap=3.0)
-        return im.crop((left, top, left + size, top + size))
+        side = min(w, h)
+        box = ((w - side) / 2, (h - side) / 2, (w + side) / 2, (h + side) / 2)
+        return im.resize((size, size), Image.BILINEAR, box=box, reducing_gap=3.0)
     if policy == "pad":
         scale = size / max(w, h)
         nw, nh = max(1, round(w * scale)), max(1, round(h * scale))
