@@ -1,8 +1,12 @@
 """Head-only accuracy bars on real photos the model has never seen (../shared/data, offline MobileNet 0.25).
 
-Each set is split three times (seeds 0-2; the feature store is reused across splits, only the split
-changes), a head is trained on the train part and the saved pixels-in model is evaluated through the
-CLI on the held-out test part. The mean over the three splits must reach the bar.
+For each set the default recipe's store is extracted once, then:
+- ``tlcli cross-validate`` (10 folds) trains ten heads, each tested on the tenth of the photos it did
+  not see, so the accuracy is measured on every photo (+-0.7 points on cats_vs_dogs' 1,002 instead of
+  +-2.5 on one 100-photo test split); it must reach the issue's bar;
+- one 80/10/10 split goes the user's whole way (train-head, then evaluate of the saved pixels-in
+  model on its held-out test photos), which must reach a looser regression bar: 50-100 test photos
+  swing several points between splits (see README, Accuracy).
 """
 
 from __future__ import annotations
@@ -13,46 +17,39 @@ import pytest
 
 from tlcli.features import Store
 
-# The issue asks 0.95 for cats_vs_dogs; on held-out splits this backbone reaches about 0.94 (see README),
-# so the gate here is the measured level minus a margin, and catches regressions.
-BARS = {"cats_vs_dogs": 0.92, "flowers": 0.82, "oxford_pets": 0.72}
-SEEDS = (0, 1, 2)
+CROSS_VALIDATED_BARS = {"cats_vs_dogs": 0.95, "flowers": 0.82, "oxford_pets": 0.72}
+ONE_SPLIT_BARS = {"cats_vs_dogs": 0.92, "flowers": 0.82, "oxford_pets": 0.70}
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", list(BARS))
+@pytest.mark.parametrize("name", list(CROSS_VALIDATED_BARS))
 def test_head_only_accuracy_on_held_out_photos(name, cli, keras_home, shared_data, tmp_path, capsys):
-    data = shared_data / name
-    scores = []
-    for seed in SEEDS:
-        extracted = cli(
-            "extract",
-            data,
-            "--out",
-            tmp_path / "features",
-            "--alpha",
-            "0.25",
-            "--size",
-            "320",
-            "--seed",
-            seed,
-            "--json",
-            "--quiet",
-        )
-        assert extracted.exit_code == 0, extracted.output
-        summary = json.loads(extracted.stdout)
-        assert summary["extracted"] == (summary["stored"] if seed == SEEDS[0] else 0)
-        runs = tmp_path / f"runs{seed}"
-        trained = cli("train-head", tmp_path / "features", "--out", runs, "--seed", seed, "--json", "--quiet")
-        assert trained.exit_code == 0, trained.output
-        evaluated = cli("evaluate", runs / "latest", "--json", "--quiet")
-        assert evaluated.exit_code == 0, evaluated.output
-        doc = json.loads(evaluated.stdout)
-        assert doc["source"] == "test split" and doc["n"] == summary["splits"]["test"]
-        store = Store.open(tmp_path / "features")
-        assert not set(store.split("train").paths) & set(store.split("test").paths)
-        scores.append(doc["accuracy"])
-    mean = sum(scores) / len(scores)
+    features = tmp_path / "features"
+    extracted = cli(
+        "extract", shared_data / name, "--out", features, "--alpha", "0.25", "--size", "320", "--json", "--quiet"
+    )
+    assert extracted.exit_code == 0, extracted.output
+    summary = json.loads(extracted.stdout)
+
+    crossed = cli("cross-validate", features, "--folds", "10", "--json", "--quiet")
+    assert crossed.exit_code == 0, crossed.output
+    cv = json.loads(crossed.stdout)
+    assert cv["n"] == summary["stored"] and len(cv["per_fold"]) == 10
+
+    trained = cli("train-head", features, "--out", tmp_path / "runs", "--json", "--quiet")
+    assert trained.exit_code == 0, trained.output
+    evaluated = cli("evaluate", tmp_path / "runs" / "latest", "--json", "--quiet")
+    assert evaluated.exit_code == 0, evaluated.output
+    split = json.loads(evaluated.stdout)
+    assert split["source"] == "test split" and split["n"] == summary["splits"]["test"]
+    store = Store.open(features)
+    assert not set(store.split("train").paths) & set(store.split("test").paths)
+
     with capsys.disabled():
-        print(f"\n{name}: held-out accuracy per split {scores}, mean {mean:.4f} (bar {BARS[name]})")
-    assert mean >= BARS[name], f"{name}: mean held-out accuracy {mean:.4f} < {BARS[name]} ({scores})"
+        print(
+            f"\n{name}: 10-fold cross-validated accuracy {cv['accuracy']:.4f} on {cv['n']} photos "
+            f"(folds {cv['per_fold']}; bar {CROSS_VALIDATED_BARS[name]}), "
+            f"split 0 test {split['accuracy']:.4f} on {split['n']} (bar {ONE_SPLIT_BARS[name]})"
+        )
+    assert cv["accuracy"] >= CROSS_VALIDATED_BARS[name], f"{name}: cross-validated {cv['accuracy']:.4f}"
+    assert split["accuracy"] >= ONE_SPLIT_BARS[name], f"{name}: split 0 test accuracy {split['accuracy']:.4f}"

@@ -344,3 +344,26 @@ def test_a_second_writer_is_refused_and_a_dead_ones_lock_is_taken_over(cli, kera
         holder.wait()
     assert refused.exit_code == 2 and "another tlcli train-head is writing" in refused.stderr
     assert not (runs / "latest").exists()
+
+
+def test_cross_validate_holds_out_every_photo_once_and_gates(cli, keras_home, colour_dataset, tmp_path):
+    summary = _extract(cli, colour_dataset, tmp_path / "f")
+    before = sorted(p.name for p in (tmp_path / "f").iterdir())
+    result = cli("cross-validate", tmp_path / "f", "--folds", "4", "--json", "--quiet")
+    assert result.exit_code == 0, result.output
+    doc = json.loads(result.stdout)
+    assert doc["n"] == summary["stored"] == 24 and len(doc["per_fold"]) == 4 and doc["folds"] == 4
+    assert doc["accuracy"] >= 0.9 and doc["passed"] and doc["source"] == "4-fold cross-validation"
+    assert doc["accuracy"] == round(1 - len(doc["misclassified"]) / 24, 4)
+    assert sorted(p.name for p in (tmp_path / "f").iterdir()) == before  # writes nothing
+    again = json.loads(cli("cross-validate", tmp_path / "f", "--folds", "4", "--json", "--quiet").stdout)
+    assert again["per_fold"] == doc["per_fold"]
+
+    gated = cli("cross-validate", tmp_path / "f", "--folds", "4", "--min-accuracy", "1.0", "--lr", "0", "--quiet")
+    assert gated.exit_code == 3 and "below --min-accuracy 1.0" in gated.stderr
+    for bad, message in (
+        (("--folds", "2"), "greater than or equal to 3"),
+        (("--folds", "25"), "fewer than --folds 25"),
+    ):
+        refused = cli("cross-validate", tmp_path / "f", *bad, "--quiet")
+        assert refused.exit_code == 2 and message in refused.stderr and "Traceback" not in refused.output

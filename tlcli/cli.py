@@ -648,6 +648,70 @@ def evaluate_cmd(
         raise GateError(f"accuracy {result['accuracy']:.4f} is below --min-accuracy {min_accuracy}")
 
 
+@app.command("cross-validate")
+@handles_errors
+def cross_validate_cmd(
+    ctx: typer.Context,
+    features_dir: Annotated[Path, typer.Argument(help="Feature store written by 'tlcli extract'.")],
+    folds: Annotated[int, typer.Option(min=3, help="Folds: each photo is held out once.")] = 10,
+    min_accuracy: Annotated[
+        Optional[float], typer.Option(min=0.0, max=1.0, help="Exit 3 when accuracy is below this (CI gate).")
+    ] = None,
+    epochs: Annotated[int, typer.Option(min=1, help="Maximum epochs (early stopping on the val fold).")] = 600,
+    batch_size: BatchOpt = 64,
+    lr: Annotated[float, typer.Option(min=0.0, help="Adam learning rate.")] = 1e-3,
+    dropout: Annotated[float, typer.Option(min=0.0, max=0.95, help="Dropout before the softmax layer.")] = 0.5,
+    l2: Annotated[float, typer.Option(min=0.0, help="L2 weight penalty of the softmax layer.")] = 1e-3,
+    patience: Annotated[int, typer.Option(min=1, help="Epochs without val improvement before stopping.")] = 30,
+    refit: Annotated[
+        bool,
+        typer.Option("--refit/--no-refit", help="After early stopping picks the epochs, retrain on train+val."),
+    ] = True,
+    balance: Annotated[bool, typer.Option("--balance/--no-balance", help="Class weights against imbalance.")] = True,
+    seed: SeedOpt = 0,
+    as_json: JsonOpt = False,
+    device: DeviceOpt = "auto",
+    quiet: QuietOpt = False,
+    config: ConfigOpt = None,
+) -> None:
+    """Accuracy of train-head's recipe measured on every stored photo: k heads, each tested on the fold it did not see.
+
+    Writes nothing; use it to compare options, or as a CI gate, when one test split is too small to tell.
+    """
+    from tlcli import crossval
+
+    use_device(device, quiet or as_json)
+    with progress_bar("cross-validating (folds)", quiet or as_json) as bar:
+        result = crossval.cross_validate(
+            features_dir,
+            folds=folds,
+            seed=seed,
+            epochs=epochs,
+            batch_size=batch_size,
+            learning_rate=lr,
+            dropout=dropout,
+            l2=l2,
+            patience=patience,
+            balance=balance,
+            refit=refit,
+            progress=bar,
+        )
+    gate_failed = min_accuracy is not None and result["accuracy"] < min_accuracy
+    result["min_accuracy"] = min_accuracy
+    result["passed"] = not gate_failed
+    if as_json:
+        emit_json({k: v for k, v in result.items() if k != "confusion"})
+    else:
+        out.print(_per_class_table(result))
+        out.print(
+            f"accuracy {result['accuracy']:.4f} on {result['n']} held-out images "
+            f"(per fold {', '.join(f'{a:.3f}' for a in result['per_fold'])}; std {result['fold_std']:.3f}), "
+            f"{len(result['misclassified'])} misclassified, {result['seconds']:.1f}s"
+        )
+    if gate_failed:
+        raise GateError(f"cross-validated accuracy {result['accuracy']:.4f} is below --min-accuracy {min_accuracy}")
+
+
 @app.command("predict")
 @handles_errors
 def predict_cmd(

@@ -175,6 +175,71 @@ def fit_head(
     return history
 
 
+def fit_and_refit(
+    train_split: Split,
+    val_split: Split,
+    n_classes: int,
+    *,
+    epochs: int,
+    batch_size: int,
+    learning_rate: float,
+    dropout: float,
+    l2: float,
+    patience: int,
+    balance: bool,
+    refit: bool,
+    seed: int,
+    on_epoch: Callable[[int, int, dict], None] | None = None,
+    log: Callable[[str], None] = lambda _: None,
+) -> tuple[object, dict[str, list[float]], np.ndarray | None]:
+    """Train-head's recipe on feature splits: early stopping on val, then (with ``refit``) a fresh head
+    trained on train+val for the best epoch count. Returns the head, its history and the early-stopped
+    head's val probabilities (taken before the refit sees the val images; None without val images)."""
+    seeded(seed)
+    head = build_head(train_split.features.shape[1], n_classes, dropout, l2)
+    has_val = len(val_split.labels) > 0
+    hist = fit_head(
+        head,
+        train_split,
+        val_split if has_val else None,
+        epochs,
+        batch_size,
+        learning_rate,
+        patience,
+        _class_weights(train_split.labels, n_classes) if balance else None,
+        seed,
+        on_epoch,
+    )
+    log(
+        f"stopped after {len(hist['loss'])} epochs"
+        + (f", best val loss {min(hist['val_loss']):.4f}" if has_val else "")
+    )
+    val_probs = np.asarray(head(val_split.features, training=False)) if has_val else None
+    if refit and has_val:
+        refit_epochs = int(np.argmin(hist["val_loss"])) + 1
+        both = Split(
+            np.concatenate([train_split.features, val_split.features]),
+            np.concatenate([train_split.labels, val_split.labels]),
+            train_split.paths + val_split.paths,
+        )
+        log(f"refit on train+val ({len(both.labels)} images) for {refit_epochs} epochs")
+        seeded(seed)
+        head = build_head(train_split.features.shape[1], n_classes, dropout, l2)
+        refit_hist = fit_head(
+            head,
+            both,
+            None,
+            refit_epochs,
+            batch_size,
+            learning_rate,
+            refit_epochs + 1,
+            _class_weights(both.labels, n_classes) if balance else None,
+            seed,
+        )
+        hist["refit_loss"] = refit_hist["loss"]
+    return head, hist, val_probs
+
+
 def _check_expectations(meta: dict, backbone: str | None, size: int | None, alpha: float | None) -> None:
     if backbone and backbones.spec(backbone).name != meta["backbone"]:
         raise UsageError(
@@ -298,57 +363,27 @@ def train(
         f"val {len(val_split.labels)}, test {len(test_split.labels)} images, {n_classes} classes"
     )
     log(f"head: dropout {dropout}, l2 {l2}, lr {learning_rate}, batch {batch_size}, epochs <= {epochs}, seed {seed}")
-    seeded(seed)
-    head = build_head(train_split.features.shape[1], n_classes, dropout, l2)
     has_val = len(val_split.labels) > 0
     fit_t = time.perf_counter()
-    on_epoch = _epoch_observer(progress, tensorboard, log)
-    hist = fit_head(
-        head,
+    head, hist, val_probs = fit_and_refit(
         train_split,
-        val_split if has_val else None,
-        epochs,
-        batch_size,
-        learning_rate,
-        patience,
-        _class_weights(train_split.labels, n_classes) if balance else None,
-        seed,
-        on_epoch,
+        val_split,
+        n_classes,
+        epochs=epochs,
+        batch_size=batch_size,
+        learning_rate=learning_rate,
+        dropout=dropout,
+        l2=l2,
+        patience=patience,
+        balance=balance,
+        refit=refit and fine_tune is None,
+        seed=seed,
+        on_epoch=_epoch_observer(progress, tensorboard, log),
+        log=log,
     )
-    log(
-        f"stopped after {len(hist['loss'])} epochs"
-        + (f", best val loss {min(hist['val_loss']):.4f}" if has_val else "")
-    )
-
-    # val accuracy of the early-stopped head, before a refit sees the val images
-    val_metrics = (
-        evaluate.metrics(val_split.labels, head.predict(val_split.features, verbose=0, batch_size=256), classes)
-        if has_val
-        else None
-    )
-    refit_epochs = None
-    if refit and has_val and fine_tune is None:
-        refit_epochs = int(np.argmin(hist["val_loss"])) + 1
-        both = Split(
-            np.concatenate([train_split.features, val_split.features]),
-            np.concatenate([train_split.labels, val_split.labels]),
-            train_split.paths + val_split.paths,
-        )
-        log(f"refit on train+val ({len(both.labels)} images) for {refit_epochs} epochs")
-        seeded(seed)
-        head = build_head(train_split.features.shape[1], n_classes, dropout, l2)
-        refit_hist = fit_head(
-            head,
-            both,
-            None,
-            refit_epochs,
-            batch_size,
-            learning_rate,
-            refit_epochs + 1,
-            _class_weights(both.labels, n_classes) if balance else None,
-            seed,
-        )
-        hist["refit_loss"] = refit_hist["loss"]
+    # val accuracy of the early-stopped head, before a refit saw the val images
+    val_metrics = evaluate.metrics(val_split.labels, val_probs, classes) if has_val else None
+    refit_epochs = len(hist["refit_loss"]) if "refit_loss" in hist else None
     tuned, fine_tune_lr = None, None
     if fine_tune is None:
         full, _ = pixels_model(meta, head)

@@ -1,0 +1,111 @@
+"""K-fold cross-validation of train-head's recipe on a feature store: every photo is held out once.
+
+On a few hundred photos one 10% test split measures accuracy to about +-2.5 points; pooling the
+held-out predictions of k folds measures it on every photo, to under one point on a thousand.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable
+
+import numpy as np
+
+from tlcli import evaluate, head
+from tlcli.errors import UsageError
+from tlcli.features import Split, Store
+
+
+def fold_of(labels: np.ndarray, folds: int, seed: int) -> np.ndarray:
+    """Stratified fold index of each row: each class is shuffled (seeded) and dealt round the folds."""
+    rng = np.random.default_rng(seed)
+    assigned = np.empty(len(labels), np.int64)
+    for c in np.unique(labels):
+        rows = np.flatnonzero(labels == c)
+        rng.shuffle(rows)
+        assigned[rows] = (np.arange(len(rows)) + rng.integers(folds)) % folds
+    return assigned
+
+
+def _subset(split: Split, rows: np.ndarray) -> Split:
+    return Split(split.features[rows], split.labels[rows], [split.paths[i] for i in rows])
+
+
+def cross_validate(
+    features_dir: str | os.PathLike,
+    folds: int = 10,
+    seed: int = 0,
+    epochs: int = 600,
+    batch_size: int = 64,
+    learning_rate: float = 1e-3,
+    dropout: float = 0.5,
+    l2: float = 1e-3,
+    patience: int = 30,
+    balance: bool = True,
+    refit: bool = True,
+    progress: Callable[[int, int], None] | None = None,
+) -> dict:
+    """Pool the store's splits, and for each fold train a head on the other folds (one of them as the
+    early-stopping val fold, the rest as train, then refit on both) and predict the held-out fold.
+
+    Returns pooled metrics over all photos (as ``evaluate``), per-fold accuracies and the misclassified files.
+    Writes nothing.
+    """
+    started = time.perf_counter()
+    store = Store.open(features_dir)
+    parts = [store.split(s) for s in ("train", "val", "test")]
+    every = Split(
+        np.concatenate([p.features for p in parts]),
+        np.concatenate([p.labels for p in parts]),
+        [path for p in parts for path in p.paths],
+    )
+    classes = store.meta["classes"]
+    n = len(every.labels)
+    if folds < 3:
+        raise UsageError(f"--folds {folds}: need at least 3 (one held out, one for early stopping, the rest to train)")
+    if n < folds:
+        raise UsageError(f"{features_dir} holds {n} images, fewer than --folds {folds}; use fewer folds")
+    if len(np.unique(every.labels)) < 2:
+        raise UsageError(f"{features_dir} holds a single class; a classifier needs at least two")
+    assigned = fold_of(every.labels, folds, seed)
+    probs = np.zeros((n, len(classes)), np.float32)
+    per_fold = []
+    for i in range(folds):
+        held, val_fold = assigned == i, assigned == (i + 1) % folds
+        trained, _, _ = head.fit_and_refit(
+            _subset(every, np.flatnonzero(~held & ~val_fold)),
+            _subset(every, np.flatnonzero(val_fold)),
+            len(classes),
+            epochs=epochs,
+            batch_size=batch_size,
+            learning_rate=learning_rate,
+            dropout=dropout,
+            l2=l2,
+            patience=patience,
+            balance=balance,
+            refit=refit,
+            seed=seed * folds + i,
+        )
+        rows = np.flatnonzero(held)
+        probs[rows] = np.asarray(trained(every.features[rows], training=False))
+        per_fold.append(round(float((probs[rows].argmax(1) == every.labels[rows]).mean()), 4))
+        if progress:
+            progress(i + 1, folds)
+    result = evaluate.metrics(every.labels, probs, classes)
+    pred = probs.argmax(1)
+    result.update(
+        source=f"{folds}-fold cross-validation",
+        features=str(features_dir),
+        features_key=store.meta["key"],
+        folds=folds,
+        seed=seed,
+        per_fold=per_fold,
+        fold_std=round(float(np.std(per_fold)), 4),
+        misclassified=[
+            {"path": every.paths[i], "label": classes[every.labels[i]], "predicted": classes[pred[i]]}
+            for i in np.flatnonzero(pred != every.labels)
+        ],
+        seconds=round(time.perf_counter() - started, 3),
+    )
+    return result
