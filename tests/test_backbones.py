@@ -102,5 +102,5 @@ def test_inference_graph_with_folded_batch_norms_matches_keras(name):
     assert any(not values[id(bn.moving_mean)].any() for bn in norms), "no batch norm was folded"
     pixels = rng.integers(0, 256, (4, 2, 32, 32, 3), dtype=np.uint8)
     expected = model(tf.cast(pixels, tf.float32), training=False).numpy()
-    got = images.inference_function(model, 4, (2, 32, 32, 3))(pixels).numpy()
+    got = images.inference_function(model, (2, 32, 32, 3))(pixels).numpy()
     np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-4 * np.abs(expected).max())

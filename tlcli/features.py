@@ -233,15 +233,16 @@ def _weights_stat(path: str | None) -> list[int] | None:
     return [st.st_size, st.st_mtime_ns]
 
 
-def _saved_extractor(old: Store | None, options: dict, batch_size: int):
+def _saved_extractor(old: Store | None, options: dict):
     """The feature graph a previous extract saved in the store, if it still makes the store's vectors.
 
-    That needs the same options (backbone, alpha, size, weights, resize, flip), batch size and
-    library versions, and the weights file unchanged in size and modification time; then the
-    backbone is neither built nor traced again. Anything unreadable means building it.
+    That needs a graph that takes any batch size, the same options (backbone, alpha, size, weights,
+    resize, flip, precision) and library versions, and the weights file unchanged in size and
+    modification time; then the backbone is neither built nor traced again. Anything unreadable
+    means building it.
     """
     saved = old.meta.get(EXTRACTOR) if old is not None else None
-    if not saved or saved.get("batch_size") != batch_size or old.meta.get("versions") != artifacts.versions():
+    if not saved or not saved.get("any_batch") or old.meta.get("versions") != artifacts.versions():
         return None
     if any(old.meta.get(k) != v for k, v in options.items()):
         return None
@@ -253,7 +254,7 @@ def _saved_extractor(old: Store | None, options: dict, batch_size: int):
         return None
 
 
-def _save_extractor(root: Path, infer, bb: backbones.Backbone, batch_size: int) -> dict | None:
+def _save_extractor(root: Path, infer, bb: backbones.Backbone) -> dict | None:
     """Write the traced feature graph into the store; its meta.json entry, or None if it reads variables."""
     graph = images.graph_bytes(infer)
     if graph is None:
@@ -265,7 +266,7 @@ def _save_extractor(root: Path, infer, bb: backbones.Backbone, batch_size: int) 
         "file": filename,
         "input": input_name,
         "output": output_name,
-        "batch_size": batch_size,
+        "any_batch": True,
         "weights_file": bb.weights_file,
         "weights_stat": _weights_stat(bb.weights_file),
     }
@@ -335,7 +336,7 @@ def extract(
     with locks.lock(root / LOCK_NAME, f"extract is writing {root}", wait=wait):
         artifacts.remove_leftovers(root)
         old = _open_previous(root)
-        infer = _saved_extractor(old, options, batch_size)
+        infer = _saved_extractor(old, options)
         if infer is not None:
             key, described, extractor = old.meta["key"], {k: old.meta[k] for k in DESCRIBED}, old.meta[EXTRACTOR]
         else:
@@ -374,13 +375,13 @@ def extract(
                 from tlcli.layers import feature_model
 
                 model = feature_model(bb, flip_average, n_views)
-                infer = images.inference_function(model, batch_size, images.pixel_shape(options["input_size"], resize))
+                infer = images.inference_function(model, images.pixel_shape(options["input_size"], resize))
             paths = [str(ds.root / r[0]) for r in todo_unique]
             feats, kept, failed = images.apply_graph(
                 infer, described["feature_dim"], paths, options["input_size"], resize, batch_size, progress
             )
             if extractor is None:
-                extractor = _save_extractor(root, infer, bb, batch_size)
+                extractor = _save_extractor(root, infer, bb)
             for row, i in zip(feats, kept, strict=True):
                 vectors[todo_unique[i][2]] = row
             digest_of = {path: rec[2] for path, rec in zip(paths, todo_unique, strict=True)}
