@@ -137,6 +137,18 @@ JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON document o
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars or logs on stderr.")]
 SeedOpt = Annotated[int, typer.Option(help="Random seed for splits, initialisation and shuffling.")]
 BatchOpt = Annotated[int, typer.Option(min=1, help="Images per batch.")]
+EpochsOpt = Annotated[int, typer.Option(min=1, help="Maximum epochs (early stopping on val loss).")]
+LrOpt = Annotated[float, typer.Option(min=0.0, help="Adam learning rate.")]
+DropoutOpt = Annotated[float, typer.Option(min=0.0, max=0.95, help="Dropout before the softmax layer.")]
+L2Opt = Annotated[float, typer.Option(min=0.0, help="L2 weight penalty of the softmax layer.")]
+PatienceOpt = Annotated[int, typer.Option(min=1, help="Epochs without val improvement before stopping.")]
+RefitOpt = Annotated[
+    bool, typer.Option("--refit/--no-refit", help="After early stopping picks the epochs, retrain on train+val.")
+]
+BalanceOpt = Annotated[bool, typer.Option("--balance/--no-balance", help="Class weights against imbalance.")]
+MinAccuracyOpt = Annotated[
+    Optional[float], typer.Option(min=0.0, max=1.0, help="Exit 3 when accuracy is below this (CI gate).")
+]
 WaitOpt = Annotated[bool, typer.Option("--wait", help="If another tlcli is writing the output folder, wait for it.")]
 KeepOpt = Annotated[
     Optional[int],
@@ -486,17 +498,14 @@ def train_head_cmd(
         Path,
         typer.Option("--out", "-o", help="Runs folder: each run goes to OUT/<timestamp>/, OUT/latest is promoted."),
     ] = Path("runs/default"),
-    epochs: Annotated[int, typer.Option(min=1, help="Maximum epochs (early stopping on val loss).")] = 600,
+    epochs: EpochsOpt = 600,
     batch_size: BatchOpt = 64,
-    lr: Annotated[float, typer.Option(min=0.0, help="Adam learning rate.")] = 1e-3,
-    dropout: Annotated[float, typer.Option(min=0.0, max=0.95, help="Dropout before the softmax layer.")] = 0.5,
-    l2: Annotated[float, typer.Option(min=0.0, help="L2 weight penalty of the softmax layer.")] = 1e-3,
-    patience: Annotated[int, typer.Option(min=1, help="Epochs without val improvement before stopping.")] = 30,
-    refit: Annotated[
-        bool,
-        typer.Option("--refit/--no-refit", help="After early stopping picks the epochs, retrain on train+val."),
-    ] = True,
-    balance: Annotated[bool, typer.Option("--balance/--no-balance", help="Class weights against imbalance.")] = True,
+    lr: LrOpt = 1e-3,
+    dropout: DropoutOpt = 0.5,
+    l2: L2Opt = 1e-3,
+    patience: PatienceOpt = 30,
+    refit: RefitOpt = True,
+    balance: BalanceOpt = True,
     promote_if_better: Annotated[
         bool, typer.Option(help="Promote to latest only if val accuracy beats it (else exit 3).")
     ] = False,
@@ -595,6 +604,13 @@ def _per_class_table(result: dict) -> Table:
     return table
 
 
+def _gate(result: dict, min_accuracy: float | None) -> bool:
+    """Record ``--min-accuracy`` and whether ``result`` passed it; True when the gate failed."""
+    failed = min_accuracy is not None and result["accuracy"] < min_accuracy
+    result.update(min_accuracy=min_accuracy, passed=not failed)
+    return failed
+
+
 def evaluate_step(p: dict, progress: Callable[[int, int], None] | None) -> dict:
     """The evaluate step from parsed options (shared by 'tlcli evaluate' and 'tlcli run')."""
     from tlcli import evaluate
@@ -612,9 +628,7 @@ def evaluate_cmd(
     data_dir: Annotated[
         Optional[Path], typer.Argument(help="Folder of class sub-folders (default: the run's test split).")
     ] = None,
-    min_accuracy: Annotated[
-        Optional[float], typer.Option(min=0.0, max=1.0, help="Exit 3 when accuracy is below this (CI gate).")
-    ] = None,
+    min_accuracy: MinAccuracyOpt = None,
     top_k: Annotated[int, typer.Option(min=1, help="Also report top-k accuracy.")] = 5,
     out_dir: Annotated[
         Optional[Path],
@@ -630,9 +644,7 @@ def evaluate_cmd(
     use_device(device, quiet or as_json)
     with progress_bar("evaluating", quiet or as_json) as bar:
         result = evaluate_step(ctx.params, bar)
-    gate_failed = min_accuracy is not None and result["accuracy"] < min_accuracy
-    result["min_accuracy"] = min_accuracy
-    result["passed"] = not gate_failed
+    gate_failed = _gate(result, min_accuracy)
     if as_json:
         emit_json({k: v for k, v in result.items() if k != "confusion"})
     else:
@@ -654,20 +666,15 @@ def cross_validate_cmd(
     ctx: typer.Context,
     features_dir: Annotated[Path, typer.Argument(help="Feature store written by 'tlcli extract'.")],
     folds: Annotated[int, typer.Option(min=3, help="Folds: each photo is held out once.")] = 10,
-    min_accuracy: Annotated[
-        Optional[float], typer.Option(min=0.0, max=1.0, help="Exit 3 when accuracy is below this (CI gate).")
-    ] = None,
-    epochs: Annotated[int, typer.Option(min=1, help="Maximum epochs (early stopping on the val fold).")] = 600,
+    min_accuracy: MinAccuracyOpt = None,
+    epochs: EpochsOpt = 600,
     batch_size: BatchOpt = 64,
-    lr: Annotated[float, typer.Option(min=0.0, help="Adam learning rate.")] = 1e-3,
-    dropout: Annotated[float, typer.Option(min=0.0, max=0.95, help="Dropout before the softmax layer.")] = 0.5,
-    l2: Annotated[float, typer.Option(min=0.0, help="L2 weight penalty of the softmax layer.")] = 1e-3,
-    patience: Annotated[int, typer.Option(min=1, help="Epochs without val improvement before stopping.")] = 30,
-    refit: Annotated[
-        bool,
-        typer.Option("--refit/--no-refit", help="After early stopping picks the epochs, retrain on train+val."),
-    ] = True,
-    balance: Annotated[bool, typer.Option("--balance/--no-balance", help="Class weights against imbalance.")] = True,
+    lr: LrOpt = 1e-3,
+    dropout: DropoutOpt = 0.5,
+    l2: L2Opt = 1e-3,
+    patience: PatienceOpt = 30,
+    refit: RefitOpt = True,
+    balance: BalanceOpt = True,
     seed: SeedOpt = 0,
     as_json: JsonOpt = False,
     device: DeviceOpt = "auto",
@@ -696,9 +703,7 @@ def cross_validate_cmd(
             refit=refit,
             progress=bar,
         )
-    gate_failed = min_accuracy is not None and result["accuracy"] < min_accuracy
-    result["min_accuracy"] = min_accuracy
-    result["passed"] = not gate_failed
+    gate_failed = _gate(result, min_accuracy)
     if as_json:
         emit_json({k: v for k, v in result.items() if k != "confusion"})
     else:

@@ -12,7 +12,7 @@ from collections.abc import Callable
 
 import numpy as np
 
-from tlcli import evaluate, head
+from tlcli import datasets, evaluate, head
 from tlcli.errors import UsageError
 from tlcli.features import Split, Store
 
@@ -28,38 +28,23 @@ def fold_of(labels: np.ndarray, folds: int, seed: int) -> np.ndarray:
     return assigned
 
 
-def _subset(split: Split, rows: np.ndarray) -> Split:
-    return Split(split.features[rows], split.labels[rows], [split.paths[i] for i in rows])
-
-
 def cross_validate(
     features_dir: str | os.PathLike,
-    folds: int = 10,
-    seed: int = 0,
-    epochs: int = 600,
-    batch_size: int = 64,
-    learning_rate: float = 1e-3,
-    dropout: float = 0.5,
-    l2: float = 1e-3,
-    patience: int = 30,
-    balance: bool = True,
-    refit: bool = True,
+    folds: int,
+    seed: int,
     progress: Callable[[int, int], None] | None = None,
+    **recipe,
 ) -> dict:
     """Pool the store's splits, and for each fold train a head on the other folds (one of them as the
     early-stopping val fold, the rest as train, then refit on both) and predict the held-out fold.
 
-    Returns pooled metrics over all photos (as ``evaluate``), per-fold accuracies and the misclassified files.
-    Writes nothing.
+    ``recipe`` is ``head.fit_and_refit``'s head options (epochs, batch_size, learning_rate, dropout,
+    l2, patience, balance, refit). Returns pooled metrics over all photos (as ``evaluate``), per-fold
+    accuracies and the misclassified files. Writes nothing.
     """
     started = time.perf_counter()
     store = Store.open(features_dir)
-    parts = [store.split(s) for s in ("train", "val", "test")]
-    every = Split(
-        np.concatenate([p.features for p in parts]),
-        np.concatenate([p.labels for p in parts]),
-        [path for p in parts for path in p.paths],
-    )
+    every = Split.joined([store.split(s) for s in datasets.SPLITS])
     classes = store.meta["classes"]
     n = len(every.labels)
     if folds < 3:
@@ -74,18 +59,11 @@ def cross_validate(
     for i in range(folds):
         held, val_fold = assigned == i, assigned == (i + 1) % folds
         trained, _, _ = head.fit_and_refit(
-            _subset(every, np.flatnonzero(~held & ~val_fold)),
-            _subset(every, np.flatnonzero(val_fold)),
+            every.take(np.flatnonzero(~held & ~val_fold)),
+            every.take(np.flatnonzero(val_fold)),
             len(classes),
-            epochs=epochs,
-            batch_size=batch_size,
-            learning_rate=learning_rate,
-            dropout=dropout,
-            l2=l2,
-            patience=patience,
-            balance=balance,
-            refit=refit,
             seed=seed * folds + i,
+            **recipe,
         )
         rows = np.flatnonzero(held)
         probs[rows] = np.asarray(trained(every.features[rows], training=False))

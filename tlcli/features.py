@@ -64,6 +64,19 @@ class Split:
     labels: np.ndarray
     paths: list[str]
 
+    @classmethod
+    def joined(cls, parts: list[Split]) -> Split:
+        """The splits one after another, as one."""
+        return cls(
+            np.concatenate([p.features for p in parts]),
+            np.concatenate([p.labels for p in parts]),
+            [path for p in parts for path in p.paths],
+        )
+
+    def take(self, index: np.ndarray) -> Split:
+        """The images at ``index``, in that order."""
+        return Split(self.features[index], self.labels[index], [self.paths[i] for i in index])
+
 
 @dataclass
 class Store:
@@ -366,10 +379,6 @@ def extract(
         todo = [r for r in records if r[5] is None and r[2] not in vectors and r[2] not in old_bad]
         todo_unique = list({r[2]: r for r in todo}.values())
         fresh_bad: dict[str, str] = {}
-        try:
-            root.mkdir(parents=True, exist_ok=True)
-        except OSError as exc:
-            raise UsageError(f"cannot create {root}: {exc.strerror}") from None
         if todo_unique:
             if infer is None:
                 from tlcli.layers import feature_model

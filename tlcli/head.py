@@ -217,11 +217,7 @@ def fit_and_refit(
     val_probs = np.asarray(head(val_split.features, training=False)) if has_val else None
     if refit and has_val:
         refit_epochs = int(np.argmin(hist["val_loss"])) + 1
-        both = Split(
-            np.concatenate([train_split.features, val_split.features]),
-            np.concatenate([train_split.labels, val_split.labels]),
-            train_split.paths + val_split.paths,
-        )
+        both = Split.joined([train_split, val_split])
         log(f"refit on train+val ({len(both.labels)} images) for {refit_epochs} epochs")
         seeded(seed)
         head = build_head(train_split.features.shape[1], n_classes, dropout, l2)

@@ -178,9 +178,10 @@ def figure_png(fig) -> bytes:
 Batch = tuple[np.ndarray, np.ndarray, list[str]]
 
 
-def _load_or_blank(path: bytes, size: int, policy: str) -> tuple[np.ndarray, bool, str]:
+def _load_or_blank(path: str, size: int, policy: str) -> tuple[np.ndarray, bool, str]:
+    """``load``, or blank pixels with ok=False and the reason when the file is not a usable image."""
     try:
-        return load(path.decode("utf-8", "surrogateescape"), size, policy), True, ""
+        return load(path, size, policy), True, ""
     except ImageError as exc:
         return np.zeros(pixel_shape(size, policy), np.uint8), False, str(exc)
 
@@ -196,7 +197,7 @@ def decoded(paths: Sequence[str], size: int, policy: str = "crop"):
     shape = pixel_shape(size, policy)
 
     def _py_load(p):
-        img, ok, why = _load_or_blank(p, size, policy)
+        img, ok, why = _load_or_blank(p.decode("utf-8", "surrogateescape"), size, policy)
         return img, np.bool_(ok), np.bytes_(why.encode("utf-8", "replace"))
 
     def _tf_load(p):
@@ -214,16 +215,8 @@ def decoded(paths: Sequence[str], size: int, policy: str = "crop"):
 
 def _load_batch(paths: Sequence[str], size: int, policy: str) -> Batch:
     """Load one batch: pixels (blank where a file is not an image), ok mask and error reasons."""
-    pixels = np.zeros((len(paths), *pixel_shape(size, policy)), np.uint8)
-    ok = np.zeros(len(paths), bool)
-    why = [""] * len(paths)
-    for i, path in enumerate(paths):
-        try:
-            pixels[i] = load(path, size, policy)
-            ok[i] = True
-        except ImageError as exc:
-            why[i] = str(exc)
-    return pixels, ok, why
+    pixels, ok, why = zip(*(_load_or_blank(path, size, policy) for path in paths), strict=True)
+    return np.stack(pixels), np.asarray(ok, bool), list(why)
 
 
 def load_workers() -> int:
