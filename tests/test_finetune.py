@@ -76,6 +76,28 @@ def test_fine_tune_cli_saves_a_run_with_both_stages(cli, tiny_store, tmp_path):
     assert json.loads(evaluated.stdout)["accuracy"] == meta["test_accuracy"]
 
 
+def test_fine_tuning_that_never_beats_the_head_keeps_its_weights_and_says_so(cli, tiny_store, tmp_path):
+    from tlcli.head import load_run
+
+    args = (
+        "--fine-tune-layers",
+        "1",
+        "--fine-tune-lr",
+        "1e-12",
+        "--fine-tune-epochs",
+        "2",
+        "--fine-tune-patience",
+        "1",
+    )
+    result = cli("train-head", tiny_store, "--out", tmp_path / "runs", *args)
+    assert result.exit_code == 0, result.output
+    assert "fine-tuning never beat the head-only start on val loss in 1 epoch;" in result.stdout
+    assert "the run keeps the head-only weights" in result.stdout
+    model, meta, run = load_run(tmp_path / "runs" / "latest")
+    assert meta["fine_tune"]["best_epoch"] == 0 and meta["fine_tune"]["epochs_run"] == 1
+    assert "no epoch beat the head-only start, whose weights are kept" in (run / "train.log").read_text()
+
+
 BAD_OPTIONS = [
     (("--fine-tune-layers", "-1"), "--fine-tune-layers must be at least 1"),
     (("--fine-tune-layers", "2", "--augment", "nope"), "unknown or repeated augmentation in --augment 'nope'"),

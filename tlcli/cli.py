@@ -583,6 +583,12 @@ def train_head_cmd(
             + (f" and {summary['fine_tune_epochs_run']} fine-tuning epochs" if fine_tune else "")
             + f" ({summary['fit_seconds']:.1f}s)"
         )
+        if fine_tune and summary["fine_tune_best_epoch"] == 0:
+            ran = summary["fine_tune_epochs_run"]
+            out.print(
+                f"fine-tuning never beat the head-only start on val loss in {ran} epoch{'s' if ran != 1 else ''}; "
+                "the run keeps the head-only weights (try another --fine-tune-lr or more --fine-tune-patience)"
+            )
         out.print(
             f"promoted to {summary['latest']}"
             if summary["promoted"]

@@ -411,6 +411,15 @@ def train(
             progress=progress,
         )
         full = tuned.model
+        ran = len(tuned.history["loss"])
+        log(
+            f"fine-tuned {len(tuned.unfrozen)} layers for {ran} epochs at lr {fine_tune_lr:g}; "
+            + (
+                f"kept epoch {tuned.best_epoch}"
+                if tuned.best_epoch
+                else "no epoch beat the head-only start, whose weights are kept"
+            )
+        )
         if not finetune.is_writer(strategy):
             return {
                 "run": None,
