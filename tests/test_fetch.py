@@ -22,6 +22,7 @@ import zipfile
 from collections import Counter
 from pathlib import Path
 
+import numpy as np
 import pytest
 from PIL import Image
 
@@ -595,3 +596,27 @@ def test_fetched_dataset_runs_extract_train_evaluate(cli, server, monkeypatch, a
     assert ev.exit_code == 0, ev.output
     result = json.loads(ev.stdout)
     assert result["n"] == 2 and set(result["per_class"]) == {"cat", "dog"}
+
+
+def test_cleaning_keeps_jpegs_over_the_pixel_limit_and_still_drops_them_truncated(tmp_path, monkeypatch):
+    """A JPEG over the decompression-bomb limit (a 200 MP phone photo) is verified at reduced scale and
+    kept; cut short, it is dropped; other formats over the limit are still refused."""
+    from PIL import Image as PILImage
+
+    from tlcli import images
+
+    monkeypatch.setattr(images, "MAX_PIXELS", 2_000_000)
+    big = tmp_path / "photos" / "big"
+    big.mkdir(parents=True)
+    coarse = np.random.default_rng(0).integers(0, 255, (20, 30, 3), dtype=np.uint8)
+    pixels = np.asarray(PILImage.fromarray(coarse).resize((3000, 2000), PILImage.BILINEAR))
+    PILImage.fromarray(pixels).save(big / "whole.jpg", quality=90)
+    data = (big / "whole.jpg").read_bytes()
+    (big / "cut.jpg").write_bytes(data[: len(data) // 2])
+    PILImage.fromarray(pixels).save(big / "whole.png")
+    records = {r["path"]: r for r in fetch.clean(tmp_path / "photos")}
+    assert (big / "whole.jpg").read_bytes() == data and "big/whole.jpg" not in records
+    assert records["big/cut.jpg"]["action"] == "dropped" and records["big/cut.jpg"]["reason"] == "truncated"
+    assert records["big/whole.png"]["action"] == "dropped" and "over the limit" in records["big/whole.png"]["detail"]
+    assert sorted(p.name for p in big.iterdir()) == ["whole.jpg"]
+    assert images.load(big / "whole.jpg", 224).shape == (224, 224, 3)  # extract reads it the same way

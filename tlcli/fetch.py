@@ -58,6 +58,9 @@ MAX_BACKOFF = 30.0
 TIMEOUT = 60.0
 CHUNK = 256 * 1024
 SPACE_MARGIN = 64 * 2**20
+VERIFY_SIZE = 512
+"""JPEGs are checked by decoding every scan at a reduced scale (not below this), so a 200 MP phone photo
+is kept rather than refused as a decompression bomb; other formats are decoded in full."""
 LABELS = ("breeds", "species")
 OXFORD_VAL_FRACTION = 0.1
 TRANSIENT_HTTP = {408, 425, 429, 500, 502, 503, 504}
@@ -539,7 +542,7 @@ _FORMAT_EXTENSIONS = {
 def _inspect(path: Path) -> tuple[str | None, str | None]:
     """(PIL format, None) for a fully decodable image, (None, reason) otherwise."""
     try:
-        images.decode(path)
+        images.decode(path, VERIFY_SIZE)
         with Image.open(path) as im:
             return im.format or "", None
     except images.ImageError as exc:

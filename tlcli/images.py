@@ -21,7 +21,11 @@ PAD_VALUE = 127
 TILE_PIXELS = 1 << 20
 
 ImageFile.LOAD_TRUNCATED_IMAGES = False
-Image.MAX_IMAGE_PIXELS = 64_000_000
+MAX_PIXELS = 64_000_000
+"""Images that would decode to more pixels (after a JPEG's reduced-scale draft) are refused as decompression
+bombs. PIL's own check at open sees only the header's size, so it is off: it would refuse a 200 MP phone
+photo that decodes to 3 MP at the scale tlcli needs."""
+Image.MAX_IMAGE_PIXELS = None
 
 
 class ImageError(ValueError):
@@ -70,7 +74,7 @@ def _to_rgb(im: Image.Image) -> Image.Image:
 def decode(path: str | Path, size: int | None = None) -> Image.Image:
     """Fully decode an image file to an upright RGB PIL image; raise ImageError for anything else.
 
-    Images over ``Image.MAX_IMAGE_PIXELS`` are refused before decoding (PIL itself only warns below twice that).
+    Images over ``MAX_PIXELS`` at the scale they would decode to are refused before decoding.
 
     With ``size``, JPEGs are decoded at a reduced scale (never below ``size`` on either side).
     """
@@ -78,10 +82,9 @@ def decode(path: str | Path, size: int | None = None) -> Image.Image:
         with Image.open(path) as im:
             if size and im.format == "JPEG":
                 im.draft("RGB", (size, size))
-            if im.width * im.height > Image.MAX_IMAGE_PIXELS:
+            if im.width * im.height > MAX_PIXELS:
                 raise ImageError(
-                    f"{im.width}x{im.height} pixels is over the limit of {Image.MAX_IMAGE_PIXELS} "
-                    "(possible decompression bomb)"
+                    f"{im.width}x{im.height} pixels is over the limit of {MAX_PIXELS} (possible decompression bomb)"
                 )
             im.seek(0)
             im.load()
