@@ -166,28 +166,35 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.mark.slow
-def test_multiworker_run_with_two_local_workers_saves_one_model(tiny_store, tmp_path):
+def _start_workers(store: Path, runs: Path, *args: str) -> list:
+    """Two local workers of one TF_CONFIG cluster on loopback ports, each running train-head with ``args``."""
     import os
     import subprocess
     import sys
 
+    workers = [f"127.0.0.1:{_free_port()}" for _ in range(2)]
+    command = [sys.executable, "-m", "tlcli", "train-head", str(store), "--out", str(runs), "--fine-tune-layers", "2"]
+    procs = []
+    for i in range(2):
+        config = {"cluster": {"worker": workers}, "task": {"type": "worker", "index": i}}
+        env = {**os.environ, "TF_CONFIG": json.dumps(config), "CUDA_VISIBLE_DEVICES": ""}
+        command_i = [*command, "--strategy", "multiworker", *args]
+        procs.append(subprocess.Popen(command_i, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    return procs
+
+
+@pytest.mark.slow
+def test_multiworker_run_with_two_local_workers_saves_one_model(tiny_store, tmp_path):
     from tlcli.head import load_run
 
-    workers = [f"127.0.0.1:{_free_port()}" for _ in range(2)]
-    command = [sys.executable, "-m", "tlcli", "train-head", str(tiny_store), "--out", str(tmp_path / "runs")]
-    command += ["--fine-tune-layers", "2", "--fine-tune-epochs", "2", "--strategy", "multiworker", "--json", "--quiet"]
-    procs = []
+    procs = _start_workers(tiny_store, tmp_path / "runs", "--fine-tune-epochs", "2", "--json", "--quiet")
     try:
-        for i in range(2):
-            config = {"cluster": {"worker": workers}, "task": {"type": "worker", "index": i}}
-            env = {**os.environ, "TF_CONFIG": json.dumps(config), "CUDA_VISIBLE_DEVICES": ""}
-            procs.append(subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
         outputs = [p.communicate(timeout=600) for p in procs]
     finally:
         for p in procs:
             p.kill()
     assert [p.returncode for p in procs] == [0, 0], [err[-2000:] for _, err in outputs]
+    assert [err for _, err in outputs] == ["", ""]  # --quiet: not a warning from TensorFlow or AutoGraph
     chief, other = (json.loads(out) for out, _ in outputs)
     assert (
         other["run"] is None and other["worker"] == 1 and other["fine_tune_epochs_run"] == chief["fine_tune_epochs_run"]
@@ -196,6 +203,36 @@ def test_multiworker_run_with_two_local_workers_saves_one_model(tiny_store, tmp_
     model, meta, _ = load_run(tmp_path / "runs" / "latest")
     assert meta["fine_tune"]["strategy"] == "multiworker" and meta["fine_tune"]["replicas"] == 2
     assert model.output_shape == (None, 2)
+
+
+@pytest.mark.slow
+def test_multiworker_chief_stops_with_one_line_when_a_worker_dies(tiny_store, tmp_path):
+    """TensorFlow's coordination service notices the dead worker's missing heartbeats and aborts the
+    chief's collectives; the chief exits 1 with one line and leaves no run, no half-written file, no lock."""
+    import time
+
+    from tlcli.features import LOCK_NAME
+
+    runs = tmp_path / "runs"
+    procs = _start_workers(tiny_store, runs, "--fine-tune-epochs", "1000", "--fine-tune-patience", "1000", "--quiet")
+    try:
+        deadline = time.monotonic() + 300
+        while not (runs / LOCK_NAME).exists() and time.monotonic() < deadline:  # the chief locks once the cluster is up
+            assert procs[0].poll() is None, procs[0].communicate()
+            time.sleep(0.5)
+        time.sleep(5)
+        assert [p.poll() for p in procs] == [None, None]
+        procs[1].kill()
+        out, err = procs[0].communicate(timeout=300)
+    finally:
+        for p in procs:
+            p.kill()
+    assert procs[0].returncode == 1, err[-2000:]
+    assert err.strip().splitlines() == [
+        "error: the cluster lost a worker during fine-tuning (/job:worker/replica:0/task:1); nothing was saved: "
+        "start every worker of TF_CONFIG again with the same command"
+    ]
+    assert list(runs.iterdir()) == []
 
 
 def test_mirrored_strategy_fine_tunes_in_this_process(cli, tiny_store, tmp_path):

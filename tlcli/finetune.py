@@ -7,17 +7,19 @@ the rest of the network was trained against) are neither updated nor replaced by
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import json
 import os
-from collections.abc import Callable
+import re
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from tlcli import images
-from tlcli.errors import UsageError
+from tlcli.errors import TlcliError, UsageError
 from tlcli.features import Split
 
 AUGMENTATIONS = ("flip", "rotate", "zoom", "contrast")
@@ -224,8 +226,14 @@ def image_dataset(
         )
     shape = images.pixel_shape(size, resize)
     labels = tf.data.Dataset.from_tensor_slices(np.asarray(split.labels, np.int64))
-    ds = tf.data.Dataset.zip(images.decoded(paths, size, resize), labels)
-    ds = ds.filter(lambda d, y: d[1]).map(lambda d, y: (d[0], y))
+
+    def readable(decoded, label):
+        return decoded[1]
+
+    def pixels_and_label(decoded, label):
+        return decoded[0], label
+
+    ds = tf.data.Dataset.zip(images.decoded(paths, size, resize), labels).filter(readable).map(pixels_and_label)
     if len(paths) * int(np.prod(shape)) <= CACHE_BYTES:
         ds = ds.cache()
     if training:
@@ -255,6 +263,23 @@ class Result:
     best_epoch: int
 
 
+@contextlib.contextmanager
+def _cluster_failures() -> Iterator[None]:
+    """A worker of a multi-worker cluster that dies or stops answering aborts the collectives of the
+    others (TensorFlow's coordination service notices the missing heartbeats): one line, nothing saved."""
+    import tensorflow as tf
+
+    try:
+        yield
+    except (tf.errors.UnavailableError, tf.errors.AbortedError, tf.errors.DeadlineExceededError) as exc:
+        lost = sorted(set(re.findall(r"/job:\w+/replica:\d+/task:\d+", exc.message.split("aborted by:")[-1])))
+        raise TlcliError(
+            f"the cluster lost a worker during fine-tuning ({', '.join(lost) or exc.message.splitlines()[0]}); "
+            "nothing was saved: start every worker of TF_CONFIG again with the same command"
+        ) from None
+
+
+@_cluster_failures()
 def fine_tune(
     build: Callable[[], tuple],
     data_dir: str | os.PathLike,
