@@ -524,15 +524,21 @@ def train_head_cmd(
         Optional[str], typer.Option(metavar="LAYER", help="Fine-tune the backbone from this named layer up.")
     ] = None,
     fine_tune_lr: Annotated[
-        Optional[float], typer.Option(help="Adam learning rate of fine-tuning (default: --lr / 10).")
+        Optional[float],
+        typer.Option(help="Adam learning rate of fine-tuning, decayed to 0 along a cosine (default: --lr / 10)."),
     ] = None,
     fine_tune_epochs: Annotated[
-        Optional[int], typer.Option(help=f"Maximum fine-tuning epochs (default: {FINE_TUNE.epochs}).")
+        Optional[int],
+        typer.Option(
+            help=f"Fine-tuning epochs: all of them with --refit (on train+val), at most with --no-refit "
+            f"(default: {FINE_TUNE.epochs})."
+        ),
     ] = None,
     fine_tune_patience: Annotated[
         Optional[int],
         typer.Option(
-            help=f"Fine-tuning epochs without val improvement before stopping (default: {FINE_TUNE.patience})."
+            help="With --no-refit, fine-tuning epochs without val improvement before stopping "
+            f"(default: {FINE_TUNE.patience})."
         ),
     ] = None,
     fine_tune_batch_size: Annotated[

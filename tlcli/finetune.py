@@ -35,7 +35,7 @@ class Options:
     layers: int | None = None
     from_layer: str | None = None
     learning_rate: float | None = None
-    epochs: int = 10
+    epochs: int = 20
     patience: int = 3
     batch_size: int = 32
     augment: tuple[str, ...] = ()
@@ -298,21 +298,23 @@ def fine_tune(
 
     ``build`` returns (full model, backbone model) with the head already trained on stored features;
     it is called inside ``strategy``'s scope (a tf.distribute strategy; None trains in this process
-    alone). Every worker of a multi-worker strategy runs this same loop. Early stopping watches the
-    validation loss (training loss without a val split), counting the starting model as epoch 0, and
-    restores the best weights. Keras' ``fit`` is not used: it fails under MultiWorkerMirroredStrategy
-    (keras-team/keras#20585).
+    alone). Every worker of a multi-worker strategy runs this same loop. The learning rate decays
+    from ``learning_rate`` to 0 along a cosine over ``options.epochs``. With a val split, early
+    stopping watches its loss, counting the starting model as epoch 0, and restores the best weights;
+    without one, every epoch runs and the last weights are kept. Keras' ``fit`` is not used: it fails
+    under MultiWorkerMirroredStrategy (keras-team/keras#20585).
     """
     import keras
     import tensorflow as tf
 
     strategy = strategy or tf.distribute.get_strategy()
+    batch_size = min(options.batch_size, len(train.labels))
+    steps = options.epochs * (len(train.labels) // batch_size)
     with strategy.scope():
         full, backbone = build()
         unfrozen = unfreeze(backbone, options.layers, options.from_layer)
-        optimizer = keras.optimizers.Adam(learning_rate)
+        optimizer = keras.optimizers.Adam(keras.optimizers.schedules.CosineDecay(learning_rate, steps))
         optimizer.build(full.trainable_variables)
-    batch_size = min(options.batch_size, len(train.labels))
     train_ds = strategy.experimental_distribute_dataset(
         image_dataset(data_dir, train, size, resize, batch_size, options.augment, seed, training=True)
     )
@@ -374,13 +376,16 @@ def fine_tune(
             history["val_accuracy"].append(round(vacc, 6))
         if progress:
             progress(epoch, options.epochs, {k: v[-1] for k, v in history.items()})
-        if monitored < best - 1e-6:
+        if val_ds is None:
+            best_epoch = epoch
+        elif monitored < best - 1e-6:
             best, best_weights, best_epoch, waited = monitored, full.get_weights(), epoch, 0
         else:
             waited += 1
             if waited >= options.patience:
                 break
-    full.set_weights(best_weights)
+    if val_ds is not None:
+        full.set_weights(best_weights)
     return Result(full, history, unfrozen, None if start is None else round(start, 6), best_epoch)
 
 

@@ -372,7 +372,7 @@ def train(
         l2=l2,
         patience=patience,
         balance=balance,
-        refit=refit and fine_tune is None,
+        refit=refit,
         seed=seed,
         on_epoch=_epoch_observer(progress, tensorboard, log),
         log=log,
@@ -395,17 +395,23 @@ def train(
             copy.set_weights(head.get_weights())
             return pixels_model(meta, copy)
 
+        # like the head's refit: with it, fine-tune on train+val for every epoch; without, stop early on val
+        tune_on, stop_on = (
+            (Split.joined([train_split, val_split]), None)
+            if refit_epochs
+            else (train_split, val_split if has_val else None)
+        )
         keras.utils.set_random_seed(seed)
         tuned = finetune.fine_tune(
             build,
             meta["data_dir"],
-            train_split,
-            val_split if has_val else None,
+            tune_on,
+            stop_on,
             meta["input_size"],
             meta["resize"],
             fine_tune,
             fine_tune_lr,
-            _class_weights(train_split.labels, n_classes) if balance else None,
+            _class_weights(tune_on.labels, n_classes) if balance else None,
             seed,
             strategy=strategy,
             progress=progress,
@@ -413,7 +419,8 @@ def train(
         full = tuned.model
         ran = len(tuned.history["loss"])
         log(
-            f"fine-tuned {len(tuned.unfrozen)} layers for {ran} epochs at lr {fine_tune_lr:g}; "
+            f"fine-tuned {len(tuned.unfrozen)} layers on {len(tune_on.labels)} images for {ran} epochs "
+            f"at lr {fine_tune_lr:g} (cosine decay); "
             + (
                 f"kept epoch {tuned.best_epoch}"
                 if tuned.best_epoch
@@ -439,7 +446,7 @@ def train(
         probs, labels = probabilities(split) if len(split.labels) else (np.zeros((0, n_classes)), split.labels)
         return evaluate.metrics(labels, probs, classes)
 
-    if tuned is not None and has_val:
+    if tuned is not None and has_val and not refit_epochs:  # after a refit, val was trained on
         val_metrics = scores(val_split)
     test_metrics = scores(test_split)
     train_acc = scores(train_split)["accuracy"]
@@ -494,6 +501,8 @@ def train(
             "epochs": fine_tune.epochs,
             "epochs_run": len(tuned.history["loss"]),
             "patience": fine_tune.patience,
+            "on": "train+val, every epoch" if refit_epochs else "train, early stopping on val",
+            "schedule": "cosine decay to 0",
             "start_val_loss": tuned.start_val_loss,
             "best_epoch": tuned.best_epoch,
             "augment": list(fine_tune.augment),
