@@ -275,10 +275,15 @@ def test_second_writer_gets_the_lock_message(colour_project):
     not_stored = on_disk - snapshot(root)["stored"]
     first = tlcli("run", "configs/colours.toml", "--json", cwd=root)
     wait_for(root / "features" / "colours" / LOCK_NAME, first)
-    second = tlcli("run", "configs/colours.toml", cwd=root)
-    third = tlcli("train-head", "features/colours", "--out", "runs/colours", cwd=root)
-    _, err2 = second.communicate(timeout=300)
-    _, err3 = third.communicate(timeout=300)
+    wait_for(root / "runs" / "colours" / LOCK_NAME, first)
+    first.send_signal(signal.SIGSTOP)  # a stopped holder is alive: without this the run can finish first
+    try:
+        second = tlcli("run", "configs/colours.toml", cwd=root)
+        third = tlcli("train-head", "features/colours", "--out", "runs/colours", cwd=root)
+        _, err2 = second.communicate(timeout=300)
+        _, err3 = third.communicate(timeout=300)
+    finally:
+        first.send_signal(signal.SIGCONT)
     out1, err1 = first.communicate(timeout=300)
     assert first.returncode in (0, 3), err1
     assert second.returncode == 2 and third.returncode == 2
