@@ -20,6 +20,7 @@ from rich.table import Table
 
 from tlcli import __version__, finetune, interrupts
 from tlcli.errors import EXIT_FAILURE, EXIT_GATE, EXIT_INTERRUPTED, EXIT_USAGE, GateError, TlcliError, UsageError
+from tlcli.head import HEAD
 
 app = typer.Typer(
     name="tlcli",
@@ -498,14 +499,14 @@ def train_head_cmd(
         Path,
         typer.Option("--out", "-o", help="Runs folder: each run goes to OUT/<timestamp>/, OUT/latest is promoted."),
     ] = Path("runs/default"),
-    epochs: EpochsOpt = 600,
-    batch_size: BatchOpt = 64,
-    lr: LrOpt = 1e-3,
-    dropout: DropoutOpt = 0.5,
-    l2: L2Opt = 1e-3,
-    patience: PatienceOpt = 30,
-    refit: RefitOpt = True,
-    balance: BalanceOpt = True,
+    epochs: EpochsOpt = HEAD.epochs,
+    batch_size: BatchOpt = HEAD.batch_size,
+    lr: LrOpt = HEAD.learning_rate,
+    dropout: DropoutOpt = HEAD.dropout,
+    l2: L2Opt = HEAD.l2,
+    patience: PatienceOpt = HEAD.patience,
+    refit: RefitOpt = HEAD.refit,
+    balance: BalanceOpt = HEAD.balance,
     promote_if_better: Annotated[
         bool, typer.Option(help="Promote to latest only if val accuracy beats it (else exit 3).")
     ] = False,
@@ -679,14 +680,14 @@ def cross_validate_cmd(
     features_dir: Annotated[Path, typer.Argument(help="Feature store written by 'tlcli extract'.")],
     folds: Annotated[int, typer.Option(min=3, help="Folds: each photo is held out once.")] = 10,
     min_accuracy: MinAccuracyOpt = None,
-    epochs: EpochsOpt = 600,
-    batch_size: BatchOpt = 64,
-    lr: LrOpt = 1e-3,
-    dropout: DropoutOpt = 0.5,
-    l2: L2Opt = 1e-3,
-    patience: PatienceOpt = 30,
-    refit: RefitOpt = True,
-    balance: BalanceOpt = True,
+    epochs: EpochsOpt = HEAD.epochs,
+    batch_size: BatchOpt = HEAD.batch_size,
+    lr: LrOpt = HEAD.learning_rate,
+    dropout: DropoutOpt = HEAD.dropout,
+    l2: L2Opt = HEAD.l2,
+    patience: PatienceOpt = HEAD.patience,
+    refit: RefitOpt = HEAD.refit,
+    balance: BalanceOpt = HEAD.balance,
     seed: SeedOpt = 0,
     as_json: JsonOpt = False,
     device: DeviceOpt = "auto",

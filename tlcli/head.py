@@ -7,6 +7,7 @@ import functools
 import os
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -28,6 +29,23 @@ class RunLog:
 
     def text(self) -> str:
         return "\n".join(self.lines) + "\n"
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """train-head's head defaults, shared by train-head, cross-validate and ``train``."""
+
+    epochs: int = 600
+    batch_size: int = 64
+    learning_rate: float = 1e-3
+    dropout: float = 0.5
+    l2: float = 1e-3
+    patience: int = 30
+    refit: bool = True
+    balance: bool = True
+
+
+HEAD = Recipe()
 
 
 def seeded(seed: int) -> None:
@@ -305,14 +323,14 @@ def _holding_runs_lock(fn: Callable) -> Callable:
 def train(
     features_dir: str | os.PathLike,
     out: str | os.PathLike,
-    epochs: int = 600,
-    batch_size: int = 64,
-    learning_rate: float = 1e-3,
-    dropout: float = 0.5,
-    l2: float = 1e-3,
-    patience: int = 30,
-    balance: bool = True,
-    refit: bool = True,
+    epochs: int = HEAD.epochs,
+    batch_size: int = HEAD.batch_size,
+    learning_rate: float = HEAD.learning_rate,
+    dropout: float = HEAD.dropout,
+    l2: float = HEAD.l2,
+    patience: int = HEAD.patience,
+    balance: bool = HEAD.balance,
+    refit: bool = HEAD.refit,
     seed: int = 0,
     promote_if_better: bool = False,
     backbone: str | None = None,
