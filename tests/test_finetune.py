@@ -279,15 +279,14 @@ def test_mirrored_strategy_fine_tunes_in_this_process(cli, tiny_store, tmp_path)
     assert meta["fine_tune"]["strategy"] == "mirrored" and meta["fine_tune"]["unfrozen"] == ["conv_pw_13"]
 
 
-# Fine-tuning on real photos (../shared/data/cats_vs_dogs, offline MobileNet v1 0.25 at 224, centre crop).
-# RECIPE, with train-head's defaults (refit: fine-tune every layer on train+val for 20 epochs, Adam at
-# lr/10 with cosine decay), against train-head's head only, on 80/10/10 split 1. Measured there: head
-# 0.94, fine-tuned 0.95 (deterministic: seeded, op determinism), the bars here. Over 10 cross-validation
-# folds of all 1,002 photos the same recipe gains the point (0.948 -> 0.958, README Accuracy)
-# but stays 2 photos short of its 0.96.
+# Fine-tuning on real photos (../shared/data/cats_vs_dogs, offline MobileNet v1 0.25, the default recipe's
+# input: 320, crop+pad). RECIPE, with train-head's defaults (refit: fine-tune every layer on train+val for
+# 20 epochs, Adam at lr/10 with cosine decay), against train-head's head only, on 80/10/10 split 1.
+# Measured there: head 0.96, fine-tuned 0.97 (deterministic: seeded, op determinism); the bars are the
+# issue's (>= 0.96 and one point over the head). Cross-validated figures: README, Accuracy, Fine-tuning.
 RECIPE = ("--fine-tune-layers", "27", "--augment", "flip,zoom,rotate")
 SPLIT_SEED = 1
-FINE_TUNED_BAR = 0.95
+FINE_TUNED_BAR = 0.96
 GAIN = 0.01
 
 
@@ -315,9 +314,7 @@ def test_fine_tuning_beats_head_only_on_held_out_photos(cli, keras_home, shared_
         "--alpha",
         "0.25",
         "--size",
-        "224",
-        "--resize",
-        "crop",
+        "320",
         "--seed",
         SPLIT_SEED,
         "--quiet",
@@ -334,11 +331,12 @@ def test_fine_tuning_beats_head_only_on_held_out_photos(cli, keras_home, shared_
     with capsys.disabled():
         print(f"\ncats_vs_dogs split {SPLIT_SEED}: held-out accuracy {accuracy}")
 
-    imagenet = _backbone_batchnorm(backbones.build("mobilenet", 0.25, 224).model, "mobilenet_0.25_224")
+    backbone = backbones.build("mobilenet", 0.25, 320).model
+    imagenet = _backbone_batchnorm(backbone, backbone.name)
     assert len(imagenet) == 27
     for name in accuracy:
         model, meta, _ = load_run(tmp_path / name / "latest")
-        saved = _backbone_batchnorm(model, "mobilenet_0.25_224")
+        saved = _backbone_batchnorm(model, backbone.name)
         assert saved.keys() == imagenet.keys()
         for layer, weights in imagenet.items():  # gamma, beta, moving mean, moving variance: all untouched
             for before, after in zip(weights, saved[layer], strict=True):
