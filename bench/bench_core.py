@@ -104,7 +104,7 @@ def plain_keras_extract(data: Path, size: int, batch: int) -> tuple[float, int]:
 
 
 def tlcli_extract(data: Path, out: Path, size: int, batch: int, resize: str = "crop") -> dict:
-    from tlcli import features
+    from tlcli.store import features
 
     return features.extract(data, out, backbone="mobilenet", alpha=0.25, size=size, batch_size=batch, resize=resize)
 
@@ -137,7 +137,7 @@ def fresh_process_seconds(kind: str, data: Path, out: Path, size: int, batch: in
         "import sys, json\n"
         f"sys.path.insert(0, {str(Path(__file__).parent)!r})\n"
         "import bench_core as b\n"
-        "import keras, tensorflow, tlcli.features  # imports are not part of either timing\n"
+        "import keras, tensorflow, tlcli.store.features  # imports are not part of either timing\n"
         f"kind, data, out = {kind!r}, {str(data)!r}, {str(out)!r}\n"
         f"t = b.plain_keras_extract(b.Path(data), {size}, {batch})[0] if kind == 'plain' else "
         f"b.tlcli_extract(b.Path(data), b.Path(out), {size}, {batch}, {resize!r})['seconds']\n"
@@ -221,7 +221,7 @@ def main() -> None:
     from rich.console import Console
     from rich.table import Table
 
-    from tlcli import head
+    from tlcli.train import head
 
     load_start = os.getloadavg()
     work = Path(tempfile.mkdtemp(prefix="tlcli-bench-"))

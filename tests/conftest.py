@@ -55,7 +55,7 @@ def runner():
 @pytest.fixture()
 def cli(runner):
     """Invoke the tlcli app in-process: cli("extract", ...) -> result with exit_code, stdout, stderr."""
-    from tlcli.cli import app
+    from tlcli.cli.app import app
 
     def invoke(*args: str):
         return runner.invoke(app, [str(a) for a in args], catch_exceptions=False)

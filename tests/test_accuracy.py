@@ -15,7 +15,7 @@ import json
 
 import pytest
 
-from tlcli.features import Store
+from tlcli.store.features import Store
 
 CROSS_VALIDATED_BARS = {"cats_vs_dogs": 0.95, "flowers": 0.82, "oxford_pets": 0.72}
 ONE_SPLIT_BARS = {"cats_vs_dogs": 0.92, "flowers": 0.82, "oxford_pets": 0.70}

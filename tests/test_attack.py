@@ -23,7 +23,7 @@ def _photo(shared_data, name: str):
 def pgd_results(keras_home, shared_data, tmp_path_factory):
     from typer.testing import CliRunner
 
-    from tlcli.cli import app
+    from tlcli.cli.app import app
 
     out = tmp_path_factory.mktemp("adv")
     results = {}
@@ -86,7 +86,7 @@ def test_saved_pngs_fool_plain_keras_in_a_fresh_process(pgd_results, keras_home)
 
 
 def test_the_change_is_within_budget_pixel_by_pixel(pgd_results, shared_data):
-    from tlcli import images
+    from tlcli.data import images
 
     png, _ = pgd_results["pug"]
     original = images.load(_photo(shared_data, "pug"), 224, "crop").astype(int)
@@ -98,7 +98,7 @@ def test_the_change_is_within_budget_pixel_by_pixel(pgd_results, shared_data):
 def cats_dogs_run(keras_home, shared_data, tmp_path_factory):
     from typer.testing import CliRunner
 
-    from tlcli.cli import app
+    from tlcli.cli.app import app
 
     work = tmp_path_factory.mktemp("cvd")
     runner = CliRunner()

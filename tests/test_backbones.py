@@ -8,9 +8,12 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from tlcli import backbones, features, head, images
+from tlcli.data import images
 from tlcli.errors import UsageError
-from tlcli.layers import feature_model
+from tlcli.models import backbones
+from tlcli.models.layers import feature_model
+from tlcli.store import features
+from tlcli.train import head
 
 from .conftest import make_photo
 
@@ -109,7 +112,7 @@ def test_inference_graph_with_folded_batch_norms_matches_keras(name):
     import keras
     import tensorflow as tf
 
-    from tlcli.layers import feature_model
+    from tlcli.models.layers import feature_model
 
     model = feature_model(backbones.build(name, size=32, weights="none"), flip_average=False, n_views=2)
     rng = np.random.default_rng(0)

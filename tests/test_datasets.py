@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from tlcli import datasets
+from tlcli.data import datasets
 from tlcli.errors import UsageError
 
 from .conftest import make_photo

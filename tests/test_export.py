@@ -14,7 +14,7 @@ from .test_workflow import FAST
 def run_dir(keras_home, tmp_path_factory):
     from typer.testing import CliRunner
 
-    from tlcli.cli import app
+    from tlcli.cli.app import app
 
     from .conftest import make_photo
 
@@ -39,8 +39,8 @@ def test_tflite_agrees_with_keras(cli, run_dir, tmp_path, quantize):
     assert out.with_suffix(".labels.txt").read_text().split() == ["blue", "red"]
     import tensorflow as tf
 
-    from tlcli import images
-    from tlcli.head import load_run
+    from tlcli.data import images
+    from tlcli.train.head import load_run
 
     model, meta, _ = load_run(run_dir)
     pixels = images.load(run_dir.resolve().parent.parent / "data" / "red" / "r0.jpg", 96, meta["resize"])

@@ -26,7 +26,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tlcli import fetch
+from tlcli.data import fetch
 from tlcli.errors import UsageError
 
 from .conftest import ROOT, make_photo
@@ -603,7 +603,7 @@ def test_cleaning_keeps_jpegs_over_the_pixel_limit_and_still_drops_them_truncate
     kept; cut short, it is dropped; other formats over the limit are still refused."""
     from PIL import Image as PILImage
 
-    from tlcli import images
+    from tlcli.data import images
 
     monkeypatch.setattr(images, "MAX_PIXELS", 2_000_000)
     big = tmp_path / "photos" / "big"

@@ -15,7 +15,7 @@ TINY = ("--alpha", "0.25", "--size", "64", "--weights", "none", "--quiet")
 
 @pytest.fixture(scope="module")
 def tiny_store(runner, tmp_path_factory) -> Path:
-    from tlcli.cli import app
+    from tlcli.cli.app import app
 
     root = tmp_path_factory.mktemp("finetune")
     for i in range(12):
@@ -37,7 +37,7 @@ def _moving_stats(model) -> dict[str, list[np.ndarray]]:
 
 
 def test_fine_tune_cli_saves_a_run_with_both_stages(cli, tiny_store, tmp_path):
-    from tlcli.head import load_run
+    from tlcli.train.head import load_run
 
     result = cli(
         "train-head",
@@ -80,8 +80,8 @@ def test_fine_tune_cli_saves_a_run_with_both_stages(cli, tiny_store, tmp_path):
 def test_fine_tuning_with_refit_trains_on_train_and_val_for_every_epoch(cli, tiny_store, tmp_path):
     """--refit (the default), as for the head: fine-tuning then runs every epoch on train+val and keeps the
     last weights; the run's val accuracy is the early-stopped head's, taken before anything trained on val."""
-    from tlcli.features import Store
-    from tlcli.head import load_run
+    from tlcli.store.features import Store
+    from tlcli.train.head import load_run
 
     args = ("--fine-tune-layers", "2", "--fine-tune-epochs", "3", "--fine-tune-patience", "1", "--json", "--quiet")
     result = cli("train-head", tiny_store, "--out", tmp_path / "runs", *args)
@@ -100,7 +100,7 @@ def test_fine_tuning_with_refit_trains_on_train_and_val_for_every_epoch(cli, tin
 
 
 def test_fine_tuning_that_never_beats_the_head_keeps_its_weights_and_says_so(cli, tiny_store, tmp_path):
-    from tlcli.head import load_run
+    from tlcli.train.head import load_run
 
     args = (
         "--fine-tune-layers",
@@ -170,7 +170,8 @@ def test_frozen_batchnorm_runs_in_inference_mode_when_training():
 def test_unfreeze_counts_layers_with_weights_from_the_top_and_keeps_batchnorm_frozen():
     import keras
 
-    from tlcli import backbones, finetune
+    from tlcli.models import backbones
+    from tlcli.train import finetune
 
     model = backbones.build("mobilenet", 0.25, 64, "none").model
     assert finetune.unfreeze(model, 2, None) == ["conv_dw_13", "conv_pw_13"]
@@ -209,7 +210,7 @@ def _start_workers(store: Path, runs: Path, *args: str) -> list:
 
 @pytest.mark.slow
 def test_multiworker_run_with_two_local_workers_saves_one_model(tiny_store, tmp_path):
-    from tlcli.head import load_run
+    from tlcli.train.head import load_run
 
     procs = _start_workers(tiny_store, tmp_path / "runs", "--fine-tune-epochs", "2", "--json", "--quiet")
     try:
@@ -235,7 +236,7 @@ def test_multiworker_chief_stops_with_one_line_when_a_worker_dies(tiny_store, tm
     chief's collectives; the chief exits 1 with one line and leaves no run, no half-written file, no lock."""
     import time
 
-    from tlcli.features import LOCK_NAME
+    from tlcli.store.features import LOCK_NAME
 
     runs = tmp_path / "runs"
     procs = _start_workers(tiny_store, runs, "--fine-tune-epochs", "1000", "--fine-tune-patience", "1000", "--quiet")
@@ -303,8 +304,8 @@ def _backbone_batchnorm(model, name: str) -> dict[str, list[np.ndarray]]:
 
 @pytest.mark.slow
 def test_fine_tuning_beats_head_only_on_held_out_photos(cli, keras_home, shared_data, tmp_path, capsys):
-    from tlcli import backbones
-    from tlcli.head import load_run
+    from tlcli.models import backbones
+    from tlcli.train.head import load_run
 
     extracted = cli(
         "extract",

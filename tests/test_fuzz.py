@@ -38,7 +38,7 @@ from hypothesis import HealthCheck, event, example, given, reject, settings
 from hypothesis import strategies as st
 from PIL import Image, features
 
-from tlcli import fetch, images
+from tlcli.data import fetch, images
 from tlcli.errors import UsageError
 
 HANG_SECONDS = 20

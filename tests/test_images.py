@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tlcli import images
+from tlcli.data import images
 
 from .conftest import make_photo
 

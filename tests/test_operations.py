@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tlcli.features import LOCK_NAME, Store
+from tlcli.store.features import LOCK_NAME, Store
 
 from .conftest import make_photo
 
@@ -240,7 +240,7 @@ def colour_project(tmp_path_factory) -> Path:
 
 def snapshot(root: Path) -> dict:
     """What must survive any crash: latest's target and predictions, and the readable feature store."""
-    from tlcli.head import load_run
+    from tlcli.train.head import load_run
 
     model, meta, run_dir = load_run(root / "runs" / "colours" / "latest")
     test = [root / "data" / "colours" / p for p, _ in meta["test_files"]]
@@ -369,8 +369,8 @@ def test_cron_retraining_on_a_growing_folder(cli, keras_home, shared_data, tmp_p
 
 @pytest.mark.parametrize("name", ["cats_vs_dogs", "oxford_pets", "flowers"])
 def test_shipped_configs_parse_for_every_step(name):
-    from tlcli.cli import read_config
-    from tlcli.run_cli import STEPS, parse_step
+    from tlcli.cli.options import read_config
+    from tlcli.cli.workflow import STEPS, parse_step
 
     root = Path(__file__).resolve().parent.parent
     path = root / "configs" / f"{name}.toml"
@@ -406,14 +406,15 @@ def test_read_only_output_folder_is_one_line(cli, keras_home, tmp_path, colour_d
 
 def test_a_swallowed_interrupt_still_stops_every_commit(tmp_path, monkeypatch):
     """A KeyboardInterrupt lost in a weakref callback must not let the command commit files afterwards."""
-    from tlcli import artifacts, interrupts
+    from tlcli import interrupts
+    from tlcli.store import runs
 
     monkeypatch.setattr(interrupts, "_requested", signal.SIGTERM)
     with pytest.raises(KeyboardInterrupt):
-        artifacts.write_json(tmp_path / "meta.json", {"a": 1})
+        runs.write_json(tmp_path / "meta.json", {"a": 1})
     (tmp_path / "run").mkdir()
     with pytest.raises(KeyboardInterrupt):
-        artifacts.publish(tmp_path / "run", tmp_path)
+        runs.publish(tmp_path / "run", tmp_path)
     with pytest.raises(KeyboardInterrupt):
-        artifacts.promote(tmp_path, tmp_path / "run")
+        runs.promote(tmp_path, tmp_path / "run")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tlcli.visualize import total_variation
+from tlcli.explain.ideal import total_variation
 
 from .conftest import make_photo
 
@@ -19,7 +19,7 @@ TABBY = ("ideal-image", "tabby", "--backbone", "mobilenet", "--alpha", "0.25", "
 @pytest.fixture(scope="module")
 def invoke(runner, keras_home):
     """Like the ``cli`` fixture, but usable from module-scoped fixtures."""
-    from tlcli.cli import app
+    from tlcli.cli.app import app
 
     return lambda *args: runner.invoke(app, [str(a) for a in args], catch_exceptions=False)
 
@@ -37,7 +37,7 @@ def _pixels(path: Path) -> np.ndarray:
 
 @pytest.fixture(scope="module")
 def imagenet(keras_home):
-    from tlcli import classifier
+    from tlcli.models import classifier
 
     return classifier.from_backbone("mobilenet", 0.25)
 
@@ -136,7 +136,7 @@ def run_dir(invoke, tmp_path_factory) -> Path:
 
 
 def test_ideal_image_of_a_trained_run(invoke, run_dir, tmp_path):
-    from tlcli import classifier
+    from tlcli.models import classifier
 
     summary = _json(
         invoke("ideal-image", "red", "--model", run_dir, "--steps", "40", "--out", tmp_path / "red.png", "--json", "-q")

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tlcli.features import Store
+from tlcli.store.features import Store
 
 from .conftest import make_photo
 
@@ -69,7 +69,7 @@ def test_extract_is_incremental(cli, keras_home, colour_dataset, tmp_path):
 def test_a_rerun_runs_the_saved_graph_without_building_the_backbone(
     cli, keras_home, colour_dataset, tmp_path, monkeypatch
 ):
-    from tlcli import backbones
+    from tlcli.models import backbones
 
     out = tmp_path / "f"
     _extract(cli, colour_dataset, out)
@@ -141,12 +141,13 @@ def test_train_head_writes_a_complete_run(trained):
 def test_saved_model_takes_pixels_and_matches_features(trained):
     import keras
 
-    import tlcli.layers  # noqa: F401
+    import tlcli.models.layers  # noqa: F401
 
     _, summary, tmp = trained
     model = keras.saving.load_model(Path(summary["run"]) / "model.keras")
-    from tlcli import features, images
-    from tlcli.head import load_run
+    from tlcli.data import images
+    from tlcli.store import features
+    from tlcli.train.head import load_run
 
     _, meta, _ = load_run(summary["run"])
     store = features.Store.open(tmp / "features")
@@ -269,7 +270,7 @@ def test_weights_not_cached_offline_names_the_file(cli, colour_dataset, tmp_path
     assert len(errors) == 1 and errors[0] == lines[-1]
     assert "vgg16_weights_tf_dim_ordering_tf_kernels_notop.h5" in errors[0] and "--weights" in errors[0]
     assert result.stdout == ""  # Keras' "Downloading data from ..." goes to stderr, keeping --json output clean
-    from tlcli.backbones import keras_models_dir
+    from tlcli.models.backbones import keras_models_dir
 
     assert not (keras_models_dir() / "vgg16_weights_tf_dim_ordering_tf_kernels_notop.h5").exists()
 

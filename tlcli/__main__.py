@@ -1,5 +1,5 @@
 """`python -m tlcli`."""
 
-from tlcli.cli import run
+from tlcli.cli.app import run
 
 run()

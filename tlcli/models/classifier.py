@@ -15,8 +15,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from tlcli import backbones, images
+from tlcli.data import images
 from tlcli.errors import UsageError
+from tlcli.models import backbones
 
 CLASS_INDEX_URL = "https://storage.googleapis.com/download.tensorflow.org/data/imagenet_class_index.json"
 
@@ -88,7 +89,7 @@ def from_backbone(name: str, alpha: float | None = None, weights: str = "imagene
     import keras
     import tensorflow as tf
 
-    from tlcli.layers import Preprocess
+    from tlcli.models.layers import Preprocess
 
     sp = backbones.spec(name)
     bb = backbones.build(name, alpha, None, weights, include_top=True, classifier_activation=None)
@@ -107,7 +108,7 @@ def from_run(path: str | os.PathLike) -> Classifier:
     """A trained tlcli run; for multi-view runs one square image is every view (crop and pad of a square agree)."""
     import tensorflow as tf
 
-    from tlcli.head import load_run
+    from tlcli.train.head import load_run
 
     model, meta, run_dir = load_run(path)
     n_views = len(images.views(meta["resize"]))

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import numpy as np
 
+from tlcli.data.images import apply_model, is_image_name
 from tlcli.errors import UsageError
-from tlcli.images import apply_model, is_image_name
 
 
 def expand(paths: Sequence[str]) -> list[str]:
@@ -35,7 +35,7 @@ def predict_paths(
     progress: Callable[[int, int], None] | None = None,
 ) -> tuple[list[dict], list[dict]]:
     """Top-k classes with probabilities for each readable image, and the files that could not be read."""
-    from tlcli.head import load_run
+    from tlcli.train.head import load_run
 
     model, meta, _ = load_run(run)
     files = expand(paths)

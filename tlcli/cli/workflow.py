@@ -12,37 +12,45 @@ from typing import Annotated, Optional
 import typer
 from rich.table import Table
 
-from tlcli import artifacts, interrupts
-from tlcli.cli import (
+from tlcli import interrupts
+from tlcli.cli import data, evaluate, extract, train
+from tlcli.cli.console import emit_json, err, handles_errors, log, out, progress_bar, use_device
+from tlcli.cli.evaluate import evaluate_step
+from tlcli.cli.extract import extract_step
+from tlcli.cli.options import (
     DeviceOpt,
     JsonOpt,
     KeepOpt,
     QuietOpt,
     TensorboardOpt,
     WaitOpt,
-    app,
-    emit_json,
-    err,
-    evaluate_step,
-    extract_step,
-    handles_errors,
-    log,
-    out,
-    progress_bar,
     read_config,
     section_defaults,
-    train_step,
-    use_device,
 )
+from tlcli.cli.train import train_step
 from tlcli.errors import EXIT_GATE, TlcliError, UsageError
-from tlcli.features import LOCK_NAME
+from tlcli.store import runs
+from tlcli.store.features import LOCK_NAME
 
-STEPS = ("fetch-data", "extract", "train-head", "evaluate")
+STEP_COMMANDS = {
+    "fetch-data": data.fetch_data_cmd,
+    "extract": extract.extract_cmd,
+    "train-head": train.train_head_cmd,
+    "evaluate": evaluate.evaluate_cmd,
+}
+STEPS = tuple(STEP_COMMANDS)
+
+
+def _command(name: str) -> typer.core.TyperCommand:
+    """The click command of one step, as the app registers it (its options, types and defaults)."""
+    single = typer.Typer()
+    single.command(name)(STEP_COMMANDS[name])
+    return typer.main.get_command(single)
 
 
 def parse_step(name: str, doc: dict, path: Path, overrides: dict) -> dict:
     """Options of one step exactly as its subcommand would parse them from the config's [name] table."""
-    command = typer.main.get_command(app).commands[name]
+    command = _command(name)
     defaults = {**section_defaults(command, name, doc, path), **overrides}
     try:
         ctx = command.make_context(name, [], default_map=defaults)
@@ -54,7 +62,7 @@ def parse_step(name: str, doc: dict, path: Path, overrides: dict) -> dict:
 @contextlib.contextmanager
 def _locked(folders: list[Path], wait: bool) -> Iterator[None]:
     """Hold the locks of every folder the pipeline writes, so a second run stops at once with the lock message."""
-    from tlcli import locks
+    from tlcli.store import locks
 
     with contextlib.ExitStack() as stack:
         for folder in folders:
@@ -97,7 +105,6 @@ def _describe_train(s: dict) -> str:
     )
 
 
-@app.command("run")
 @handles_errors
 def run_cmd(
     config: Annotated[Path, typer.Argument(help="Workflow TOML (configs/*.toml) with [extract], [train-head], ...")],
@@ -153,11 +160,9 @@ def run_cmd(
     started = time.perf_counter()
 
     if fp is not None:
-        from tlcli.fetch_cli import fetch_step
-
         with progress_bar("fetching", quiet) as bar:
             fetched = _timed(
-                steps, "fetch-data", lambda: fetch_step(fp, bar), lambda s: f"{s['images']} images -> {s['path']}"
+                steps, "fetch-data", lambda: data.fetch_step(fp, bar), lambda s: f"{s['images']} images -> {s['path']}"
             )
         if data_from_fetch:
             ep["data_dir"] = Path(fetched["path"])
@@ -199,10 +204,10 @@ def run_cmd(
                 + (f" min_accuracy {gate}" if gate is not None else "")
                 + (", better than latest" if promote_if_better else "")
             )
-        from tlcli import head
+        from tlcli.train import head
 
         evaluation = {k: evaluated[k] for k in ("accuracy", "n", "source") if k in evaluated}
-        artifacts.write_json(
+        runs.write_json(
             Path(trained["run"]) / "pipeline.json",
             {"config": config_record, "steps": steps_record(steps), "promoted": promote, "reason": reason},
         )
@@ -242,7 +247,6 @@ def run_cmd(
         raise typer.Exit(EXIT_GATE)
 
 
-@app.command("runs")
 @handles_errors
 def runs_cmd(
     runs_root: Annotated[Path, typer.Argument(help="Runs folder, e.g. runs/pets.")],
@@ -251,15 +255,15 @@ def runs_cmd(
     as_json: JsonOpt = False,
 ) -> None:
     """List the runs of a runs folder: date, data counts, accuracy, promoted or not, which is latest."""
-    from tlcli import locks
+    from tlcli.store import locks
 
     if not runs_root.is_dir():
         raise UsageError(f"{runs_root} is not a runs folder; train one with 'tlcli train-head --out {runs_root}'")
     pruned = []
     if keep is not None:
         with locks.lock(runs_root / LOCK_NAME, f"runs --keep is pruning {runs_root}", wait=wait):
-            pruned = artifacts.prune(runs_root, keep)
-    rows = artifacts.history(runs_root)
+            pruned = runs.prune(runs_root, keep)
+    rows = runs.history(runs_root)
     if as_json:
         emit_json({"runs_root": str(runs_root), "runs": rows, "pruned": pruned})
         return

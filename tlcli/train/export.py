@@ -11,8 +11,9 @@ from pathlib import Path
 
 import numpy as np
 
-from tlcli import artifacts, images
+from tlcli.data import images
 from tlcli.errors import GateError, UsageError
+from tlcli.store import runs
 
 FORMATS = ("savedmodel", "tflite")
 QUANTIZE = ("none", "dynamic", "float16", "int8")
@@ -102,7 +103,7 @@ def export(
     """Write the run's model as ``fmt`` to ``out`` (labels beside it) after checking it agrees with Keras."""
     import tensorflow as tf
 
-    from tlcli.head import load_run
+    from tlcli.train.head import load_run
 
     if fmt not in FORMATS:
         raise UsageError(f"unknown --format {fmt!r}; use one of {', '.join(FORMATS)}")
@@ -137,9 +138,9 @@ def export(
             model_bytes = _tflite_bytes(saved, quantize, pixels)
             exported = _tflite_predict(model_bytes, pixels)
             _gate(exported, reference, quantize, min_agreement)
-            artifacts.write_bytes(out, model_bytes)
+            runs.write_bytes(out, model_bytes)
             labels = out.with_suffix(".labels.txt")
-            artifacts.write_bytes(labels, ("\n".join(meta["classes"]) + "\n").encode())
+            runs.write_bytes(labels, ("\n".join(meta["classes"]) + "\n").encode())
             written = [str(out), str(labels)]
     finally:
         shutil.rmtree(work, ignore_errors=True)

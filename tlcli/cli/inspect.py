@@ -9,22 +9,10 @@ from typing import Annotated, Optional
 import typer
 from rich.table import Table
 
-from tlcli import visualize
-from tlcli.cli import (
-    DeviceOpt,
-    JsonOpt,
-    QuietOpt,
-    SeedOpt,
-    app,
-    emit_json,
-    err,
-    handles_errors,
-    log,
-    out,
-    progress_bar,
-    use_device,
-)
+from tlcli.cli.console import emit_json, err, handles_errors, log, out, progress_bar, use_device
+from tlcli.cli.options import DeviceOpt, JsonOpt, QuietOpt, SeedOpt
 from tlcli.errors import UsageError
+from tlcli.explain import ideal
 
 GIF_FRAMES = 30
 
@@ -34,7 +22,6 @@ def _check_suffix(path: Optional[Path], suffix: str, option: str) -> None:
         raise UsageError(f"{option} {path} must end in {suffix} (a {suffix[1:].upper()} file is written)")
 
 
-@app.command("ideal-image")
 @handles_errors
 def ideal_image_cmd(
     target: Annotated[
@@ -52,20 +39,20 @@ def ideal_image_cmd(
     ] = None,
     out_path: Annotated[Path, typer.Option("--out", "-o", help="PNG to write.")] = Path("ideal.png"),
     gif: Annotated[Optional[Path], typer.Option(help="Also write a looping GIF of the optimisation.")] = None,
-    steps: Annotated[int, typer.Option(min=1, help="Gradient ascent steps.")] = visualize.DEFAULT_STEPS,
-    lr: Annotated[float, typer.Option(min=0.0, help="Adam step size in pixel levels (0-255).")] = visualize.DEFAULT_LR,
+    steps: Annotated[int, typer.Option(min=1, help="Gradient ascent steps.")] = ideal.DEFAULT_STEPS,
+    lr: Annotated[float, typer.Option(min=0.0, help="Adam step size in pixel levels (0-255).")] = ideal.DEFAULT_LR,
     tv_weight: Annotated[
         float, typer.Option(min=0.0, help="Weight of the total-variation penalty (0: the noisy image).")
-    ] = visualize.DEFAULT_TV_WEIGHT,
+    ] = ideal.DEFAULT_TV_WEIGHT,
     l2_weight: Annotated[
         float, typer.Option(min=0.0, help="Weight of an L2 pull towards mid-grey.")
-    ] = visualize.DEFAULT_L2_WEIGHT,
+    ] = ideal.DEFAULT_L2_WEIGHT,
     jitter: Annotated[
         int, typer.Option(min=0, help="Roll the image by up to this many pixels each step.")
-    ] = visualize.DEFAULT_JITTER,
+    ] = ideal.DEFAULT_JITTER,
     scale: Annotated[
         float, typer.Option(min=0.0, max=0.49, help="Zoom the image by up to this fraction each step.")
-    ] = visualize.DEFAULT_SCALE,
+    ] = ideal.DEFAULT_SCALE,
     upscale: Annotated[int, typer.Option(min=1, max=16, help="Enlarge the written images N times.")] = 1,
     seed: SeedOpt = 0,
     device: DeviceOpt = "auto",
@@ -77,7 +64,9 @@ def ideal_image_cmd(
     Maximises the class log-probability minus a total-variation penalty (smoothness); prints the
     final probability of CLASS and the top-5, and writes the PNG at the model's input size.
     """
-    from tlcli import artifacts, classifier, images
+    from tlcli.data import images
+    from tlcli.models import classifier
+    from tlcli.store import runs
 
     _check_suffix(out_path, ".png", "--out")
     _check_suffix(gif, ".gif", "--gif")
@@ -88,7 +77,7 @@ def ideal_image_cmd(
     index = clf.resolve(target)
     log(f"ideal image of {clf.classes[index]!r} for {clf.source}", quiet or as_json)
     with progress_bar("ideal image (steps)", quiet or as_json) as bar:
-        result = visualize.ideal_image(
+        result = ideal.ideal_image(
             clf,
             index,
             steps=steps,
@@ -101,9 +90,9 @@ def ideal_image_cmd(
             progress=bar,
             gif_every=max(1, steps // GIF_FRAMES) if gif else None,
         )
-    artifacts.write_bytes(out_path, images.png_bytes(visualize.upscale(result["image"], upscale)))
+    runs.write_bytes(out_path, images.png_bytes(ideal.upscale(result["image"], upscale)))
     if gif:
-        artifacts.write_bytes(gif, visualize.gif_bytes(result["frames"], upscale))
+        runs.write_bytes(gif, ideal.gif_bytes(result["frames"], upscale))
     summary = {k: v for k, v in result.items() if k not in ("image", "frames")}
     summary.update(
         model=clf.source,
@@ -136,7 +125,6 @@ def _default_layer(layers: list[dict]) -> str:
     return "block3_conv3" if "block3_conv3" in names else names[len(names) // 2]
 
 
-@app.command("features")
 @handles_errors
 def features_cmd(
     image: Annotated[Optional[Path], typer.Argument(help="The photo to look at.")] = None,
@@ -160,7 +148,9 @@ def features_cmd(
     quiet: QuietOpt = False,
 ) -> None:
     """Grid of the strongest feature maps (by mean activation) of one layer for one photo, beside the photo."""
-    from tlcli import artifacts, backbones, images
+    from tlcli.data import images
+    from tlcli.models import backbones
+    from tlcli.store import runs
 
     _check_suffix(out_path, ".png", "--out")
     sp = backbones.spec(backbone)
@@ -175,7 +165,7 @@ def features_cmd(
     use_device(device, quiet or as_json)
     began = time.perf_counter()
     bb = backbones.build(backbone, alpha, size, weights, pooling=None)
-    layers = visualize.list_layers(bb.model)
+    layers = ideal.list_layers(bb.model)
     if list_layers:
         if as_json:
             emit_json(layers)
@@ -188,8 +178,8 @@ def features_cmd(
         out.print(table)
         return
     name = layer or _default_layer(layers)
-    grid = visualize.feature_grid(bb, name, pixels, channels)
-    artifacts.write_bytes(out_path, images.png_bytes(grid["image"]))
+    grid = ideal.feature_grid(bb, name, pixels, channels)
+    runs.write_bytes(out_path, images.png_bytes(grid["image"]))
     summary = {
         "image": str(image),
         "model": bb.key,

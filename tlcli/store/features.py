@@ -15,8 +15,10 @@ from typing import NamedTuple
 
 import numpy as np
 
-from tlcli import artifacts, backbones, datasets, images, locks, shards
+from tlcli.data import datasets, images
 from tlcli.errors import UsageError
+from tlcli.models import backbones
+from tlcli.store import locks, runs, shards
 
 STORE_FORMAT = 1
 META = "meta.json"
@@ -101,7 +103,7 @@ class Store:
                     "--merge-shards'"
                 )
             raise UsageError(f"{root} holds no features (no {META}); run 'tlcli extract DATA_DIR --out {root}' first")
-        meta = artifacts.read_json(root / META)
+        meta = runs.read_json(root / META)
         if meta.get("format") != STORE_FORMAT:
             raise UsageError(f"{root} was written by another tlcli version; re-run 'tlcli extract'")
         return cls(root, meta)
@@ -164,7 +166,7 @@ def _write_split(root: Path, name: str, arrays: dict) -> str:
     np.savez(buf, **arrays)
     data = buf.getvalue()
     filename = f"{name}-{hashlib.blake2b(data, digest_size=8).hexdigest()}.npz"
-    artifacts.write_bytes(root / filename, data)
+    runs.write_bytes(root / filename, data)
     return filename
 
 
@@ -205,7 +207,7 @@ def _write(root: Path, rows: list[Row], classes: list[str], dim: int, meta: dict
             },
         )
         meta["splits"][name] = {"n": n, "file": filename, "per_class": dict(zip(classes, counts, strict=True))}
-    artifacts.write_json(root / META, meta)
+    runs.write_json(root / META, meta)
     _drop_unreferenced(root, meta)
 
 
@@ -255,7 +257,7 @@ def _saved_extractor(old: Store | None, options: dict):
     means building it.
     """
     saved = old.meta.get(EXTRACTOR) if old is not None else None
-    if not saved or not saved.get("any_batch") or old.meta.get("versions") != artifacts.versions():
+    if not saved or not saved.get("any_batch") or old.meta.get("versions") != runs.versions():
         return None
     if any(old.meta.get(k) != v for k, v in options.items()):
         return None
@@ -274,7 +276,7 @@ def _save_extractor(root: Path, infer, bb: backbones.Backbone) -> dict | None:
         return None
     data, input_name, output_name = graph
     filename = f"{EXTRACTOR}-{hashlib.blake2b(data, digest_size=8).hexdigest()}.pb"
-    artifacts.write_bytes(root / filename, data)
+    runs.write_bytes(root / filename, data)
     return {
         "file": filename,
         "input": input_name,
@@ -292,7 +294,7 @@ def _carry_extractor(part: Store, out: Path) -> dict | None:
         data = (part.root / saved["file"]).read_bytes()
     except (TypeError, KeyError, OSError):
         return None
-    artifacts.write_bytes(out / saved["file"], data)
+    runs.write_bytes(out / saved["file"], data)
     return saved
 
 
@@ -347,7 +349,7 @@ def extract(
     ]
 
     with locks.lock(root / LOCK_NAME, f"extract is writing {root}", wait=wait):
-        artifacts.remove_leftovers(root)
+        runs.remove_leftovers(root)
         old = _open_previous(root)
         infer = _saved_extractor(old, options)
         if infer is not None:
@@ -381,7 +383,7 @@ def extract(
         fresh_bad: dict[str, str] = {}
         if todo_unique:
             if infer is None:
-                from tlcli.layers import feature_model
+                from tlcli.models.layers import feature_model
 
                 model = feature_model(bb, flip_average, n_views)
                 infer = images.inference_function(model, images.pixel_shape(options["input_size"], resize))
@@ -423,8 +425,8 @@ def extract(
             "splits": {},
             "skipped": skipped,
             "empty_classes": ds.empty_classes,
-            "versions": artifacts.versions(),
-            "written": artifacts.timestamp(),
+            "versions": runs.versions(),
+            "written": runs.timestamp(),
             **({EXTRACTOR: extractor} if extractor else {}),
         }
         if shard is not None:
@@ -584,7 +586,7 @@ def merge_shards(
     count = found[0]
     with contextlib.ExitStack() as held:
         held.enter_context(locks.lock(out / LOCK_NAME, f"extract is writing {out}", wait=wait))
-        artifacts.remove_leftovers(out)
+        runs.remove_leftovers(out)
         parts = _open_parts(out, count, wait, held)
         first = min(parts)
         ref = parts[first].meta
@@ -642,7 +644,7 @@ def merge_shards(
         skipped.sort(key=lambda s: order[s["path"]])
         replaced = _cache(_open_previous(out), ref["key"])[3]
         meta = {k: v for k, v in ref.items() if k not in ("shard", EXTRACTOR)}
-        meta.update(splits={}, skipped=skipped, written=artifacts.timestamp())
+        meta.update(splits={}, skipped=skipped, written=runs.timestamp())
         graph = _carry_extractor(parts[first], out)
         if graph:
             meta[EXTRACTOR] = graph

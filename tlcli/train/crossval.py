@@ -12,9 +12,10 @@ from collections.abc import Callable
 
 import numpy as np
 
-from tlcli import datasets, evaluate, head
+from tlcli.data import datasets
 from tlcli.errors import UsageError
-from tlcli.features import Split, Store
+from tlcli.store.features import Split, Store
+from tlcli.train import evaluate, head
 
 
 def fold_of(labels: np.ndarray, folds: int, seed: int) -> np.ndarray:

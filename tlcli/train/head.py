@@ -13,9 +13,12 @@ from pathlib import Path
 
 import numpy as np
 
-from tlcli import artifacts, backbones, evaluate, finetune, images, locks
+from tlcli.data import images
 from tlcli.errors import UsageError
-from tlcli.features import LOCK_NAME, Split, Store
+from tlcli.models import backbones
+from tlcli.store import locks, runs
+from tlcli.store.features import LOCK_NAME, Split, Store
+from tlcli.train import evaluate, finetune
 
 
 class RunLog:
@@ -69,7 +72,7 @@ def _epoch_observer(
             import tensorboard as _  # noqa: F401  (tf.summary's scalar writer lives in this package)
         except ImportError:
             raise UsageError("--tensorboard needs the tensorboard package: pip install 'tlcli[tensorboard]'") from None
-        writer = tf.summary.create_file_writer(str(Path(tensorboard) / artifacts.timestamp()))
+        writer = tf.summary.create_file_writer(str(Path(tensorboard) / runs.timestamp()))
 
     def on_epoch(done: int, total: int, last: dict) -> None:
         if writer is not None:
@@ -275,7 +278,7 @@ def pixels_model(meta: dict, head) -> tuple:
     """Preprocessing + backbone + ``head`` as one model taking RGB pixels; returns (model, backbone model)."""
     import keras
 
-    from tlcli.layers import feature_model
+    from tlcli.models.layers import feature_model
 
     bb = backbones.build(meta["backbone"], meta.get("alpha"), meta["input_size"], meta["weights"])
     if bb.weights_sha256 != meta.get("weights_sha256"):
@@ -293,7 +296,7 @@ def _current_val_accuracy(runs_root: Path) -> float | None:
     if not link.exists():
         return None
     try:
-        return float(artifacts.read_json(link / "meta.json")["val_accuracy"])
+        return float(runs.read_json(link / "meta.json")["val_accuracy"])
     except (UsageError, KeyError, TypeError, ValueError):
         return None
 
@@ -470,7 +473,7 @@ def train(
     train_acc = scores(train_split)["accuracy"]
 
     runs_root = Path(out)
-    artifacts.remove_leftovers(runs_root)
+    runs.remove_leftovers(runs_root)
     previous = _current_val_accuracy(runs_root)
     val_acc = val_metrics["accuracy"] if val_metrics else train_acc
     better = previous is None or val_acc > previous
@@ -534,14 +537,14 @@ def train(
         "val_accuracy": val_acc,
         "test_accuracy": test_metrics["accuracy"] if test_metrics["n"] else None,
         "previous_val_accuracy": previous,
-        "versions": artifacts.versions(),
+        "versions": runs.versions(),
         "test_files": test_files,
     }
-    with artifacts.staging_dir(runs_root) as staging:
-        with artifacts.atomic_path(staging / "model.keras", suffix=".keras") as tmp:
+    with runs.staging_dir(runs_root) as staging:
+        with runs.atomic_path(staging / "model.keras", suffix=".keras") as tmp:
             full.save(tmp)
-        artifacts.write_json(staging / "history.json", hist if tuned is None else {**hist, "fine_tune": tuned.history})
-        artifacts.write_json(staging / "metrics.json", {"split": "test", **test_metrics, "val": val_metrics})
+        runs.write_json(staging / "history.json", hist if tuned is None else {**hist, "fine_tune": tuned.history})
+        runs.write_json(staging / "metrics.json", {"split": "test", **test_metrics, "val": val_metrics})
         if test_metrics["n"]:
             evaluate.confusion_png(test_metrics["confusion"], classes, staging / "confusion.png", "test split")
         evaluate.curves_png(
@@ -550,12 +553,12 @@ def train(
             f"{meta['backbone']} head" + (", then fine-tuned" if tuned else "") + f", {n_classes} classes",
         )
         run_meta["promoted"] = promoted
-        artifacts.write_json(staging / "meta.json", run_meta)
-        artifacts.write_bytes(staging / "train.log", log.text().encode())
-        run_dir = artifacts.publish(staging, runs_root)
+        runs.write_json(staging / "meta.json", run_meta)
+        runs.write_bytes(staging / "train.log", log.text().encode())
+        run_dir = runs.publish(staging, runs_root)
     if promoted:
-        artifacts.promote(runs_root, run_dir)
-    pruned = artifacts.prune(runs_root, keep) if keep is not None and not defer_promotion else []
+        runs.promote(runs_root, run_dir)
+    pruned = runs.prune(runs_root, keep) if keep is not None and not defer_promotion else []
     return {
         "run": str(run_dir),
         "promoted": promoted,
@@ -590,23 +593,23 @@ def conclude(
     """
     runs_root, run_dir = Path(runs_root), Path(run_dir)
     with locks.lock(runs_root / LOCK_NAME, f"train-head is writing {runs_root}", wait=wait):
-        meta = artifacts.read_json(run_dir / "meta.json")
+        meta = runs.read_json(run_dir / "meta.json")
         meta["promoted"] = promote
         meta["evaluation"] = evaluation
-        artifacts.write_json(run_dir / "meta.json", meta)
+        runs.write_json(run_dir / "meta.json", meta)
         if promote:
-            artifacts.promote(runs_root, run_dir)
-        return artifacts.prune(runs_root, keep) if keep is not None else []
+            runs.promote(runs_root, run_dir)
+        return runs.prune(runs_root, keep) if keep is not None else []
 
 
 def load_run(path: str | os.PathLike):
     """Load a run's inference model and metadata; one-line error when the model file is not a model."""
     import keras
 
-    import tlcli.layers  # noqa: F401  (registers the custom layers for deserialisation)
+    import tlcli.models.layers  # noqa: F401  (registers the custom layers for deserialisation)
 
-    run_dir = artifacts.resolve_run(path)
-    meta = artifacts.read_json(run_dir / "meta.json")
+    run_dir = runs.resolve_run(path)
+    meta = runs.read_json(run_dir / "meta.json")
     try:
         model = keras.saving.load_model(run_dir / "model.keras", compile=False)
     except Exception as exc:  # Keras raises many types for a damaged archive

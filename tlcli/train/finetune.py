@@ -18,9 +18,9 @@ from pathlib import Path
 
 import numpy as np
 
-from tlcli import images
+from tlcli.data import images
 from tlcli.errors import TlcliError, UsageError
-from tlcli.features import Split
+from tlcli.store.features import Split
 
 AUGMENTATIONS = ("flip", "rotate", "zoom", "contrast")
 STRATEGIES = ("mirrored", "multiworker")
@@ -207,7 +207,7 @@ def image_dataset(
     seed: int = 0,
     training: bool = False,
 ):
-    """A tf.data pipeline of (float32 pixels, label) batches for a stored split, decoded by tlcli.images.
+    """A tf.data pipeline of (float32 pixels, label) batches for a stored split, decoded by tlcli.data.images.
 
     Training batches are reshuffled every epoch, full-sized (a remainder waits for the next epoch's
     shuffle) and augmented view by view, one batch after another so that a seed gives the same random

@@ -204,7 +204,7 @@ def feature_maps(backbone, layer_name: str, pixels: np.ndarray, n: int = 16) -> 
     """The ``n`` channels of a layer with the highest mean activation for one photo (uint8 pixels in [0, 255])."""
     import keras
 
-    from tlcli.backbones import preprocess_fn
+    from tlcli.models.backbones import preprocess_fn
 
     layer = get_layer(backbone.model, layer_name)
     probe = keras.Model(backbone.model.input, layer.output)

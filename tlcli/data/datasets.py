@@ -8,8 +8,8 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from tlcli.data.images import is_image_name
 from tlcli.errors import UsageError
-from tlcli.images import is_image_name
 
 SPLITS = ("train", "val", "test")
 DEFAULT_FRACTIONS = (0.8, 0.1, 0.1)

@@ -40,10 +40,11 @@ from pathlib import Path, PurePosixPath
 
 from PIL import Image
 
-from tlcli import __version__, datasets, images
-from tlcli.artifacts import read_json, write_json
+from tlcli import __version__
+from tlcli.data import datasets, images
 from tlcli.errors import TlcliError, UsageError
-from tlcli.locks import lock
+from tlcli.store.locks import lock
+from tlcli.store.runs import read_json, write_json
 
 Progress = Callable[..., None]
 """``progress(done, total, stage)``: bytes while downloading, files while unpacking and checking."""

@@ -23,7 +23,8 @@ from rich.table import Table
 from rich.text import Text
 
 from tlcli import interrupts
-from tlcli.cli import JsonOpt, QuietOpt, SeedOpt, app, emit_json, err, handles_errors, out
+from tlcli.cli.console import emit_json, err, handles_errors, out
+from tlcli.cli.options import JsonOpt, QuietOpt, SeedOpt
 from tlcli.errors import UsageError
 
 
@@ -66,7 +67,7 @@ def _stage_bars(quiet: bool) -> Iterator[Callable[..., None]]:
 
 
 def _list_known(as_json: bool) -> None:
-    from tlcli import fetch
+    from tlcli.data import fetch
 
     rows = fetch.known_datasets()
     if as_json:
@@ -86,7 +87,7 @@ def _list_known(as_json: bool) -> None:
 
 
 def _print_summary(s: dict) -> None:
-    from tlcli.fetch import human_bytes
+    from tlcli.data.fetch import human_bytes
 
     if s["up_to_date"]:
         out.print(
@@ -116,7 +117,7 @@ def _print_summary(s: dict) -> None:
 
 def fetch_step(p: dict, progress: Callable[..., None] | None) -> dict:
     """The fetch-data step from parsed options (shared by 'tlcli fetch-data' and 'tlcli run')."""
-    from tlcli import datasets, fetch
+    from tlcli.data import datasets, fetch
 
     return fetch.fetch(
         p["source"],
@@ -132,7 +133,6 @@ def fetch_step(p: dict, progress: Callable[..., None] | None) -> dict:
     )
 
 
-@app.command("fetch-data")
 @handles_errors
 def fetch_data_cmd(
     ctx: typer.Context,

@@ -13,9 +13,10 @@ from pathlib import Path
 
 import numpy as np
 
-from tlcli import artifacts, images
-from tlcli.classifier import Classifier
+from tlcli.data import images
 from tlcli.errors import UsageError
+from tlcli.models.classifier import Classifier
+from tlcli.store import runs
 
 METHODS = ("gd", "fgsm", "pgd")
 
@@ -187,7 +188,7 @@ def write_outputs(result: dict, out: str | Path) -> dict[str, str]:
         "perturbation": out.with_name(f"{out.stem}-perturbation.png"),
         "figure": out.with_name(f"{out.stem}-figure.png"),
     }
-    artifacts.write_bytes(paths["adversarial"], images.png_bytes(result["adversarial"]))
-    artifacts.write_bytes(paths["perturbation"], images.png_bytes(amplified(result["original"], result["adversarial"])))
-    artifacts.write_bytes(paths["figure"], figure_png(result))
+    runs.write_bytes(paths["adversarial"], images.png_bytes(result["adversarial"]))
+    runs.write_bytes(paths["perturbation"], images.png_bytes(amplified(result["original"], result["adversarial"])))
+    runs.write_bytes(paths["figure"], figure_png(result))
     return {k: str(v) for k, v in paths.items()}

@@ -7,23 +7,11 @@ from typing import Annotated, Optional
 
 import typer
 
-from tlcli.cli import (
-    DeviceOpt,
-    JsonOpt,
-    QuietOpt,
-    SeedOpt,
-    app,
-    emit_json,
-    err,
-    handles_errors,
-    out,
-    progress_bar,
-    use_device,
-)
+from tlcli.cli.console import emit_json, err, handles_errors, out, progress_bar, use_device
+from tlcli.cli.options import DeviceOpt, JsonOpt, QuietOpt, SeedOpt
 from tlcli.errors import EXIT_FAILURE, UsageError
 
 
-@app.command("adversarial")
 @handles_errors
 def adversarial_cmd(
     image: Annotated[Path, typer.Argument(help="The photo to perturb.")],
@@ -57,7 +45,9 @@ def adversarial_cmd(
     quiet: QuietOpt = False,
 ) -> None:
     """Nudge a photo (within --eps pixel levels) until the network calls it --target; write PNGs and a report."""
-    from tlcli import attack, classifier, images
+    from tlcli.data import images
+    from tlcli.explain import attack
+    from tlcli.models import classifier
 
     if (target is None) == (not untargeted):
         raise UsageError("give either --target CLASS or --untargeted")

@@ -8,8 +8,9 @@ from pathlib import Path
 
 import numpy as np
 
-from tlcli import artifacts, datasets, images
+from tlcli.data import datasets, images
 from tlcli.errors import UsageError
+from tlcli.store import runs
 
 
 def metrics(labels: np.ndarray, probs: np.ndarray, classes: Sequence[str], top_k: int = 5) -> dict:
@@ -81,7 +82,7 @@ def confusion_png(
                     fontsize=8,
                 )
     fig.tight_layout()
-    artifacts.write_bytes(path, images.figure_png(fig))
+    runs.write_bytes(path, images.figure_png(fig))
 
 
 def curves_png(history: dict[str, list[float]], path: str | os.PathLike, title: str = "") -> None:
@@ -107,7 +108,7 @@ def curves_png(history: dict[str, list[float]], path: str | os.PathLike, title: 
     if title:
         fig.suptitle(title)
     fig.tight_layout()
-    artifacts.write_bytes(path, images.figure_png(fig))
+    runs.write_bytes(path, images.figure_png(fig))
 
 
 def labelled_files(run_meta: dict, data_dir: str | os.PathLike | None) -> tuple[list[str], np.ndarray, str]:
@@ -164,7 +165,7 @@ def evaluate_run(
 
     Writes metrics.json, confusion.png and misclassified.json into ``out`` (default: inside the run).
     """
-    from tlcli.head import load_run
+    from tlcli.train.head import load_run
 
     model, meta, run_dir = load_run(run)
     paths, labels, source = labelled_files(meta, data_dir)
@@ -184,8 +185,8 @@ def evaluate_run(
         dest.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise UsageError(f"cannot write evaluation files into {dest}: {exc.strerror}; pass --out DIR") from None
-    artifacts.write_json(dest / "metrics.json", {k: v for k, v in result.items() if k != "misclassified"})
-    artifacts.write_json(dest / "misclassified.json", wrong)
+    runs.write_json(dest / "metrics.json", {k: v for k, v in result.items() if k != "misclassified"})
+    runs.write_json(dest / "misclassified.json", wrong)
     confusion_png(
         result["confusion"], meta["classes"], dest / "confusion.png", f"{source}: accuracy {result['accuracy']:.3f}"
     )

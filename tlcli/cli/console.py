@@ -1,0 +1,131 @@
+"""Consoles, progress bars, JSON output, and the one mapping of errors to exit codes."""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import json
+import os
+import sys
+from collections.abc import Callable, Iterator
+
+import typer
+from rich.console import Console
+from rich.markup import escape
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+from tlcli import interrupts
+from tlcli.errors import EXIT_FAILURE, EXIT_INTERRUPTED, TlcliError
+from tlcli.train import finetune
+
+err = Console(stderr=True, highlight=False, soft_wrap=True)
+
+
+out = Console(highlight=False, soft_wrap=True)
+
+
+def _fail(message: str, code: int) -> None:
+    err.print(f"[bold red]error:[/] {escape(message)}", markup=True, highlight=False)
+    raise typer.Exit(code)
+
+
+def handles_errors(fn: Callable) -> Callable:
+    """Turn library errors into one line on stderr and the documented exit code; never a traceback."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            result = fn(*args, **kwargs)
+            interrupts.check()
+            return result
+        except typer.Exit:
+            raise
+        except TlcliError as exc:
+            _fail(str(exc), exc.exit_code)
+        except KeyboardInterrupt:
+            err.print("interrupted; files already written are complete, nothing half-written was left")
+            raise typer.Exit(EXIT_INTERRUPTED) from None
+        except MemoryError:
+            _fail("out of memory; try a smaller --batch-size", EXIT_FAILURE)
+        except OSError as exc:
+            where = f" ({exc.filename})" if getattr(exc, "filename", None) else ""
+            _fail(f"{exc.strerror or exc}{where}", EXIT_FAILURE)
+        except Exception as exc:
+            if os.environ.get("TLCLI_DEBUG"):
+                raise
+            _fail(
+                f"unexpected {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''} "
+                "(set TLCLI_DEBUG=1 for a traceback)",
+                EXIT_FAILURE,
+            )
+
+    return wrapper
+
+
+def use_device(device: str, quiet: bool, strategy: str | None = None) -> dict:
+    """Choose devices through TensorFlow device placement before any op runs; say when auto falls back.
+
+    A tf.distribute ``strategy`` is created here too, as a multi-worker one must precede the first op.
+    """
+    from tlcli.models import devices
+
+    with native_stderr_silenced():
+        info = devices.select(device)
+        info["strategy"] = finetune.distribution(strategy) if strategy else None
+        import tensorflow as tf
+
+        tf.constant(0)
+    if info["note"]:
+        log(info["note"], quiet)
+    return info
+
+
+@contextlib.contextmanager
+def progress_bar(description: str, quiet: bool) -> Iterator[Callable[[int, int], None]]:
+    """A rich progress bar on stderr, silent with --quiet or when stderr is not a terminal."""
+    progress = Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+        console=err,
+        disable=quiet or not err.is_terminal,
+        transient=False,
+    )
+    task = progress.add_task(description, total=None)
+
+    def update(done: int, total: int, *_) -> None:
+        interrupts.check()
+        progress.update(task, completed=done, total=total)
+
+    with progress:
+        yield update
+
+
+def log(message: str, quiet: bool) -> None:
+    if not quiet:
+        err.print(message)
+
+
+def emit_json(doc) -> None:
+    sys.stdout.write(json.dumps(doc, indent=2, default=str) + "\n")
+    sys.stdout.flush()
+
+
+@contextlib.contextmanager
+def native_stderr_silenced() -> Iterator[None]:
+    """Hide TensorFlow's C++ start-up chatter (it ignores TF_CPP_MIN_LOG_LEVEL before absl is initialised)."""
+    if os.environ.get("TLCLI_DEBUG"):
+        yield
+        return
+    sys.stderr.flush()
+    saved = os.dup(2)
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, 2)
+    try:
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(devnull)

@@ -1,0 +1,153 @@
+"""tlcli evaluate, predict and export: using a trained run."""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.table import Table
+
+from tlcli.cli.console import emit_json, err, handles_errors, native_stderr_silenced, out, progress_bar, use_device
+from tlcli.cli.options import BatchOpt, ConfigOpt, DeviceOpt, JsonOpt, MinAccuracyOpt, QuietOpt
+from tlcli.errors import GateError, UsageError
+
+
+def per_class_table(result: dict) -> Table:
+    table = Table(title=f"{result['source']}: accuracy {result['accuracy']:.4f} on {result['n']} images")
+    for col in ("class", "precision", "recall", "f1", "support"):
+        table.add_column(col, justify="left" if col == "class" else "right")
+    for name, c in result["per_class"].items():
+        table.add_row(name, f"{c['precision']:.3f}", f"{c['recall']:.3f}", f"{c['f1']:.3f}", str(c["support"]))
+    return table
+
+
+def passes_gate(result: dict, min_accuracy: float | None) -> bool:
+    """Record ``--min-accuracy`` and whether ``result`` passed it; True when the gate failed."""
+    failed = min_accuracy is not None and result["accuracy"] < min_accuracy
+    result.update(min_accuracy=min_accuracy, passed=not failed)
+    return failed
+
+
+def evaluate_step(p: dict, progress: Callable[[int, int], None] | None) -> dict:
+    """The evaluate step from parsed options (shared by 'tlcli evaluate' and 'tlcli run')."""
+    from tlcli.train import evaluate
+
+    return evaluate.evaluate_run(
+        p["run"], p["data_dir"], top_k=p["top_k"], out=p["out_dir"], batch_size=p["batch_size"], progress=progress
+    )
+
+
+@handles_errors
+def evaluate_cmd(
+    ctx: typer.Context,
+    run: Annotated[Path, typer.Argument(help="Run folder, e.g. runs/pets/latest.")],
+    data_dir: Annotated[
+        Optional[Path], typer.Argument(help="Folder of class sub-folders (default: the run's test split).")
+    ] = None,
+    min_accuracy: MinAccuracyOpt = None,
+    top_k: Annotated[int, typer.Option(min=1, help="Also report top-k accuracy.")] = 5,
+    out_dir: Annotated[
+        Optional[Path],
+        typer.Option("--out", "-o", help="Where to write metrics.json, confusion.png, misclassified.json."),
+    ] = None,
+    batch_size: BatchOpt = 32,
+    as_json: JsonOpt = False,
+    device: DeviceOpt = "auto",
+    quiet: QuietOpt = False,
+    config: ConfigOpt = None,
+) -> None:
+    """Accuracy, top-k, per-class precision/recall/F1, confusion matrix and misclassified files."""
+    use_device(device, quiet or as_json)
+    with progress_bar("evaluating", quiet or as_json) as bar:
+        result = evaluate_step(ctx.params, bar)
+    gate_failed = passes_gate(result, min_accuracy)
+    if as_json:
+        emit_json({k: v for k, v in result.items() if k != "confusion"})
+    else:
+        out.print(per_class_table(result))
+        topk = next(k for k in result if k.startswith("top_"))
+        out.print(
+            f"accuracy {result['accuracy']:.4f}, {topk.replace('_', '-')} {result[topk]:.4f}, "
+            f"{len(result['misclassified'])} misclassified; files in {result['out']}"
+        )
+        for item in result["skipped"]:
+            err.print(f"skipped {item['path']}: {item['reason']}", markup=False)
+    if gate_failed:
+        raise GateError(f"accuracy {result['accuracy']:.4f} is below --min-accuracy {min_accuracy}")
+
+
+@handles_errors
+def predict_cmd(
+    run: Annotated[Path, typer.Argument(help="Run folder, e.g. runs/pets/latest.")],
+    paths: Annotated[list[Path], typer.Argument(help="Image files and/or folders (searched recursively).")],
+    top_k: Annotated[int, typer.Option(min=1, help="How many classes to show per image.")] = 3,
+    batch_size: BatchOpt = 32,
+    as_json: JsonOpt = False,
+    device: DeviceOpt = "auto",
+    quiet: QuietOpt = False,
+) -> None:
+    """Classify photos: a top-k table, or one JSON object per line with --json."""
+    from tlcli.train import predict
+
+    use_device(device, quiet or as_json)
+    with progress_bar("predicting", quiet or as_json) as bar:
+        rows, skipped = predict.predict_paths(
+            run, [str(p) for p in paths], top_k=top_k, batch_size=batch_size, progress=bar
+        )
+    if as_json:
+        for row in rows:
+            sys.stdout.write(json.dumps(row) + "\n")
+        for item in skipped:
+            sys.stdout.write(json.dumps({"path": item["path"], "error": item["reason"]}) + "\n")
+        sys.stdout.flush()
+    else:
+        table = Table()
+        table.add_column("file")
+        for i in range(min(top_k, len(rows[0]["top"]) if rows else top_k)):
+            table.add_column(f"#{i + 1}")
+        for row in rows:
+            table.add_row(row["path"], *[f"{t['class']} {t['probability']:.3f}" for t in row["top"]])
+        out.print(table)
+        for item in skipped:
+            err.print(f"skipped {item['path']}: {item['reason']}", markup=False)
+    if not rows:
+        raise UsageError("no image could be read; check the paths")
+
+
+@handles_errors
+def export_cmd(
+    run_dir: Annotated[Path, typer.Argument(metavar="RUN", help="Run folder, e.g. runs/pets/latest.")],
+    out_path: Annotated[Path, typer.Option("--out", "-o", help="model.tflite file or SavedModel folder.")],
+    fmt: Annotated[str, typer.Option("--format", "-f", help="tflite or savedmodel.")] = "tflite",
+    quantize: Annotated[
+        str,
+        typer.Option(
+            help="tflite: none, dynamic (int8 weights), float16, or int8 (full integer, calibrated "
+            "on the run's images)."
+        ),
+    ] = "none",
+    check_images: Annotated[
+        int, typer.Option(min=1, help="Images to compare the export with the Keras model on.")
+    ] = 32,
+    device: DeviceOpt = "auto",
+    as_json: JsonOpt = False,
+    quiet: QuietOpt = False,
+) -> None:
+    """Export a run as TFLite or SavedModel (labels beside it), checked against the Keras model first."""
+    from tlcli.train import export
+
+    use_device(device, quiet or as_json)
+    with native_stderr_silenced():
+        summary = export.export(run_dir, out_path, fmt, quantize, check_images)
+    if as_json:
+        emit_json(summary)
+        return
+    out.print(
+        f"wrote {', '.join(summary['files'])} ({summary['bytes'] / 1e6:.1f} MB); on {summary['checked_images']} images "
+        f"top-1 agrees with Keras {summary['top1_agreement']:.1%}, max probability difference "
+        f"{summary['max_probability_difference']:.4f}"
+    )

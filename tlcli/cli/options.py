@@ -1,0 +1,147 @@
+"""Option types shared by the commands, and --config files as their defaults."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Annotated, Optional
+
+import tomllib
+import typer
+
+from tlcli.cli.console import _fail
+from tlcli.errors import EXIT_USAGE, UsageError
+from tlcli.train import finetune
+
+
+def read_config(path: Path) -> dict:
+    """A workflow TOML as a dict; one-line errors for a missing or invalid file."""
+    try:
+        return tomllib.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise UsageError(f"config {path} not found") from None
+    except IsADirectoryError:
+        raise UsageError(f"config {path} is a folder; give a .toml file") from None
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise UsageError(f"config {path} is not valid TOML: {exc}") from None
+
+
+def section_defaults(command, name: str, doc: dict, path: Path) -> dict:
+    """The [name] table of a config as defaults for ``command``'s parameters (keys are long option names).
+
+    Relative paths count from the project folder when the config lives in configs/, else from here.
+    """
+    section = doc.get(name, {})
+    if not isinstance(section, dict):
+        raise UsageError(f"config {path}: [{name}] must be a table")
+    names = {p.name: p.name for p in command.params}
+    for p in command.params:
+        for opt in getattr(p, "opts", []):
+            if opt.startswith("--"):
+                names[opt[2:].replace("-", "_")] = p.name
+    unknown = sorted(k for k in section if k.replace("-", "_") not in names)
+    if unknown:
+        raise UsageError(f"config {path}: unknown option(s) {', '.join(unknown)} in [{name}]")
+    base = Path(path).resolve().parent.parent if Path(path).resolve().parent.name == "configs" else Path.cwd()
+    defaults = {}
+    for key, val in section.items():
+        param = names[key.replace("-", "_")]
+        if param in PATH_OPTIONS and isinstance(val, str) and not os.path.isabs(val):
+            val = str(base / val)
+        defaults[param] = val
+    return defaults
+
+
+def load_config(ctx: typer.Context, param, value: Optional[Path]) -> Optional[Path]:
+    """--config FILE: read the command's [section] of a workflow TOML as defaults; the command line wins."""
+    if value is None:
+        return value
+    try:
+        defaults = section_defaults(ctx.command, ctx.info_name, read_config(value), value)
+    except UsageError as exc:
+        _fail(str(exc), EXIT_USAGE)
+    ctx.default_map = {**(ctx.default_map or {}), **defaults}
+    return value
+
+
+PATH_OPTIONS = {"data_dir", "out_dir", "features_dir", "run", "tensorboard"}
+
+
+ConfigOpt = Annotated[
+    Optional[Path],
+    typer.Option(
+        "--config",
+        help="Workflow TOML (configs/*.toml); its table named like the command gives defaults.",
+        callback=load_config,
+        is_eager=True,
+        dir_okay=False,
+    ),
+]
+
+
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON document on stdout.")]
+
+
+QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars or logs on stderr.")]
+
+
+SeedOpt = Annotated[int, typer.Option(help="Random seed for splits, initialisation and shuffling.")]
+
+
+BatchOpt = Annotated[int, typer.Option(min=1, help="Images per batch.")]
+
+
+EpochsOpt = Annotated[int, typer.Option(min=1, help="Maximum epochs (early stopping on val loss).")]
+
+
+LrOpt = Annotated[float, typer.Option(min=0.0, help="Adam learning rate.")]
+
+
+DropoutOpt = Annotated[float, typer.Option(min=0.0, max=0.95, help="Dropout before the softmax layer.")]
+
+
+L2Opt = Annotated[float, typer.Option(min=0.0, help="L2 weight penalty of the softmax layer.")]
+
+
+PatienceOpt = Annotated[int, typer.Option(min=1, help="Epochs without val improvement before stopping.")]
+
+
+RefitOpt = Annotated[
+    bool, typer.Option("--refit/--no-refit", help="After early stopping picks the epochs, retrain on train+val.")
+]
+
+
+BalanceOpt = Annotated[bool, typer.Option("--balance/--no-balance", help="Class weights against imbalance.")]
+
+
+MinAccuracyOpt = Annotated[
+    Optional[float], typer.Option(min=0.0, max=1.0, help="Exit 3 when accuracy is below this (CI gate).")
+]
+
+
+WaitOpt = Annotated[bool, typer.Option("--wait", help="If another tlcli is writing the output folder, wait for it.")]
+
+
+KeepOpt = Annotated[
+    Optional[int],
+    typer.Option(min=1, help="Afterwards delete never-promoted runs older than the newest KEEP (promoted ones stay)."),
+]
+
+
+TensorboardOpt = Annotated[
+    Optional[Path], typer.Option(help="Write per-epoch TensorBoard scalars under this folder.", file_okay=False)
+]
+
+
+FINE_TUNE = finetune.Options()
+
+
+DeviceOpt = Annotated[
+    str, typer.Option("--device", help="auto (a GPU if TensorFlow sees one, else CPU), cpu, gpu (all) or gpu:N.")
+]
+
+
+def _given(ctx: typer.Context, name: str) -> bool:
+    """True when an option came from the command line or a --config file rather than its default."""
+    source = ctx.get_parameter_source(name)
+    return source is not None and source.name != "DEFAULT"

@@ -1,0 +1,250 @@
+"""tlcli train-head and tlcli cross-validate."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from tlcli.cli.console import emit_json, handles_errors, out, progress_bar, use_device
+from tlcli.cli.evaluate import passes_gate, per_class_table
+from tlcli.cli.options import (
+    FINE_TUNE,
+    BalanceOpt,
+    BatchOpt,
+    ConfigOpt,
+    DeviceOpt,
+    DropoutOpt,
+    EpochsOpt,
+    JsonOpt,
+    KeepOpt,
+    L2Opt,
+    LrOpt,
+    MinAccuracyOpt,
+    PatienceOpt,
+    QuietOpt,
+    RefitOpt,
+    SeedOpt,
+    TensorboardOpt,
+    WaitOpt,
+)
+from tlcli.errors import EXIT_GATE, GateError
+from tlcli.train import finetune
+from tlcli.train.head import HEAD
+
+
+def fine_tune_options(p: dict) -> finetune.Options | None:
+    """The fine-tuning options of parsed train-head options (None: head only)."""
+    return finetune.options(
+        p["fine_tune_layers"],
+        p["fine_tune_from"],
+        p["fine_tune_lr"],
+        p["fine_tune_epochs"],
+        p["fine_tune_patience"],
+        p["fine_tune_batch_size"],
+        p["augment"],
+        p["strategy"],
+    )
+
+
+def train_step(p: dict, progress: Callable[[int, int, dict], None] | None, **extra) -> dict:
+    """The train-head step from parsed options (shared by 'tlcli train-head' and 'tlcli run')."""
+    from tlcli.train import head
+
+    return head.train(
+        p["features_dir"],
+        p["out_dir"],
+        epochs=p["epochs"],
+        batch_size=p["batch_size"],
+        learning_rate=p["lr"],
+        dropout=p["dropout"],
+        l2=p["l2"],
+        patience=p["patience"],
+        balance=p["balance"],
+        refit=p["refit"],
+        seed=p["seed"],
+        promote_if_better=p["promote_if_better"],
+        backbone=p["backbone"],
+        size=p["size"],
+        keep=p["keep"],
+        tensorboard=p["tensorboard"],
+        fine_tune=fine_tune_options(p),
+        progress=progress,
+        wait=p["wait"],
+        **extra,
+    )
+
+
+@handles_errors
+def train_head_cmd(
+    ctx: typer.Context,
+    features_dir: Annotated[Path, typer.Argument(help="Feature store written by 'tlcli extract'.")],
+    out_dir: Annotated[
+        Path,
+        typer.Option("--out", "-o", help="Runs folder: each run goes to OUT/<timestamp>/, OUT/latest is promoted."),
+    ] = Path("runs/default"),
+    epochs: EpochsOpt = HEAD.epochs,
+    batch_size: BatchOpt = HEAD.batch_size,
+    lr: LrOpt = HEAD.learning_rate,
+    dropout: DropoutOpt = HEAD.dropout,
+    l2: L2Opt = HEAD.l2,
+    patience: PatienceOpt = HEAD.patience,
+    refit: RefitOpt = HEAD.refit,
+    balance: BalanceOpt = HEAD.balance,
+    promote_if_better: Annotated[
+        bool, typer.Option(help="Promote to latest only if val accuracy beats it (else exit 3).")
+    ] = False,
+    backbone: Annotated[Optional[str], typer.Option(help="Refuse features not made by this backbone.")] = None,
+    size: Annotated[Optional[int], typer.Option(help="Refuse features not made at this input size.")] = None,
+    keep: KeepOpt = None,
+    tensorboard: TensorboardOpt = None,
+    fine_tune_layers: Annotated[
+        Optional[int],
+        typer.Option(
+            help="Fine-tune: after the head, train the backbone's top N layers that hold weights with it, end "
+            "to end on the training images (BatchNorm stays frozen, in inference mode)."
+        ),
+    ] = None,
+    fine_tune_from: Annotated[
+        Optional[str], typer.Option(metavar="LAYER", help="Fine-tune the backbone from this named layer up.")
+    ] = None,
+    fine_tune_lr: Annotated[
+        Optional[float],
+        typer.Option(help="Adam learning rate of fine-tuning, decayed to 0 along a cosine (default: --lr / 10)."),
+    ] = None,
+    fine_tune_epochs: Annotated[
+        Optional[int],
+        typer.Option(
+            help=f"Fine-tuning epochs: all of them with --refit (on train+val), at most with --no-refit "
+            f"(default: {FINE_TUNE.epochs})."
+        ),
+    ] = None,
+    fine_tune_patience: Annotated[
+        Optional[int],
+        typer.Option(
+            help="With --no-refit, fine-tuning epochs without val improvement before stopping "
+            f"(default: {FINE_TUNE.patience})."
+        ),
+    ] = None,
+    fine_tune_batch_size: Annotated[
+        Optional[int], typer.Option(help=f"Images per fine-tuning batch (default: {FINE_TUNE.batch_size}).")
+    ] = None,
+    augment: Annotated[
+        Optional[str],
+        typer.Option(
+            help="Random transforms of the fine-tuning images: any of flip,rotate,zoom,contrast, or none "
+            f"(default: {','.join(FINE_TUNE.augment) or 'none'})."
+        ),
+    ] = None,
+    strategy: Annotated[
+        Optional[str],
+        typer.Option(
+            help="Distribute fine-tuning: mirrored (all local GPUs) or multiworker (the cluster in TF_CONFIG; "
+            "run the same command on every worker, the chief saves the run)."
+        ),
+    ] = None,
+    seed: SeedOpt = 0,
+    as_json: JsonOpt = False,
+    wait: WaitOpt = False,
+    device: DeviceOpt = "auto",
+    quiet: QuietOpt = False,
+    config: ConfigOpt = None,
+) -> None:
+    """Train a softmax head on stored features, optionally fine-tune the backbone; save one pixels-in model."""
+    fine_tune = fine_tune_options(ctx.params)
+    info = use_device(device, quiet or as_json, fine_tune.strategy if fine_tune else None)
+    with progress_bar(
+        "training head, then fine-tuning (epochs)" if fine_tune else "training head (epochs)", quiet or as_json
+    ) as bar:
+        summary = train_step(ctx.params, bar, strategy=info["strategy"])
+    if summary["run"] is None:
+        if as_json:
+            emit_json(summary)
+        else:
+            out.print(f"worker {summary['worker']}: {summary['note']}")
+        return
+    if as_json:
+        emit_json(summary)
+    else:
+        test = summary["test_accuracy"]
+        out.print(
+            f"run {summary['run']}: train {summary['train_accuracy']:.4f}, val {summary['val_accuracy']:.4f}"
+            + (f", test {test:.4f}" if test is not None else "")
+            + f" after {summary['epochs_run']} head epochs"
+            + (f" and {summary['fine_tune_epochs_run']} fine-tuning epochs" if fine_tune else "")
+            + f" ({summary['fit_seconds']:.1f}s)"
+        )
+        if fine_tune and summary["fine_tune_best_epoch"] == 0:
+            ran = summary["fine_tune_epochs_run"]
+            out.print(
+                f"fine-tuning never beat the head-only start on val loss in {ran} epoch{'s' if ran != 1 else ''}; "
+                "the run keeps the head-only weights (try another --fine-tune-lr or more --fine-tune-patience)"
+            )
+        out.print(
+            f"promoted to {summary['latest']}"
+            if summary["promoted"]
+            else f"not promoted: val {summary['val_accuracy']:.4f} does not beat "
+            f"latest {summary['previous_val_accuracy']:.4f}"
+        )
+        if summary["pruned"]:
+            out.print(f"pruned {len(summary['pruned'])} old never-promoted run(s): {', '.join(summary['pruned'])}")
+    if not summary["promoted"]:
+        raise typer.Exit(EXIT_GATE)
+
+
+@handles_errors
+def cross_validate_cmd(
+    ctx: typer.Context,
+    features_dir: Annotated[Path, typer.Argument(help="Feature store written by 'tlcli extract'.")],
+    folds: Annotated[int, typer.Option(min=3, help="Folds: each photo is held out once.")] = 10,
+    min_accuracy: MinAccuracyOpt = None,
+    epochs: EpochsOpt = HEAD.epochs,
+    batch_size: BatchOpt = HEAD.batch_size,
+    lr: LrOpt = HEAD.learning_rate,
+    dropout: DropoutOpt = HEAD.dropout,
+    l2: L2Opt = HEAD.l2,
+    patience: PatienceOpt = HEAD.patience,
+    refit: RefitOpt = HEAD.refit,
+    balance: BalanceOpt = HEAD.balance,
+    seed: SeedOpt = 0,
+    as_json: JsonOpt = False,
+    device: DeviceOpt = "auto",
+    quiet: QuietOpt = False,
+    config: ConfigOpt = None,
+) -> None:
+    """Accuracy of train-head's recipe measured on every stored photo: k heads, each tested on the fold it did not see.
+
+    Writes nothing; use it to compare options, or as a CI gate, when one test split is too small to tell.
+    """
+    from tlcli.train import crossval
+
+    use_device(device, quiet or as_json)
+    with progress_bar("cross-validating (folds)", quiet or as_json) as bar:
+        result = crossval.cross_validate(
+            features_dir,
+            folds=folds,
+            seed=seed,
+            epochs=epochs,
+            batch_size=batch_size,
+            learning_rate=lr,
+            dropout=dropout,
+            l2=l2,
+            patience=patience,
+            balance=balance,
+            refit=refit,
+            progress=bar,
+        )
+    gate_failed = passes_gate(result, min_accuracy)
+    if as_json:
+        emit_json({k: v for k, v in result.items() if k != "confusion"})
+    else:
+        out.print(per_class_table(result))
+        out.print(
+            f"accuracy {result['accuracy']:.4f} on {result['n']} held-out images "
+            f"(per fold {', '.join(f'{a:.3f}' for a in result['per_fold'])}; std {result['fold_std']:.3f}), "
+            f"{len(result['misclassified'])} misclassified, {result['seconds']:.1f}s"
+        )
+    if gate_failed:
+        raise GateError(f"cross-validated accuracy {result['accuracy']:.4f} is below --min-accuracy {min_accuracy}")

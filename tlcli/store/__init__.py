@@ -1,0 +1,1 @@
+"""Persistence only: the feature store, run folders, locks and atomic writes."""
