@@ -40,7 +40,7 @@ def test_tflite_agrees_with_keras(cli, run_dir, tmp_path, quantize):
     import tensorflow as tf
 
     from tlcli.data import images
-    from tlcli.train.head import load_run
+    from tlcli.models.run import load_run
 
     model, meta, _ = load_run(run_dir)
     pixels = images.load(run_dir.resolve().parent.parent / "data" / "red" / "r0.jpg", 96, meta["resize"])

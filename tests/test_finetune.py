@@ -37,7 +37,7 @@ def _moving_stats(model) -> dict[str, list[np.ndarray]]:
 
 
 def test_fine_tune_cli_saves_a_run_with_both_stages(cli, tiny_store, tmp_path):
-    from tlcli.train.head import load_run
+    from tlcli.models.run import load_run
 
     result = cli(
         "train-head",
@@ -80,8 +80,8 @@ def test_fine_tune_cli_saves_a_run_with_both_stages(cli, tiny_store, tmp_path):
 def test_fine_tuning_with_refit_trains_on_train_and_val_for_every_epoch(cli, tiny_store, tmp_path):
     """--refit (the default), as for the head: fine-tuning then runs every epoch on train+val and keeps the
     last weights; the run's val accuracy is the early-stopped head's, taken before anything trained on val."""
+    from tlcli.models.run import load_run
     from tlcli.store.features import Store
-    from tlcli.train.head import load_run
 
     args = ("--fine-tune-layers", "2", "--fine-tune-epochs", "3", "--fine-tune-patience", "1", "--json", "--quiet")
     result = cli("train-head", tiny_store, "--out", tmp_path / "runs", *args)
@@ -100,7 +100,7 @@ def test_fine_tuning_with_refit_trains_on_train_and_val_for_every_epoch(cli, tin
 
 
 def test_fine_tuning_that_never_beats_the_head_keeps_its_weights_and_says_so(cli, tiny_store, tmp_path):
-    from tlcli.train.head import load_run
+    from tlcli.models.run import load_run
 
     args = (
         "--fine-tune-layers",
@@ -210,7 +210,7 @@ def _start_workers(store: Path, runs: Path, *args: str) -> list:
 
 @pytest.mark.slow
 def test_multiworker_run_with_two_local_workers_saves_one_model(tiny_store, tmp_path):
-    from tlcli.train.head import load_run
+    from tlcli.models.run import load_run
 
     procs = _start_workers(tiny_store, tmp_path / "runs", "--fine-tune-epochs", "2", "--json", "--quiet")
     try:
@@ -305,7 +305,7 @@ def _backbone_batchnorm(model, name: str) -> dict[str, list[np.ndarray]]:
 @pytest.mark.slow
 def test_fine_tuning_beats_head_only_on_held_out_photos(cli, keras_home, shared_data, tmp_path, capsys):
     from tlcli.models import backbones
-    from tlcli.train.head import load_run
+    from tlcli.models.run import load_run
 
     extracted = cli(
         "extract",

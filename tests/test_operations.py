@@ -240,7 +240,7 @@ def colour_project(tmp_path_factory) -> Path:
 
 def snapshot(root: Path) -> dict:
     """What must survive any crash: latest's target and predictions, and the readable feature store."""
-    from tlcli.train.head import load_run
+    from tlcli.models.run import load_run
 
     model, meta, run_dir = load_run(root / "runs" / "colours" / "latest")
     test = [root / "data" / "colours" / p for p, _ in meta["test_files"]]

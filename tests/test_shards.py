@@ -220,7 +220,7 @@ def test_bfloat16_features_and_accuracy_match_float32(cli, keras_home, shared_da
         )
     assert relative.mean() < 0.12 and relative.max() < 0.35
     assert abs(mean["mixed_bfloat16"] - mean["float32"]) <= 0.01
-    from tlcli.train.head import load_run
+    from tlcli.models.run import load_run
 
     model, meta, _ = load_run(tmp_path / "runs-mixed_bfloat16-0" / "latest")
     assert meta["features_key"].endswith("-mixed_bfloat16-crop") and model.outputs[0].dtype == "float32"

@@ -146,8 +146,8 @@ def test_saved_model_takes_pixels_and_matches_features(trained):
     _, summary, tmp = trained
     model = keras.saving.load_model(Path(summary["run"]) / "model.keras")
     from tlcli.data import images
+    from tlcli.models.run import load_run
     from tlcli.store import features
-    from tlcli.train.head import load_run
 
     _, meta, _ = load_run(summary["run"])
     store = features.Store.open(tmp / "features")

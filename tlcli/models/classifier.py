@@ -18,6 +18,7 @@ import numpy as np
 from tlcli.data import images
 from tlcli.errors import UsageError
 from tlcli.models import backbones
+from tlcli.models.run import load_run
 
 CLASS_INDEX_URL = "https://storage.googleapis.com/download.tensorflow.org/data/imagenet_class_index.json"
 
@@ -107,8 +108,6 @@ def from_backbone(name: str, alpha: float | None = None, weights: str = "imagene
 def from_run(path: str | os.PathLike) -> Classifier:
     """A trained tlcli run; for multi-view runs one square image is every view (crop and pad of a square agree)."""
     import tensorflow as tf
-
-    from tlcli.train.head import load_run
 
     model, meta, run_dir = load_run(path)
     n_views = len(images.views(meta["resize"]))

@@ -15,7 +15,7 @@ import numpy as np
 from tlcli.data import datasets
 from tlcli.errors import UsageError
 from tlcli.store.features import Split, Store
-from tlcli.train import evaluate, head
+from tlcli.train import head, metrics
 
 
 def fold_of(labels: np.ndarray, folds: int, seed: int) -> np.ndarray:
@@ -71,7 +71,7 @@ def cross_validate(
         per_fold.append(round(float((probs[rows].argmax(1) == every.labels[rows]).mean()), 4))
         if progress:
             progress(i + 1, folds)
-    result = evaluate.metrics(every.labels, probs, classes)
+    result = metrics.metrics(every.labels, probs, classes)
     pred = probs.argmax(1)
     result.update(
         source=f"{folds}-fold cross-validation",

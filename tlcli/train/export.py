@@ -13,6 +13,7 @@ import numpy as np
 
 from tlcli.data import images
 from tlcli.errors import GateError, UsageError
+from tlcli.models.run import load_run
 from tlcli.store import runs
 
 FORMATS = ("savedmodel", "tflite")
@@ -102,8 +103,6 @@ def export(
 ) -> dict:
     """Write the run's model as ``fmt`` to ``out`` (labels beside it) after checking it agrees with Keras."""
     import tensorflow as tf
-
-    from tlcli.train.head import load_run
 
     if fmt not in FORMATS:
         raise UsageError(f"unknown --format {fmt!r}; use one of {', '.join(FORMATS)}")

@@ -13,12 +13,12 @@ from pathlib import Path
 
 import numpy as np
 
-from tlcli.data import images
 from tlcli.errors import UsageError
 from tlcli.models import backbones
+from tlcli.models.run import pixels_model
 from tlcli.store import locks, runs
 from tlcli.store.features import LOCK_NAME, Split, Store
-from tlcli.train import evaluate, finetune
+from tlcli.train import finetune, metrics, plots
 
 
 class RunLog:
@@ -274,23 +274,6 @@ def _check_expectations(meta: dict, backbone: str | None, size: int | None, alph
         )
 
 
-def pixels_model(meta: dict, head) -> tuple:
-    """Preprocessing + backbone + ``head`` as one model taking RGB pixels; returns (model, backbone model)."""
-    import keras
-
-    from tlcli.models.layers import feature_model
-
-    bb = backbones.build(meta["backbone"], meta.get("alpha"), meta["input_size"], meta["weights"])
-    if bb.weights_sha256 != meta.get("weights_sha256"):
-        raise UsageError(
-            f"the {meta['backbone']} weights changed since extraction "
-            f"({meta.get('weights_sha256')} -> {bb.weights_sha256}); re-run 'tlcli extract'"
-        )
-    features = feature_model(bb, meta.get("flip_average", False), len(images.views(meta["resize"])))
-    pixels = keras.Input(images.pixel_shape(bb.size, meta["resize"]), name="pixels")
-    return keras.Model(pixels, head(features(pixels)), name=f"tlcli_{meta['backbone']}"), bb.model
-
-
 def _current_val_accuracy(runs_root: Path) -> float | None:
     link = runs_root / "latest"
     if not link.exists():
@@ -399,7 +382,7 @@ def train(
         log=log,
     )
     # val accuracy of the early-stopped head, before a refit saw the val images
-    val_metrics = evaluate.metrics(val_split.labels, val_probs, classes) if has_val else None
+    val_metrics = metrics.metrics(val_split.labels, val_probs, classes) if has_val else None
     refit_epochs = len(hist["refit_loss"]) if "refit_loss" in hist else None
     tuned, fine_tune_lr = None, None
     if fine_tune is None:
@@ -465,7 +448,7 @@ def train(
 
     def scores(split) -> dict:
         probs, labels = probabilities(split) if len(split.labels) else (np.zeros((0, n_classes)), split.labels)
-        return evaluate.metrics(labels, probs, classes)
+        return metrics.metrics(labels, probs, classes)
 
     if tuned is not None and has_val and not refit_epochs:  # after a refit, val was trained on
         val_metrics = scores(val_split)
@@ -546,8 +529,8 @@ def train(
         runs.write_json(staging / "history.json", hist if tuned is None else {**hist, "fine_tune": tuned.history})
         runs.write_json(staging / "metrics.json", {"split": "test", **test_metrics, "val": val_metrics})
         if test_metrics["n"]:
-            evaluate.confusion_png(test_metrics["confusion"], classes, staging / "confusion.png", "test split")
-        evaluate.curves_png(
+            plots.confusion_png(test_metrics["confusion"], classes, staging / "confusion.png", "test split")
+        plots.curves_png(
             hist if tuned is None else {**hist, **{f"fine_tune_{k}": v for k, v in tuned.history.items()}},
             staging / "curves.png",
             f"{meta['backbone']} head" + (", then fine-tuned" if tuned else "") + f", {n_classes} classes",
@@ -600,21 +583,3 @@ def conclude(
         if promote:
             runs.promote(runs_root, run_dir)
         return runs.prune(runs_root, keep) if keep is not None else []
-
-
-def load_run(path: str | os.PathLike):
-    """Load a run's inference model and metadata; one-line error when the model file is not a model."""
-    import keras
-
-    import tlcli.models.layers  # noqa: F401  (registers the custom layers for deserialisation)
-
-    run_dir = runs.resolve_run(path)
-    meta = runs.read_json(run_dir / "meta.json")
-    try:
-        model = keras.saving.load_model(run_dir / "model.keras", compile=False)
-    except Exception as exc:  # Keras raises many types for a damaged archive
-        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
-        raise UsageError(
-            f"{run_dir / 'model.keras'} is not a loadable Keras model ({first}); retrain with 'tlcli train-head'"
-        ) from None
-    return model, meta, run_dir

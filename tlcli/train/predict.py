@@ -10,6 +10,7 @@ import numpy as np
 
 from tlcli.data.images import apply_model, is_image_name
 from tlcli.errors import UsageError
+from tlcli.models.run import load_run
 
 
 def expand(paths: Sequence[str]) -> list[str]:
@@ -35,7 +36,6 @@ def predict_paths(
     progress: Callable[[int, int], None] | None = None,
 ) -> tuple[list[dict], list[dict]]:
     """Top-k classes with probabilities for each readable image, and the files that could not be read."""
-    from tlcli.train.head import load_run
 
     model, meta, _ = load_run(run)
     files = expand(paths)
