@@ -68,7 +68,9 @@ def test_imports_point_down_the_layers():
     assert upward == [], "\n".join(upward)
 
 
-@pytest.mark.parametrize("args", [["--help"], ["runs", ".", "--json"], ["fetch-data", "--list", "--json"], ["backbones"]])
+@pytest.mark.parametrize(
+    "args", [["--help"], ["runs", ".", "--json"], ["fetch-data", "--list", "--json"], ["backbones"]]
+)
 def test_commands_that_run_no_model_import_no_tensorflow(args, tmp_path):
     code = (
         "import sys\nfrom tlcli.cli.app import app\n"

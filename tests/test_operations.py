@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from tlcli.store import files
 from tlcli.store.features import LOCK_NAME, Store
 
 from .conftest import make_photo
@@ -411,7 +412,7 @@ def test_a_swallowed_interrupt_still_stops_every_commit(tmp_path, monkeypatch):
 
     monkeypatch.setattr(interrupts, "_requested", signal.SIGTERM)
     with pytest.raises(KeyboardInterrupt):
-        runs.write_json(tmp_path / "meta.json", {"a": 1})
+        files.write_json(tmp_path / "meta.json", {"a": 1})
     (tmp_path / "run").mkdir()
     with pytest.raises(KeyboardInterrupt):
         runs.publish(tmp_path / "run", tmp_path)

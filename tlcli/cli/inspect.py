@@ -13,6 +13,7 @@ from tlcli.cli.console import emit_json, err, handles_errors, log, out, progress
 from tlcli.cli.options import DeviceOpt, JsonOpt, QuietOpt, SeedOpt
 from tlcli.errors import UsageError
 from tlcli.explain import ideal
+from tlcli.store import files
 
 GIF_FRAMES = 30
 
@@ -66,7 +67,6 @@ def ideal_image_cmd(
     """
     from tlcli.data import images
     from tlcli.models import classifier
-    from tlcli.store import runs
 
     _check_suffix(out_path, ".png", "--out")
     _check_suffix(gif, ".gif", "--gif")
@@ -90,9 +90,9 @@ def ideal_image_cmd(
             progress=bar,
             gif_every=max(1, steps // GIF_FRAMES) if gif else None,
         )
-    runs.write_bytes(out_path, images.png_bytes(ideal.upscale(result["image"], upscale)))
+    files.write_bytes(out_path, images.png_bytes(ideal.upscale(result["image"], upscale)))
     if gif:
-        runs.write_bytes(gif, ideal.gif_bytes(result["frames"], upscale))
+        files.write_bytes(gif, ideal.gif_bytes(result["frames"], upscale))
     summary = {k: v for k, v in result.items() if k not in ("image", "frames")}
     summary.update(
         model=clf.source,
@@ -150,7 +150,6 @@ def features_cmd(
     """Grid of the strongest feature maps (by mean activation) of one layer for one photo, beside the photo."""
     from tlcli.data import images
     from tlcli.models import backbones
-    from tlcli.store import runs
 
     _check_suffix(out_path, ".png", "--out")
     sp = backbones.spec(backbone)
@@ -179,7 +178,7 @@ def features_cmd(
         return
     name = layer or _default_layer(layers)
     grid = ideal.feature_grid(bb, name, pixels, channels)
-    runs.write_bytes(out_path, images.png_bytes(grid["image"]))
+    files.write_bytes(out_path, images.png_bytes(grid["image"]))
     summary = {
         "image": str(image),
         "model": bb.key,

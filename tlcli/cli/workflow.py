@@ -29,7 +29,7 @@ from tlcli.cli.options import (
 )
 from tlcli.cli.train import train_step
 from tlcli.errors import EXIT_GATE, TlcliError, UsageError
-from tlcli.store import runs
+from tlcli.store import files, runs
 from tlcli.store.features import LOCK_NAME
 
 STEP_COMMANDS = {
@@ -207,7 +207,7 @@ def run_cmd(
         from tlcli.train import head
 
         evaluation = {k: evaluated[k] for k in ("accuracy", "n", "source") if k in evaluated}
-        runs.write_json(
+        files.write_json(
             Path(trained["run"]) / "pipeline.json",
             {"config": config_record, "steps": steps_record(steps), "promoted": promote, "reason": reason},
         )

@@ -43,8 +43,9 @@ from PIL import Image
 from tlcli import __version__
 from tlcli.data import datasets, images
 from tlcli.errors import TlcliError, UsageError
+from tlcli.store import files
+from tlcli.store.files import read_json, write_json
 from tlcli.store.locks import lock
-from tlcli.store.runs import read_json, write_json
 
 Progress = Callable[..., None]
 """``progress(done, total, stage)``: bytes while downloading, files while unpacking and checking."""
@@ -184,12 +185,6 @@ def _need_space(folder: Path, nbytes: int, what: str) -> None:
         )
 
 
-def file_sha256(path: str | os.PathLike) -> str:
-    """Hex sha256 of a file, read in blocks."""
-    with open(path, "rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()
-
-
 # --- locks -------------------------------------------------------------------------------------
 
 
@@ -243,7 +238,7 @@ def download(
         dest.unlink(missing_ok=True)
         part.unlink(missing_ok=True)
     if dest.exists():
-        digest = file_sha256(dest)
+        digest = files.sha256(dest)
         if (size is None or dest.stat().st_size == size) and (sha256 is None or digest == sha256.lower()):
             return {"path": dest, "bytes": 0, "resumed": False, "cached": True, "sha256": digest}
         dest.unlink()
@@ -329,7 +324,7 @@ def download(
             )
         time.sleep(min(MAX_BACKOFF, RETRY_BACKOFF * 2 ** (failures - 1)))
     actual = part.stat().st_size
-    digest = file_sha256(part)
+    digest = files.sha256(part)
     wrong = None
     if total is not None and actual != total:
         wrong = f"is {actual} bytes, not {total}"
@@ -966,7 +961,7 @@ def _get_archives(
     digests: dict[str, str] = {}
     paths: list[Path] = []
     if plan.kind == "archive":
-        digest = file_sha256(plan.path)
+        digest = files.sha256(plan.path)
         if sha256 and digest != sha256.lower():
             raise UsageError(f"{plan.path} has sha256 {digest}, not {sha256.lower()}; nothing was unpacked")
         return [plan.path], {plan.path.name: digest}, fetched

@@ -157,7 +157,7 @@ def load(path: str | Path, size: int, policy: str = "crop") -> np.ndarray:
 
 
 def png_bytes(image: Image.Image | np.ndarray) -> bytes:
-    """Encode an image as PNG in memory (the caller writes it atomically with runs.write_bytes)."""
+    """Encode an image as PNG in memory (the caller writes it atomically with files.write_bytes)."""
     import io
 
     im = image if isinstance(image, Image.Image) else Image.fromarray(np.asarray(image, np.uint8))

@@ -16,7 +16,7 @@ import numpy as np
 from tlcli.data import images
 from tlcli.errors import UsageError
 from tlcli.models.classifier import Classifier
-from tlcli.store import runs
+from tlcli.store import files
 
 METHODS = ("gd", "fgsm", "pgd")
 
@@ -188,7 +188,7 @@ def write_outputs(result: dict, out: str | Path) -> dict[str, str]:
         "perturbation": out.with_name(f"{out.stem}-perturbation.png"),
         "figure": out.with_name(f"{out.stem}-figure.png"),
     }
-    runs.write_bytes(paths["adversarial"], images.png_bytes(result["adversarial"]))
-    runs.write_bytes(paths["perturbation"], images.png_bytes(amplified(result["original"], result["adversarial"])))
-    runs.write_bytes(paths["figure"], figure_png(result))
+    files.write_bytes(paths["adversarial"], images.png_bytes(result["adversarial"]))
+    files.write_bytes(paths["perturbation"], images.png_bytes(amplified(result["original"], result["adversarial"])))
+    files.write_bytes(paths["figure"], figure_png(result))
     return {k: str(v) for k, v in paths.items()}

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import importlib
 import os
 import re
@@ -13,6 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from tlcli.errors import UsageError
+from tlcli.store import files
 
 
 @dataclass(frozen=True)
@@ -156,14 +156,6 @@ def feature_dim(sp: Spec, alpha: float | None) -> int:
 def preprocess_fn(sp: Spec):
     """The backbone's own keras.applications preprocess_input."""
     return importlib.import_module(f"keras.applications.{sp.module}").preprocess_input
-
-
-def _sha256(path: str | os.PathLike) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def keras_models_dir() -> Path:
@@ -338,4 +330,4 @@ def build(
             ) from None
         raise UsageError(f"cannot build {sp.name}: {first}") from None
     source = record[-1] if record else (label if label not in ("imagenet", "none") else None)
-    return Backbone(sp, model, size, alpha, label, _sha256(source) if source else None, precision, source)
+    return Backbone(sp, model, size, alpha, label, files.sha256(source) if source else None, precision, source)

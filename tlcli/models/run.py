@@ -7,7 +7,7 @@ import os
 from tlcli.data import images
 from tlcli.errors import UsageError
 from tlcli.models import backbones
-from tlcli.store import runs
+from tlcli.store import files, runs
 
 
 def pixels_model(meta: dict, head) -> tuple:
@@ -34,7 +34,7 @@ def load_run(path: str | os.PathLike):
     import tlcli.models.layers  # noqa: F401  (registers the custom layers for deserialisation)
 
     run_dir = runs.resolve_run(path)
-    meta = runs.read_json(run_dir / "meta.json")
+    meta = files.read_json(run_dir / "meta.json")
     try:
         model = keras.saving.load_model(run_dir / "model.keras", compile=False)
     except Exception as exc:  # Keras raises many types for a damaged archive

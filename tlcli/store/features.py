@@ -18,7 +18,7 @@ import numpy as np
 from tlcli.data import datasets, images
 from tlcli.errors import UsageError
 from tlcli.models import backbones
-from tlcli.store import locks, runs, shards
+from tlcli.store import files, locks, runs, shards
 
 STORE_FORMAT = 1
 META = "meta.json"
@@ -35,15 +35,6 @@ _DTYPES = {
     "mtimes": np.int64,
 }
 _ROW_ORDER = ("paths", "labels", "hashes", "sizes", "mtimes", "features")
-
-
-def file_digest(path: str | os.PathLike) -> str:
-    """Content hash that identifies an image file across renames and re-runs."""
-    h = hashlib.blake2b(digest_size=16)
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 class Row(NamedTuple):
@@ -103,7 +94,7 @@ class Store:
                     "--merge-shards'"
                 )
             raise UsageError(f"{root} holds no features (no {META}); run 'tlcli extract DATA_DIR --out {root}' first")
-        meta = runs.read_json(root / META)
+        meta = files.read_json(root / META)
         if meta.get("format") != STORE_FORMAT:
             raise UsageError(f"{root} was written by another tlcli version; re-run 'tlcli extract'")
         return cls(root, meta)
@@ -166,7 +157,7 @@ def _write_split(root: Path, name: str, arrays: dict) -> str:
     np.savez(buf, **arrays)
     data = buf.getvalue()
     filename = f"{name}-{hashlib.blake2b(data, digest_size=8).hexdigest()}.npz"
-    runs.write_bytes(root / filename, data)
+    files.write_bytes(root / filename, data)
     return filename
 
 
@@ -207,7 +198,7 @@ def _write(root: Path, rows: list[Row], classes: list[str], dim: int, meta: dict
             },
         )
         meta["splits"][name] = {"n": n, "file": filename, "per_class": dict(zip(classes, counts, strict=True))}
-    runs.write_json(root / META, meta)
+    files.write_json(root / META, meta)
     _drop_unreferenced(root, meta)
 
 
@@ -276,7 +267,7 @@ def _save_extractor(root: Path, infer, bb: backbones.Backbone) -> dict | None:
         return None
     data, input_name, output_name = graph
     filename = f"{EXTRACTOR}-{hashlib.blake2b(data, digest_size=8).hexdigest()}.pb"
-    runs.write_bytes(root / filename, data)
+    files.write_bytes(root / filename, data)
     return {
         "file": filename,
         "input": input_name,
@@ -294,7 +285,7 @@ def _carry_extractor(part: Store, out: Path) -> dict | None:
         data = (part.root / saved["file"]).read_bytes()
     except (TypeError, KeyError, OSError):
         return None
-    runs.write_bytes(out / saved["file"], data)
+    files.write_bytes(out / saved["file"], data)
     return saved
 
 
@@ -349,7 +340,7 @@ def extract(
     ]
 
     with locks.lock(root / LOCK_NAME, f"extract is writing {root}", wait=wait):
-        runs.remove_leftovers(root)
+        files.remove_leftovers(root)
         old = _open_previous(root)
         infer = _saved_extractor(old, options)
         if infer is not None:
@@ -372,7 +363,7 @@ def extract(
             try:
                 st = full.stat()
                 prev = old_stats.get(rel)
-                digest = prev[2] if prev and prev[:2] == (st.st_size, st.st_mtime_ns) else file_digest(full)
+                digest = prev[2] if prev and prev[:2] == (st.st_size, st.st_mtime_ns) else files.content_hash(full)
             except OSError as exc:
                 records.append((rel, label, None, 0, 0, f"unreadable: {exc.strerror}"))
                 continue
@@ -586,7 +577,7 @@ def merge_shards(
     count = found[0]
     with contextlib.ExitStack() as held:
         held.enter_context(locks.lock(out / LOCK_NAME, f"extract is writing {out}", wait=wait))
-        runs.remove_leftovers(out)
+        files.remove_leftovers(out)
         parts = _open_parts(out, count, wait, held)
         first = min(parts)
         ref = parts[first].meta

@@ -1,9 +1,8 @@
-"""Run folders, metadata and the one way files are written: atomically (temp file + rename)."""
+"""Run folders: staging, publishing, promotion to latest, history and pruning; the versions a run records."""
 
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import platform
 import shutil
@@ -14,53 +13,7 @@ from pathlib import Path
 
 from tlcli import interrupts
 from tlcli.errors import UsageError
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-@contextlib.contextmanager
-def atomic_path(path: str | os.PathLike, suffix: str = "") -> Iterator[Path]:
-    """Yield a temporary path beside ``path``; on success rename it over ``path``, on failure delete it."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=f".tmp{suffix}", dir=path.parent)
-    os.fchmod(fd, 0o666 & ~_umask())
-    os.close(fd)
-    tmp_path = Path(tmp)
-    try:
-        yield tmp_path
-        with open(tmp_path, "rb+") as f:
-            os.fsync(f.fileno())
-        interrupts.check()
-        os.replace(tmp_path, path)
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            tmp_path.unlink()
-
-
-def write_bytes(path: str | os.PathLike, data: bytes) -> None:
-    """Atomically write ``data`` to ``path``."""
-    with atomic_path(path) as tmp:
-        tmp.write_bytes(data)
-
-
-def write_json(path: str | os.PathLike, obj) -> None:
-    """Atomically write ``obj`` as indented JSON."""
-    write_bytes(path, (json.dumps(obj, indent=2, sort_keys=False, default=str) + "\n").encode())
-
-
-def read_json(path: str | os.PathLike) -> dict:
-    """Read a JSON file written by tlcli, with a one-line error when it is missing or damaged."""
-    try:
-        return json.loads(Path(path).read_text())
-    except FileNotFoundError:
-        raise UsageError(f"{path} not found") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise UsageError(f"{path} is not valid JSON ({exc}); re-run the step that wrote it") from None
+from tlcli.store.files import read_json, umask
 
 
 def versions() -> dict:
@@ -92,7 +45,7 @@ def staging_dir(runs_root: str | os.PathLike) -> Iterator[Path]:
     try:
         root.mkdir(parents=True, exist_ok=True)
         staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=root))
-        staging.chmod(0o777 & ~_umask())
+        staging.chmod(0o777 & ~umask())
     except OSError as exc:
         raise UsageError(f"cannot write into {root}: {exc.strerror}; choose another --out") from None
     try:
@@ -174,29 +127,6 @@ def prune(runs_root: str | os.PathLike, keep: int) -> list[str]:
         os.rename(run, grave)
         shutil.rmtree(grave, ignore_errors=True)
         removed.append(run.name)
-    return removed
-
-
-def remove_leftovers(folder: str | os.PathLike) -> list[str]:
-    """Delete temp files, staging and half-pruned folders a killed process left in ``folder``.
-
-    Only call this while holding the folder's lock: then no live writer owns any of them.
-    """
-    root = Path(folder)
-    if not root.is_dir():
-        return []
-    removed = []
-    for p in root.iterdir():
-        name = p.name
-        if not name.startswith(".") or not (
-            name.startswith((".staging-", ".pruned-")) or ".tmp" in name and not p.is_dir()
-        ):
-            continue
-        if p.is_dir() and not p.is_symlink():
-            shutil.rmtree(p, ignore_errors=True)
-        else:
-            p.unlink(missing_ok=True)
-        removed.append(name)
     return removed
 
 

@@ -11,7 +11,7 @@ import numpy as np
 from tlcli.data import datasets, images
 from tlcli.errors import UsageError
 from tlcli.models.run import load_run
-from tlcli.store import runs
+from tlcli.store import files
 from tlcli.train.metrics import metrics, misclassified
 from tlcli.train.plots import confusion_png
 
@@ -73,8 +73,8 @@ def evaluate_run(
         dest.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise UsageError(f"cannot write evaluation files into {dest}: {exc.strerror}; pass --out DIR") from None
-    runs.write_json(dest / "metrics.json", {k: v for k, v in result.items() if k != "misclassified"})
-    runs.write_json(dest / "misclassified.json", wrong)
+    files.write_json(dest / "metrics.json", {k: v for k, v in result.items() if k != "misclassified"})
+    files.write_json(dest / "misclassified.json", wrong)
     confusion_png(
         result["confusion"], meta["classes"], dest / "confusion.png", f"{source}: accuracy {result['accuracy']:.3f}"
     )

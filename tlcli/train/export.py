@@ -14,7 +14,7 @@ import numpy as np
 from tlcli.data import images
 from tlcli.errors import GateError, UsageError
 from tlcli.models.run import load_run
-from tlcli.store import runs
+from tlcli.store import files
 
 FORMATS = ("savedmodel", "tflite")
 QUANTIZE = ("none", "dynamic", "float16", "int8")
@@ -137,9 +137,9 @@ def export(
             model_bytes = _tflite_bytes(saved, quantize, pixels)
             exported = _tflite_predict(model_bytes, pixels)
             _gate(exported, reference, quantize, min_agreement)
-            runs.write_bytes(out, model_bytes)
+            files.write_bytes(out, model_bytes)
             labels = out.with_suffix(".labels.txt")
-            runs.write_bytes(labels, ("\n".join(meta["classes"]) + "\n").encode())
+            files.write_bytes(labels, ("\n".join(meta["classes"]) + "\n").encode())
             written = [str(out), str(labels)]
     finally:
         shutil.rmtree(work, ignore_errors=True)

@@ -16,7 +16,7 @@ import numpy as np
 from tlcli.errors import UsageError
 from tlcli.models import backbones
 from tlcli.models.run import pixels_model
-from tlcli.store import locks, runs
+from tlcli.store import files, locks, runs
 from tlcli.store.features import LOCK_NAME, Split, Store
 from tlcli.train import finetune, metrics, plots
 
@@ -279,7 +279,7 @@ def _current_val_accuracy(runs_root: Path) -> float | None:
     if not link.exists():
         return None
     try:
-        return float(runs.read_json(link / "meta.json")["val_accuracy"])
+        return float(files.read_json(link / "meta.json")["val_accuracy"])
     except (UsageError, KeyError, TypeError, ValueError):
         return None
 
@@ -456,7 +456,7 @@ def train(
     train_acc = scores(train_split)["accuracy"]
 
     runs_root = Path(out)
-    runs.remove_leftovers(runs_root)
+    files.remove_leftovers(runs_root)
     previous = _current_val_accuracy(runs_root)
     val_acc = val_metrics["accuracy"] if val_metrics else train_acc
     better = previous is None or val_acc > previous
@@ -524,10 +524,10 @@ def train(
         "test_files": test_files,
     }
     with runs.staging_dir(runs_root) as staging:
-        with runs.atomic_path(staging / "model.keras", suffix=".keras") as tmp:
+        with files.atomic_path(staging / "model.keras", suffix=".keras") as tmp:
             full.save(tmp)
-        runs.write_json(staging / "history.json", hist if tuned is None else {**hist, "fine_tune": tuned.history})
-        runs.write_json(staging / "metrics.json", {"split": "test", **test_metrics, "val": val_metrics})
+        files.write_json(staging / "history.json", hist if tuned is None else {**hist, "fine_tune": tuned.history})
+        files.write_json(staging / "metrics.json", {"split": "test", **test_metrics, "val": val_metrics})
         if test_metrics["n"]:
             plots.confusion_png(test_metrics["confusion"], classes, staging / "confusion.png", "test split")
         plots.curves_png(
@@ -536,8 +536,8 @@ def train(
             f"{meta['backbone']} head" + (", then fine-tuned" if tuned else "") + f", {n_classes} classes",
         )
         run_meta["promoted"] = promoted
-        runs.write_json(staging / "meta.json", run_meta)
-        runs.write_bytes(staging / "train.log", log.text().encode())
+        files.write_json(staging / "meta.json", run_meta)
+        files.write_bytes(staging / "train.log", log.text().encode())
         run_dir = runs.publish(staging, runs_root)
     if promoted:
         runs.promote(runs_root, run_dir)
@@ -576,10 +576,10 @@ def conclude(
     """
     runs_root, run_dir = Path(runs_root), Path(run_dir)
     with locks.lock(runs_root / LOCK_NAME, f"train-head is writing {runs_root}", wait=wait):
-        meta = runs.read_json(run_dir / "meta.json")
+        meta = files.read_json(run_dir / "meta.json")
         meta["promoted"] = promote
         meta["evaluation"] = evaluation
-        runs.write_json(run_dir / "meta.json", meta)
+        files.write_json(run_dir / "meta.json", meta)
         if promote:
             runs.promote(runs_root, run_dir)
         return runs.prune(runs_root, keep) if keep is not None else []

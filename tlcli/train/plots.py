@@ -8,7 +8,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from tlcli.data import images
-from tlcli.store import runs
+from tlcli.store import files
 
 
 def confusion_png(
@@ -45,7 +45,7 @@ def confusion_png(
                     fontsize=8,
                 )
     fig.tight_layout()
-    runs.write_bytes(path, images.figure_png(fig))
+    files.write_bytes(path, images.figure_png(fig))
 
 
 def curves_png(history: dict[str, list[float]], path: str | os.PathLike, title: str = "") -> None:
@@ -71,4 +71,4 @@ def curves_png(history: dict[str, list[float]], path: str | os.PathLike, title: 
     if title:
         fig.suptitle(title)
     fig.tight_layout()
-    runs.write_bytes(path, images.figure_png(fig))
+    files.write_bytes(path, images.figure_png(fig))
