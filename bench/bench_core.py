@@ -104,9 +104,10 @@ def plain_keras_extract(data: Path, size: int, batch: int) -> tuple[float, int]:
 
 
 def tlcli_extract(data: Path, out: Path, size: int, batch: int, resize: str = "crop") -> dict:
-    from tlcli.store import features
+    from tlcli.train.extract import extract
+    from tlcli.train.recipes import ExtractRecipe
 
-    return features.extract(data, out, backbone="mobilenet", alpha=0.25, size=size, batch_size=batch, resize=resize)
+    return extract(data, out, ExtractRecipe(alpha=0.25, size=size, resize=resize, batch_size=batch))
 
 
 def plain_keras_head_training(data: Path, size: int, epochs: int, n_classes: int) -> float:
@@ -137,7 +138,7 @@ def fresh_process_seconds(kind: str, data: Path, out: Path, size: int, batch: in
         "import sys, json\n"
         f"sys.path.insert(0, {str(Path(__file__).parent)!r})\n"
         "import bench_core as b\n"
-        "import keras, tensorflow, tlcli.store.features  # imports are not part of either timing\n"
+        "import keras, tensorflow, tlcli.train.extract  # imports are not part of either timing\n"
         f"kind, data, out = {kind!r}, {str(data)!r}, {str(out)!r}\n"
         f"t = b.plain_keras_extract(b.Path(data), {size}, {batch})[0] if kind == 'plain' else "
         f"b.tlcli_extract(b.Path(data), b.Path(out), {size}, {batch}, {resize!r})['seconds']\n"
@@ -189,8 +190,9 @@ def incremental_row(
 def peak_rss_mb(data: Path, out: Path, size: int) -> float:
     code = (
         "import resource, sys\n"
-        "from tlcli import features\n"
-        f"features.extract({str(data)!r}, {str(out)!r}, backbone='mobilenet', alpha=0.25, size={size})\n"
+        "from tlcli.train.extract import extract\n"
+        "from tlcli.train.recipes import ExtractRecipe\n"
+        f"extract({str(data)!r}, {str(out)!r}, ExtractRecipe(alpha=0.25, size={size}))\n"
         "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)\n"
     )
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, env=os.environ)

@@ -8,12 +8,12 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from tlcli.data import images
 from tlcli.errors import UsageError
-from tlcli.models import backbones
+from tlcli.models import backbones, graph
 from tlcli.models.layers import feature_model
 from tlcli.store import features
-from tlcli.train import head
+from tlcli.train import extract, head
+from tlcli.train.recipes import ExtractRecipe
 
 from .conftest import make_photo
 
@@ -48,17 +48,10 @@ def _size_and_alpha(name: str) -> tuple[int, float | None]:
 def test_backbone_builds_extracts_and_trains(name, tiny_dataset, tmp_path):
     sp = backbones.SPECS[name]
     size, alpha = _size_and_alpha(name)
-    summary = features.extract(
-        tiny_dataset,
-        tmp_path / "f",
-        backbone=name,
-        alpha=alpha,
-        size=size,
-        weights="none",
-        fractions=(0.5, 0.25, 0.25),
-        batch_size=8,
-        resize="crop",
+    recipe = ExtractRecipe(
+        backbone=name, alpha=alpha, size=size, weights="none", resize="crop", fractions=(0.5, 0.25, 0.25), batch_size=8
     )
+    summary = extract.extract(tiny_dataset, tmp_path / "f", recipe)
     assert summary["stored"] == 8 and not summary["skipped"]
     store = features.Store.open(tmp_path / "f")
     assert store.meta["feature_dim"] == backbones.feature_dim(sp, alpha)
@@ -123,9 +116,9 @@ def test_inference_graph_with_folded_batch_norms_matches_keras(name):
         for v in (bn.gamma, bn.moving_variance):
             v.assign(rng.uniform(0.8, 1.2, v.shape).astype("float32"))
     values = {id(v): v.numpy() for v in model.variables}
-    images._fold_batch_norms(model, values)
+    graph._fold_batch_norms(model, values)
     assert any(not values[id(bn.moving_mean)].any() for bn in norms), "no batch norm was folded"
     pixels = rng.integers(0, 256, (4, 2, 32, 32, 3), dtype=np.uint8)
     expected = model(tf.cast(pixels, tf.float32), training=False).numpy()
-    got = images.inference_function(model, (2, 32, 32, 3))(pixels).numpy()
+    got = graph.inference_function(model, (2, 32, 32, 3))(pixels).numpy()
     np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-4 * np.abs(expected).max())

@@ -236,7 +236,7 @@ def test_multiworker_chief_stops_with_one_line_when_a_worker_dies(tiny_store, tm
     chief's collectives; the chief exits 1 with one line and leaves no run, no half-written file, no lock."""
     import time
 
-    from tlcli.store.features import LOCK_NAME
+    from tlcli.store.locks import LOCK_NAME
 
     runs = tmp_path / "runs"
     procs = _start_workers(tiny_store, runs, "--fine-tune-epochs", "1000", "--fine-tune-patience", "1000", "--quiet")

@@ -40,6 +40,7 @@ from PIL import Image, features
 
 from tlcli.data import fetch, images
 from tlcli.errors import UsageError
+from tlcli.models.graph import apply_model
 
 HANG_SECONDS = 20
 MEMORY_BUDGET = 1 << 30
@@ -477,7 +478,7 @@ def test_batch_pipeline_keeps_good_files_and_lists_bad_ones(files: list[tuple[st
             paths.append(str(Path(tmp) / name))
             Path(paths[-1]).write_bytes(data)
         with bounded(seconds=120, memory=None):
-            outputs, kept, skipped = images.apply_model(model, paths, 32, policy, batch_size=4)
+            outputs, kept, skipped = apply_model(model, paths, 32, policy, batch_size=4)
         direct = [load_outcome(p, 32, policy) for p in paths]
     good = [i for i, o in enumerate(direct) if isinstance(o, np.ndarray)]
     event(f"{len(paths) - len(good)} of {len(paths)} skipped")

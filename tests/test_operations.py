@@ -17,7 +17,8 @@ import pytest
 from PIL import Image
 
 from tlcli.store import files
-from tlcli.store.features import LOCK_NAME, Store
+from tlcli.store.features import Store
+from tlcli.store.locks import LOCK_NAME
 
 from .conftest import make_photo
 

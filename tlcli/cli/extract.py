@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Optional
@@ -16,25 +17,12 @@ from tlcli.errors import UsageError
 def extract_step(p: dict, progress: Callable[[int, int], None] | None) -> dict:
     """The extract step from parsed options (shared by 'tlcli extract' and 'tlcli run')."""
     from tlcli.data import datasets
-    from tlcli.store import features, shards
+    from tlcli.store import shards
+    from tlcli.train import extract, recipes
 
-    return features.extract(
-        p["data_dir"],
-        p["out_dir"],
-        backbone=p["backbone"],
-        alpha=p["alpha"],
-        size=p["size"],
-        weights=p["weights"],
-        resize=p["resize"],
-        flip_average=p["flip"],
-        fractions=datasets.parse_fractions(p["split"]),
-        seed=p["seed"],
-        batch_size=p["batch_size"],
-        precision=p["precision"],
-        shard=shards.parse(p["shard"]) if p["shard"] is not None else None,
-        progress=progress,
-        wait=p["wait"],
-    )
+    recipe = recipes.from_options(recipes.ExtractRecipe, p, fractions=datasets.parse_fractions(p["split"]))
+    shard = shards.parse(p["shard"]) if p["shard"] is not None else None
+    return extract.extract(p["data_dir"], p["out_dir"], recipe, shard=shard, progress=progress, wait=p["wait"])
 
 
 @handles_errors
@@ -97,25 +85,19 @@ def extract_cmd(
 ) -> None:
     """Run a frozen pre-trained backbone over every image and store one feature vector each (incremental)."""
     from tlcli.data import datasets
-    from tlcli.store import features, shards
+    from tlcli.store import shards
+    from tlcli.train import extract, recipes
 
     if merge_shards:
         if shard is not None:
             raise UsageError("--shard runs one worker and --merge-shards joins their parts; give one of them")
-        options = {
-            "backbone": backbone,
-            "alpha": alpha,
-            "size": size,
-            "weights": weights,
-            "resize": resize,
-            "flip_average": flip,
-            "precision": precision,
-            "fractions": datasets.parse_fractions(split),
-            "seed": seed,
+        recipe = recipes.from_options(recipes.ExtractRecipe, ctx.params, fractions=datasets.parse_fractions(split))
+        given = {
+            f.name: getattr(recipe, f.name)
+            for f in dataclasses.fields(recipe)
+            if _given(ctx, recipes.param(recipes.ExtractRecipe, f.name))
         }
-        option_name = {"flip_average": "flip", "fractions": "split"}
-        given = {k: v for k, v in options.items() if _given(ctx, option_name.get(k, k))}
-        summary = features.merge_shards(data_dir, out_dir, wait=wait, **given)
+        summary = extract.merge_shards(data_dir, out_dir, given, wait=wait)
     else:
         if shard is not None:
             shards.parse(shard)

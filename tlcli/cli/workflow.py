@@ -30,7 +30,7 @@ from tlcli.cli.options import (
 from tlcli.cli.train import train_step
 from tlcli.errors import EXIT_GATE, TlcliError, UsageError
 from tlcli.store import files, runs
-from tlcli.store.features import LOCK_NAME
+from tlcli.store.locks import LOCK_NAME
 
 STEP_COMMANDS = {
     "fetch-data": data.fetch_data_cmd,

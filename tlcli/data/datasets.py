@@ -10,8 +10,8 @@ from pathlib import Path
 
 from tlcli.data.images import is_image_name
 from tlcli.errors import UsageError
+from tlcli.store.features import SPLITS
 
-SPLITS = ("train", "val", "test")
 DEFAULT_FRACTIONS = (0.8, 0.1, 0.1)
 
 

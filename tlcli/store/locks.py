@@ -10,6 +10,9 @@ from pathlib import Path
 
 from tlcli.errors import UsageError
 
+LOCK_NAME = ".tlcli.lock"
+"""The lock file a writer holds in a feature store or runs folder."""
+
 
 def _pid_alive(pid: int) -> bool:
     if pid <= 0:

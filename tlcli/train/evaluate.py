@@ -8,8 +8,9 @@ from pathlib import Path
 
 import numpy as np
 
-from tlcli.data import datasets, images
+from tlcli.data import datasets
 from tlcli.errors import UsageError
+from tlcli.models.graph import apply_model
 from tlcli.models.run import load_run
 from tlcli.store import files
 from tlcli.train.metrics import metrics, misclassified
@@ -59,7 +60,7 @@ def evaluate_run(
     paths, labels, source = labelled_files(meta, data_dir)
     if not paths:
         raise UsageError(f"no images found in {data_dir}")
-    probs, kept, skipped = images.apply_model(model, paths, meta["input_size"], meta["resize"], batch_size, progress)
+    probs, kept, skipped = apply_model(model, paths, meta["input_size"], meta["resize"], batch_size, progress)
     if not kept:
         raise UsageError(f"none of the {len(paths)} images could be decoded")
     kept_paths = [paths[i] for i in kept]

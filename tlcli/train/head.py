@@ -17,7 +17,8 @@ from tlcli.errors import UsageError
 from tlcli.models import backbones
 from tlcli.models.run import pixels_model
 from tlcli.store import files, locks, runs
-from tlcli.store.features import LOCK_NAME, Split, Store
+from tlcli.store.features import Split, Store
+from tlcli.store.locks import LOCK_NAME
 from tlcli.train import finetune, metrics, plots
 
 

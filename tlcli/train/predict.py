@@ -8,8 +8,9 @@ from pathlib import Path
 
 import numpy as np
 
-from tlcli.data.images import apply_model, is_image_name
+from tlcli.data.images import is_image_name
 from tlcli.errors import UsageError
+from tlcli.models.graph import apply_model
 from tlcli.models.run import load_run
 
 

@@ -1,0 +1,468 @@
+"""Extraction: a frozen backbone over a folder of photos, one vector per image into the feature store
+(incremental, optionally one shard of an array job), and the join of the shard parts into one store."""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import shlex
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import numpy as np
+
+from tlcli.data import datasets, images
+from tlcli.errors import UsageError
+from tlcli.models import backbones, graph
+from tlcli.store import features, files, locks, runs, shards
+from tlcli.store.features import EXTRACTOR, Row, Store
+from tlcli.train.recipes import EXTRACT, ExtractRecipe, option
+
+Progress = Callable[[int, int], None]
+DESCRIBED = ("backbone", "alpha", "input_size", "weights", "weights_sha256", "feature_dim", "precision")
+_META_KEY = {"size": "input_size", "fractions": "split_fractions"}
+"""Recipe fields that meta.json records under another name."""
+_MERGE_CHECKED = ("backbone", "alpha", "size", "weights", "resize", "flip_average", "precision", "fractions", "seed")
+
+
+class _Plan(NamedTuple):
+    """The whole folder and its split: files and classes, each file's split, where it came from, a hash of both."""
+
+    ds: datasets.Dataset
+    assignment: dict[str, str]
+    source: str
+    manifest: str
+
+
+class _File(NamedTuple):
+    """One image file of an extract: path, class, content hash, size and mtime, or why it is unreadable."""
+
+    rel: str
+    label: int
+    digest: str | None
+    size: int
+    mtime: int
+    error: str | None
+
+
+@dataclass
+class _Extractor:
+    """The feature function of an extract and what the store records of it; ``infer`` is traced only when
+    some image is new, and ``saved`` is the meta.json entry of its graph file."""
+
+    key: str
+    described: dict
+    size: int
+    saved: dict | None = None
+    infer: Callable | None = None
+    backbone: backbones.Backbone | None = None
+
+
+def _plan(data_dir: str | os.PathLike, fractions, seed: int) -> _Plan:
+    """Scan the whole folder and split it (a shard too, so every part agrees with an unsharded run)."""
+    ds = datasets.scan(data_dir)
+    assignment, source = datasets.assign_splits(ds, fractions, seed)
+    manifest = hashlib.sha256("\n".join(f"{r}\t{assignment[r]}" for r in sorted(ds.files)).encode()).hexdigest()
+    return _Plan(ds, assignment, source, manifest)
+
+
+def _options(recipe: ExtractRecipe) -> dict:
+    """The recipe's meta.json values that a saved feature graph must match; usage errors for bad ones."""
+    sp = backbones.spec(recipe.backbone)
+    return {
+        "backbone": sp.name,
+        "alpha": backbones.resolve_alpha(sp, recipe.alpha),
+        "input_size": recipe.size or sp.size,
+        "weights": backbones.weights_label(recipe.weights),
+        "resize": recipe.resize,
+        "flip_average": recipe.flip_average,
+        "precision": backbones.check_precision(recipe.precision),
+    }
+
+
+def _weights_stat(path: str | None) -> list[int] | None:
+    """Size and modification time of a weights file, to tell later whether it changed."""
+    if path is None:
+        return None
+    st = os.stat(path)
+    return [st.st_size, st.st_mtime_ns]
+
+
+def _saved_graph(old: Store | None, options: dict) -> Callable | None:
+    """The feature graph a previous extract saved in the store, if it still makes the store's vectors.
+
+    That needs a graph that takes any batch size, the same options (backbone, alpha, size, weights,
+    resize, flip, precision) and library versions, and the weights file unchanged in size and
+    modification time; then the backbone is neither built nor traced again. Anything unreadable
+    means building it.
+    """
+    saved = old.meta.get(EXTRACTOR) if old is not None else None
+    if not saved or not saved.get("any_batch") or old.meta.get("versions") != runs.versions():
+        return None
+    if any(old.meta.get(k) != v for k, v in options.items()):
+        return None
+    try:
+        if _weights_stat(saved["weights_file"]) != saved["weights_stat"]:
+            return None
+        return graph.load_graph(old.extractor_bytes(), saved["input"], saved["output"])
+    except Exception:  # a damaged or foreign cache file is rebuilt, never an error
+        return None
+
+
+def _extractor(old: Store | None, recipe: ExtractRecipe, options: dict) -> _Extractor:
+    """The previous store's saved graph when it still makes the same vectors, else the backbone, built."""
+    infer = _saved_graph(old, options)
+    if infer is not None:
+        described = {k: old.meta[k] for k in DESCRIBED}
+        return _Extractor(old.meta["key"], described, options["input_size"], old.meta[EXTRACTOR], infer)
+    bb = backbones.build(recipe.backbone, recipe.alpha, recipe.size, recipe.weights, precision=recipe.precision)
+    described = bb.describe()
+    described["feature_dim"] *= len(images.views(recipe.resize))
+    key = f"{bb.key}-{recipe.resize}{'-flip' if recipe.flip_average else ''}"
+    return _Extractor(key, described, options["input_size"], backbone=bb)
+
+
+def _save_graph(root: Path, ex: _Extractor) -> dict | None:
+    """Write the traced feature graph into the store; its meta.json entry, or None if it reads variables."""
+    traced = graph.graph_bytes(ex.infer)
+    if traced is None:
+        return None
+    data, input_name, output_name = traced
+    return {
+        "file": features.write_extractor(root, data),
+        "input": input_name,
+        "output": output_name,
+        "any_batch": True,
+        "weights_file": ex.backbone.weights_file,
+        "weights_stat": _weights_stat(ex.backbone.weights_file),
+    }
+
+
+def _files(plan: _Plan, shard: tuple[int, int] | None, stats: dict[str, tuple[int, int, str]]) -> list[_File]:
+    """This extract's files (one shard's only), hashed unless their size and mtime show the stored hash holds."""
+    found = []
+    for rel, label in zip(plan.ds.files, plan.ds.labels, strict=True):
+        if shard is not None and shards.index_of(rel, shard[1]) != shard[0]:
+            continue
+        full = plan.ds.root / rel
+        try:
+            st = full.stat()
+            prev = stats.get(rel)
+            digest = prev[2] if prev and prev[:2] == (st.st_size, st.st_mtime_ns) else files.content_hash(full)
+        except OSError as exc:
+            found.append(_File(rel, label, None, 0, 0, f"unreadable: {exc.strerror}"))
+            continue
+        found.append(_File(rel, label, digest, st.st_size, st.st_mtime_ns, None))
+    return found
+
+
+def _new_vectors(
+    ex: _Extractor, todo: list[_File], recipe: ExtractRecipe, *, data: Path, store: Path, progress: Progress | None
+) -> tuple[dict[str, np.ndarray], dict[str, str]]:
+    """Run the backbone over ``todo`` (tracing it, and saving its graph in the store, on first use):
+    vectors by content hash, and why the files that did not decode failed."""
+    if ex.infer is None:
+        from tlcli.models.layers import feature_model
+
+        model = feature_model(ex.backbone, recipe.flip_average, len(images.views(recipe.resize)))
+        ex.infer = graph.inference_function(model, images.pixel_shape(ex.size, recipe.resize))
+    paths = [str(data / f.rel) for f in todo]
+    width = ex.described["feature_dim"]
+    feats, kept, failed = graph.apply_graph(ex.infer, width, paths, ex.size, recipe.resize, recipe.batch_size, progress)
+    if ex.saved is None:
+        ex.saved = _save_graph(store, ex)
+    digest_of = {path: f.digest for path, f in zip(paths, todo, strict=True)}
+    vectors = {todo[i].digest: row for row, i in zip(feats, kept, strict=True)}
+    return vectors, {digest_of[item["path"]]: item["reason"] for item in failed}
+
+
+def _rows(found: list[_File], plan: _Plan, vectors: dict, bad: dict[str, str]) -> tuple[list[Row], list[dict]]:
+    """The stored rows of the files that have a vector, and the skipped ones with why."""
+    rows, skipped = [], []
+    for f in found:
+        reason = f.error or bad.get(f.digest)
+        if reason is not None or f.digest not in vectors:
+            skipped.append({"path": f.rel, "reason": reason or "not decoded", "hash": f.digest})
+            continue
+        rows.append(Row(f.rel, f.label, plan.assignment[f.rel], f.digest, f.size, f.mtime, vectors[f.digest]))
+    return rows, skipped
+
+
+def _meta(ex: _Extractor, recipe: ExtractRecipe, plan: _Plan, shard: tuple[int, int] | None, skipped: list) -> dict:
+    """What the store's meta.json records (its splits are filled in as they are written)."""
+    return {
+        "format": features.STORE_FORMAT,
+        "key": ex.key,
+        **ex.described,
+        "resize": recipe.resize,
+        "flip_average": recipe.flip_average,
+        "data_dir": str(plan.ds.root.resolve()),
+        "classes": plan.ds.classes,
+        "split_source": plan.source,
+        "split_fractions": list(recipe.fractions),
+        "seed": recipe.seed,
+        "split_hash": plan.manifest,
+        "shards": shard[1] if shard else 1,
+        "splits": {},
+        "skipped": skipped,
+        "empty_classes": plan.ds.empty_classes,
+        "versions": runs.versions(),
+        "written": runs.timestamp(),
+        **({EXTRACTOR: ex.saved} if ex.saved else {}),
+        **({"shard": shard[0]} if shard else {}),
+    }
+
+
+def _summary(root: Path, meta: dict, plan: _Plan, rows: list[Row], *, how: dict, counts: tuple, started) -> dict:
+    """What extract and merge report: counts per split, images extracted, reused and skipped, seconds.
+
+    ``counts`` is (images extracted, images reused, the key of the features the store held before if replaced).
+    """
+    extracted, reused, replaced = counts
+    return {
+        "out": str(root),
+        "key": meta["key"],
+        "backbone": meta["backbone"],
+        "precision": meta.get("precision", "float32"),
+        **how,
+        "images": len(rows) + len(meta["skipped"]),
+        "stored": len(rows),
+        "extracted": extracted,
+        "reused": reused,
+        "skipped": meta["skipped"],
+        "replaced_key": replaced,
+        "splits": {k: v["n"] for k, v in meta["splits"].items()},
+        "classes": plan.ds.classes,
+        "empty_classes": plan.ds.empty_classes,
+        "split_source": plan.source,
+        "seconds": round(time.perf_counter() - started, 3),
+    }
+
+
+def extract(
+    data_dir: str | os.PathLike,
+    out: str | os.PathLike,
+    recipe: ExtractRecipe = EXTRACT,
+    *,
+    shard: tuple[int, int] | None = None,
+    progress: Progress | None = None,
+    wait: bool = False,
+) -> dict:
+    """Extract features for every image under ``data_dir`` into the store at ``out``, reusing unchanged ones.
+
+    With ``shard=(i, n)`` only the files of shard i go through the backbone, into their own part
+    ``out/shards/i-of-n`` (own lock, so n workers can share one ``out``); the split is still
+    computed from the whole folder, so every part agrees with the others and with an unsharded run.
+    Returns a summary: counts per split, how many images were extracted or reused, skipped files.
+    """
+    started = time.perf_counter()
+    images.views(recipe.resize)
+    plan = _plan(data_dir, recipe.fractions, recipe.seed)
+    options = _options(recipe)
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"--out {out} is a file; give a folder for the feature store")
+    root = out if shard is None else shards.part_dir(out, *shard)
+    with locks.lock(root / locks.LOCK_NAME, f"extract is writing {root}", wait=wait):
+        files.remove_leftovers(root)
+        old = features.open_previous(root)
+        ex = _extractor(old, recipe, options)
+        cache = features.reusable(old, ex.key)
+        if shard is not None:
+            cache = cache.over(features.reusable(features.open_previous(out), ex.key))
+        found = _files(plan, shard, cache.stats)
+        todo = [f for f in found if f.error is None and f.digest not in cache.vectors and f.digest not in cache.bad]
+        fresh, bad = {}, {}
+        if todo:
+            unique = list({f.digest: f for f in todo}.values())
+            fresh, bad = _new_vectors(ex, unique, recipe, data=plan.ds.root, store=root, progress=progress)
+        rows, skipped = _rows(found, plan, {**cache.vectors, **fresh}, {**cache.bad, **bad})
+        meta = _meta(ex, recipe, plan, shard, skipped)
+        features.write(root, rows, plan.ds.classes, meta)
+        how = {"shard": shards.label(*shard) if shard else None}
+        reused = len(rows) - len([f for f in todo if f.digest in fresh])
+        return _summary(root, meta, plan, rows, how=how, counts=(len(fresh), reused, cache.replaced), started=started)
+
+
+def _flag(name: str) -> str:
+    return option(ExtractRecipe, name)
+
+
+def _shard_command(meta: dict, data_dir: str | os.PathLike, out: Path, index: int, count: int) -> str:
+    """The extract command that (re)builds one part, with the options another part was made with."""
+    opts = [_flag("backbone"), meta["backbone"]]
+    if meta.get("alpha") is not None and backbones.spec(meta["backbone"]).alphas:
+        opts += [_flag("alpha"), f"{meta['alpha']:g}"]
+    opts += [_flag("size"), str(meta["input_size"]), _flag("resize"), meta["resize"]]
+    if meta["weights"] != EXTRACT.weights:
+        opts += [_flag("weights"), meta["weights"]]
+    if meta.get("flip_average"):
+        opts.append(_flag("flip_average"))
+    if meta.get("precision", EXTRACT.precision) != EXTRACT.precision:
+        opts += [_flag("precision"), meta["precision"]]
+    if tuple(meta["split_fractions"]) != EXTRACT.fractions:
+        opts += [_flag("fractions"), ",".join(f"{f:g}" for f in meta["split_fractions"])]
+    if meta["seed"]:
+        opts += [_flag("seed"), str(meta["seed"])]
+    opts += ["--shard", shards.label(index, count)]
+    return shlex.join(["tlcli", "extract", str(data_dir), "--out", str(out), *opts])
+
+
+def _shard_count(data_dir: str | os.PathLike, out: Path) -> int:
+    """The N of the ``extract --shard I/N`` parts under ``out``; usage error for none or two counts."""
+    found = shards.counts(out)
+    if not found:
+        raise UsageError(
+            f"{out} holds no shard parts ({out / shards.SHARDS_DIR}/I-of-N); "
+            f"run 'tlcli extract {data_dir} --out {out} --shard I/N' on each of the N workers first"
+        )
+    if len(found) > 1:
+        raise UsageError(
+            f"{out / shards.SHARDS_DIR} holds parts for {' and '.join(map(str, found))} shards; "
+            "delete the folders of the stale count, then merge again"
+        )
+    return found[0]
+
+
+def _check_complete(parts: dict[int, Store], count: int, where: Path, rerun: Callable[[int], str]) -> None:
+    """Refuse a merge while some part is missing, with the command that makes it."""
+    missing = [i for i in range(1, count + 1) if i not in parts]
+    if missing:
+        names = ", ".join(shards.label(i, count) for i in missing)
+        others = ", ".join(shards.label(i, count) for i in missing[1:])
+        raise UsageError(
+            f"shard{'s' if others else ''} {names} missing in {where}; run '{rerun(missing[0])}'"
+            + (f" (and likewise --shard {others})" if others else "")
+            + ", then merge again"
+        )
+
+
+def _check_parts(parts: dict[int, Store], count: int, rerun: Callable[[int], str]) -> None:
+    """Refuse parts that were renamed or made with other options or another data folder than the first part."""
+    first = min(parts)
+    ref = parts[first].meta
+    for i, part in parts.items():
+        meta = part.meta
+        if (meta.get("shard"), meta.get("shards")) != (i, count):
+            raise UsageError(f"{part.root} does not hold shard {i}/{count} (renamed?); delete it and run '{rerun(i)}'")
+        for field, what in (
+            ("key", "features"),
+            ("data_dir", "data folder"),
+            ("split_fractions", _flag("fractions")),
+            ("seed", _flag("seed")),
+        ):
+            if meta.get(field) != ref.get(field):
+                raise UsageError(
+                    f"shard {i}/{count} has {what} {meta.get(field)} but shard {first}/{count} has "
+                    f"{ref.get(field)}; re-run the wrong one with the others' options, e.g. '{rerun(i)}'"
+                )
+
+
+def _as_recorded(name: str, value: Any) -> Any:
+    """A recipe field's value as meta.json records it."""
+    if name == "backbone":
+        return backbones.spec(value).name
+    if name == "weights":
+        return backbones.weights_label(value)
+    if name == "precision":
+        return backbones.check_precision(value)
+    return list(value) if name == "fractions" else value
+
+
+def _check_given(ref: dict, given: Mapping[str, Any], where: Path) -> None:
+    """Refuse options given to a merge that differ from those the parts were made with."""
+    for name in _MERGE_CHECKED:
+        if given.get(name) is None:
+            continue
+        value = _as_recorded(name, given[name])
+        have = ref.get(_META_KEY.get(name, name), EXTRACT.precision if name == "precision" else None)
+        if value != have:
+            raise UsageError(
+                f"the parts in {where} were made with {_flag(name)} {have}, not {value}; "
+                "merge without that option, or re-run every shard with it"
+            )
+
+
+def _check_folder(
+    data_dir: str | os.PathLike, plan: _Plan, parts: dict[int, Store], count: int, rerun: Callable[[int], str]
+) -> None:
+    """Refuse parts made from another data folder, or before files were added, removed or renamed."""
+    ref = parts[min(parts)].meta
+    if str(plan.ds.root.resolve()) != ref["data_dir"]:
+        raise UsageError(
+            f"the parts were extracted from {ref['data_dir']}, not {plan.ds.root.resolve()}; give that DATA_DIR"
+        )
+    stale = [i for i, part in parts.items() if part.meta["split_hash"] != plan.manifest]
+    if stale:
+        names = ", ".join(shards.label(i, count) for i in stale)
+        raise UsageError(
+            f"files in {data_dir} were added, removed or renamed since shard {names} ran; re-run "
+            f"{'every shard' if len(stale) == count else 'those'} (only new files are extracted), "
+            f"e.g. '{rerun(stale[0])}', then merge again"
+        )
+
+
+def _joined(
+    parts: dict[int, Store], plan: _Plan, count: int, rerun: Callable[[int], str]
+) -> tuple[list[Row], list[dict]]:
+    """Every part's rows and skipped files, in the order an unsharded extract stores them."""
+    order = {rel: k for k, rel in enumerate(plan.ds.files)}
+    rows: list[Row] = []
+    skipped: list[dict] = []
+    for i, part in parts.items():
+        try:
+            part_rows = part.rows()
+        except UsageError:
+            raise UsageError(f"shard {i}/{count} in {part.root} is unreadable; re-run '{rerun(i)}'") from None
+        listed = {r.path for r in part_rows} | {s["path"] for s in part.meta.get("skipped", [])}
+        if listed != {rel for rel in plan.ds.files if shards.index_of(rel, count) == i}:
+            raise UsageError(f"shard {i}/{count} in {part.root} does not hold its shard's files; re-run '{rerun(i)}'")
+        rows += part_rows
+        skipped += part.meta.get("skipped", [])
+    rows.sort(key=lambda r: order[r.path])
+    skipped.sort(key=lambda s: order[s["path"]])
+    return rows, skipped
+
+
+def merge_shards(
+    data_dir: str | os.PathLike, out: str | os.PathLike, given: Mapping[str, Any] | None = None, *, wait: bool = False
+) -> dict:
+    """Join the parts ``extract --shard i/n`` wrote under ``out/shards`` into the store at ``out``.
+
+    The result is the store an unsharded extract of the same folder writes: same files in the same
+    order, same splits and meta.json keys, file stats kept so later runs stay incremental. The
+    options come from the parts; ``given`` (ExtractRecipe field names) must match them. Missing
+    parts, parts made with other options or from another state of the folder are refused with
+    the command that rebuilds them.
+    """
+    started = time.perf_counter()
+    out = Path(out)
+    count = _shard_count(data_dir, out)
+    with contextlib.ExitStack() as held:
+        held.enter_context(locks.lock(out / locks.LOCK_NAME, f"extract is writing {out}", wait=wait))
+        files.remove_leftovers(out)
+        parts = features.open_parts(out, count, wait=wait, held=held)
+        first = parts[min(parts)]
+
+        def rerun(i: int) -> str:
+            return _shard_command(first.meta, data_dir, out, i, count)
+
+        _check_complete(parts, count, out / shards.SHARDS_DIR, rerun)
+        _check_parts(parts, count, rerun)
+        _check_given(first.meta, given or {}, out / shards.SHARDS_DIR)
+        plan = _plan(data_dir, first.meta["split_fractions"], first.meta["seed"])
+        _check_folder(data_dir, plan, parts, count, rerun)
+        rows, skipped = _joined(parts, plan, count, rerun)
+        replaced = features.reusable(features.open_previous(out), first.meta["key"]).replaced
+        meta = {k: v for k, v in first.meta.items() if k not in ("shard", EXTRACTOR)}
+        meta.update(splits={}, skipped=skipped, written=runs.timestamp())
+        carried = features.carry_extractor(first, out)
+        if carried:
+            meta[EXTRACTOR] = carried
+        features.write(out, rows, plan.ds.classes, meta)
+        counts = (0, len(rows), replaced)
+        return _summary(out, meta, plan, rows, how={"merged": count}, counts=counts, started=started)
