@@ -7,7 +7,7 @@ from typing import Annotated
 import typer
 
 from tlcli import __version__, interrupts
-from tlcli.cli import attack, data, evaluate, extract, info, inspect, train, workflow
+from tlcli.cli import data, evaluate, extract, info, inspect, train, workflow
 from tlcli.cli.console import out
 
 app = typer.Typer(
@@ -55,7 +55,7 @@ app.command("predict")(evaluate.predict_cmd)
 app.command("export")(evaluate.export_cmd)
 app.command("ideal-image")(inspect.ideal_image_cmd)
 app.command("features")(inspect.features_cmd)
-app.command("adversarial")(attack.adversarial_cmd)
+app.command("adversarial")(inspect.adversarial_cmd)
 app.command("run")(workflow.run_cmd)
 app.command("runs")(workflow.runs_cmd)
 app.command("backbones")(info.backbones_cmd)

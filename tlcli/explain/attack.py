@@ -9,28 +9,16 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from tlcli.data import images
 from tlcli.errors import UsageError
+from tlcli.explain.recipes import ATTACK, AttackRecipe
 from tlcli.models.classifier import Classifier
 from tlcli.store import files
-
-METHODS = ("gd", "fgsm", "pgd")
-
-
-def check_options(method: str, eps: float, step: float | None, steps: int) -> None:
-    """Refuse an unknown method or a budget, step or step count that cannot work, before any model is loaded."""
-    if method not in METHODS:
-        raise UsageError(f"unknown --method {method!r}; use one of {', '.join(METHODS)}")
-    if not eps > 0:
-        raise UsageError(f"--eps must be greater than 0 pixel levels (0-255 scale), not {eps:g}")
-    if step is not None and not step > 0:
-        raise UsageError(f"--step must be greater than 0 pixel levels, not {step:g}")
-    if steps < 1:
-        raise UsageError("--steps must be at least 1")
 
 
 def norms(original: np.ndarray, adversarial: np.ndarray) -> dict:
@@ -48,14 +36,8 @@ def attack(
     clf: Classifier,
     pixels: np.ndarray,
     target: int | None = None,
-    method: str = "pgd",
-    eps: float = 2.0,
-    step: float | None = None,
-    steps: int = 100,
-    l2_weight: float = 0.01,
-    learning_rate: float = 1.0,
-    random_start: bool = False,
-    seed: int = 0,
+    recipe: AttackRecipe = ATTACK,
+    *,
     progress: Callable[[int, int], None] | None = None,
 ) -> dict:
     """Perturb uint8 ``pixels`` until the model predicts ``target`` (or, with target None, any other class).
@@ -66,77 +48,118 @@ def attack(
     """
     import tensorflow as tf
 
-    check_options(method, eps, step, steps)
+    recipe.check()
     started = time.perf_counter()
     original = np.asarray(pixels, np.uint8)
     x0 = tf.constant(original[None].astype(np.float32))
     before = clf.top(original.astype(np.float32))
-    source = before[0]["index"]
-    targeted = target is not None
-    goal = tf.constant([target if targeted else source])
-    step = step if step is not None else max(eps / 8, 0.25)
+    goal = _Goal(source=before[0]["index"], target=target)
+    advance = _method_step(recipe, _loss_gradient(clf, x0, goal, recipe), x0)
+    rounded, top, taken = _search(clf, advance, _start(recipe, x0), original, goal, recipe, progress=progress)
+    return {
+        "adversarial": rounded,
+        "original": original,
+        "method": recipe.method,
+        "targeted": goal.targeted,
+        "target": clf.classes[target] if goal.targeted else None,
+        "source": clf.classes[goal.source],
+        "success": goal.reached(top),
+        "predicted": clf.classes[top],
+        "before": before,
+        "after": clf.top(rounded.astype(np.float32)),
+        "eps": recipe.eps if recipe.method != "gd" else None,
+        "steps": taken,
+        **norms(original, rounded),
+        "seconds": round(time.perf_counter() - started, 3),
+    }
+
+
+@dataclass(frozen=True)
+class _Goal:
+    """What counts as fooled: the top-1 is ``target``, or with no target anything but ``source``."""
+
+    source: int
+    target: int | None
+
+    @property
+    def targeted(self) -> bool:
+        return self.target is not None
+
+    def reached(self, top: int) -> bool:
+        return top == self.target if self.targeted else top != self.source
+
+
+def _loss_gradient(clf: Classifier, x0, goal: _Goal, recipe: AttackRecipe) -> Callable:
+    """Traced ``x -> (loss, d loss / d x)``: -log p(target), or log p(source) untargeted; gd adds its L2 term."""
+    import tensorflow as tf
+
+    index = tf.constant([goal.target if goal.targeted else goal.source])
 
     @tf.function
     def gradient(x):
         with tf.GradientTape() as tape:
             tape.watch(x)
-            log_p = tf.gather(clf.log_probs(x)[0], goal[0])
-            loss = -log_p if targeted else log_p
-            if method == "gd":
-                loss += l2_weight * tf.reduce_mean(tf.square(x - x0))
+            log_p = tf.gather(clf.log_probs(x)[0], index[0])
+            loss = -log_p if goal.targeted else log_p
+            if recipe.method == "gd":
+                loss += recipe.l2_weight * tf.reduce_mean(tf.square(x - x0))
         return loss, tape.gradient(loss, x)
 
-    def fooled(candidate: np.ndarray) -> tuple[bool, int]:
-        top = int(np.argmax(clf.probabilities(candidate[None].astype(np.float32))[0]))
-        return (top == target if targeted else top != source), top
+    return gradient
 
-    rng = np.random.default_rng(seed)
-    x = x0
-    if method == "pgd" and random_start:
-        x = tf.clip_by_value(x0 + rng.uniform(-eps, eps, original.shape).astype(np.float32), 0.0, 255.0)
-    optimizer = None
-    if method == "gd":
+
+def _start(recipe: AttackRecipe, x0):
+    """Where the search starts: the photo, or for PGD with ``random_start`` a seeded point in the eps-ball."""
+    import tensorflow as tf
+
+    if recipe.method != "pgd" or not recipe.random_start:
+        return x0
+    noise = np.random.default_rng(recipe.seed).uniform(-recipe.eps, recipe.eps, tuple(x0.shape[1:])).astype(np.float32)
+    return tf.clip_by_value(x0 + noise, 0.0, 255.0)
+
+
+def _method_step(recipe: AttackRecipe, gradient: Callable, x0) -> Callable:
+    """``advance(x) -> x``: one step of the method, kept in [0, 255] (and, for fgsm and pgd, within eps of x0)."""
+    import tensorflow as tf
+
+    if recipe.method == "gd":
         import keras
 
         variable = tf.Variable(x0)
-        optimizer = keras.optimizers.Adam(learning_rate)
-    rounded, success, taken, top = original, False, 0, source
-    total = 1 if method == "fgsm" else steps
-    for i in range(total):
-        taken = i + 1
-        if method == "gd":
+        optimizer = keras.optimizers.Adam(recipe.learning_rate)
+
+        def adam(_x):
             _, grad = gradient(tf.convert_to_tensor(variable))
             optimizer.apply_gradients([(grad, variable)])
             variable.assign(tf.clip_by_value(variable, 0.0, 255.0))
-            x = tf.convert_to_tensor(variable)
-        else:
-            _, grad = gradient(x)
-            size = eps if method == "fgsm" else step
-            x = x - size * tf.sign(grad)
-            x = tf.clip_by_value(tf.clip_by_value(x, x0 - eps, x0 + eps), 0.0, 255.0)
+            return tf.convert_to_tensor(variable)
+
+        return adam
+    size = recipe.eps if recipe.method == "fgsm" else recipe.step_size
+
+    def sign(x):
+        _, grad = gradient(x)
+        x = x - size * tf.sign(grad)
+        return tf.clip_by_value(tf.clip_by_value(x, x0 - recipe.eps, x0 + recipe.eps), 0.0, 255.0)
+
+    return sign
+
+
+def _search(
+    clf: Classifier, advance: Callable, x, original: np.ndarray, goal: _Goal, recipe: AttackRecipe, *, progress
+) -> tuple[np.ndarray, int, int]:
+    """Step until the image rounded to 8 bits fools the model, or the steps run out: (image, its top-1, steps)."""
+    rounded, top, taken = original, goal.source, 0
+    total = recipe.iterations
+    for taken in range(1, total + 1):
+        x = advance(x)
         rounded = np.clip(np.rint(x.numpy()[0]), 0, 255).astype(np.uint8)
-        success, top = fooled(rounded)
+        top = int(np.argmax(clf.probabilities(rounded[None].astype(np.float32))[0]))
         if progress:
             progress(taken, total)
-        if success:
+        if goal.reached(top):
             break
-    after = clf.top(rounded.astype(np.float32))
-    return {
-        "adversarial": rounded,
-        "original": original,
-        "method": method,
-        "targeted": targeted,
-        "target": clf.classes[target] if targeted else None,
-        "source": clf.classes[source],
-        "success": bool(success),
-        "predicted": clf.classes[top],
-        "before": before,
-        "after": after,
-        "eps": eps if method != "gd" else None,
-        "steps": taken,
-        **norms(original, rounded),
-        "seconds": round(time.perf_counter() - started, 3),
-    }
+    return rounded, top, taken
 
 
 def amplified(original: np.ndarray, adversarial: np.ndarray) -> np.ndarray:

@@ -1,23 +1,18 @@
-"""What a network sees: the ideal image of a class (gradient ascent from noise) and feature-map grids."""
+"""The ideal image of a class: gradient ascent in pixel space from noise, and how it is saved (PNG, GIF)."""
 
 from __future__ import annotations
 
-import difflib
+import dataclasses
 import time
 from collections.abc import Callable
 
 import numpy as np
 from PIL import Image
 
-from tlcli.errors import UsageError
+from tlcli.explain.recipes import IDEAL, IdealRecipe
 
-DEFAULT_STEPS = 150
-DEFAULT_LR = 4.0
-DEFAULT_TV_WEIGHT = 0.4
-DEFAULT_L2_WEIGHT = 0.0
-DEFAULT_JITTER = 8
-DEFAULT_SCALE = 0.1
 START_NOISE = 8.0
+"""Standard deviation, in pixel levels, of the grey noise the ascent starts from."""
 
 
 def total_variation(image: np.ndarray) -> float:
@@ -39,78 +34,113 @@ def _tv(x):
 def ideal_image(
     clf,
     target_index: int,
-    steps: int = DEFAULT_STEPS,
-    lr: float = DEFAULT_LR,
-    tv_weight: float = DEFAULT_TV_WEIGHT,
-    l2_weight: float = DEFAULT_L2_WEIGHT,
-    jitter: int = DEFAULT_JITTER,
-    scale: float = DEFAULT_SCALE,
-    seed: int = 0,
+    recipe: IdealRecipe = IDEAL,
+    *,
     progress: Callable[[int, int], None] | None = None,
     gif_every: int | None = None,
 ) -> dict:
     """Adam ascent (pixel units) from seeded grey noise on log p(target) - tv_weight * TV - l2_weight * L2.
 
-    Each step sees the image rolled by up to ``jitter`` px and zoomed by up to ``scale``, so the result survives both.
+    Each step sees the image rolled by up to ``jitter`` px and zoomed by up to ``scale``, so the result survives
+    both. With ``gif_every``, every that many steps' image is kept in ``frames`` (plus the first and last).
     """
     import tensorflow as tf
 
-    if steps < 1:
-        raise UsageError(f"--steps must be at least 1, not {steps}")
-    if lr <= 0:
-        raise UsageError(f"--lr must be positive, not {lr:g}")
-    if tv_weight < 0 or l2_weight < 0 or jitter < 0:
-        raise UsageError("--tv-weight, --l2-weight and --jitter must not be negative")
-    if not 0 <= scale < 0.5:
-        raise UsageError(f"--scale is a fraction in [0, 0.5), not {scale:g}")
-    size = clf.size
-    rng = np.random.default_rng(seed)
-    start = np.clip(127.5 + rng.normal(0, START_NOISE, (size, size, 3)), 0, 255).astype(np.float32)
-    shifts = rng.integers(-jitter, jitter + 1, (steps, 2)).astype(np.int32)
-    zooms = (1.0 + rng.uniform(-scale, scale, steps)).astype(np.float32)
-
+    recipe.check()
+    start, shifts, zooms = _schedule(recipe, clf.size)
     x = tf.Variable(start)
-    m = tf.Variable(tf.zeros_like(start))
-    v = tf.Variable(tf.zeros_like(start))
-    t = tf.Variable(0.0)
-    b1, b2, eps = 0.9, 0.999, 1e-8
-    target = int(target_index)
+    step = _ascent_step(clf, x, int(target_index), recipe)
+    began = time.perf_counter()
+    frames = _optimise(step, x, shifts, zooms, progress=progress, gif_every=gif_every)
+    seconds = time.perf_counter() - began
+    return _summary(clf, _snapshot(x), int(target_index), recipe, frames=frames, seconds=seconds)
+
+
+def _schedule(recipe: IdealRecipe, size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The seeded start (grey noise) and every step's roll and zoom, drawn in this order so a seed repeats."""
+    rng = np.random.default_rng(recipe.seed)
+    start = np.clip(127.5 + rng.normal(0, START_NOISE, (size, size, 3)), 0, 255).astype(np.float32)
+    shifts = rng.integers(-recipe.jitter, recipe.jitter + 1, (recipe.steps, 2)).astype(np.int32)
+    zooms = (1.0 + rng.uniform(-recipe.scale, recipe.scale, recipe.steps)).astype(np.float32)
+    return start, shifts, zooms
+
+
+def _seen(x, shift, zoom, size: int, scale: float):
+    """The image as one step sees it: rolled by ``shift`` and, unless ``scale`` is 0, zoomed by ``zoom``."""
+    import tensorflow as tf
+
+    seen = tf.roll(x, shift, axis=[0, 1])
+    if not scale:
+        return seen
+    new = tf.cast(tf.round(size * zoom), tf.int32)
+    seen = tf.image.resize(seen, tf.stack([new, new]))
+    seen = tf.image.resize_with_crop_or_pad(seen - 127.5, size, size) + 127.5
+    return tf.ensure_shape(seen, (size, size, 3))
+
+
+class _PixelAdam:
+    """Adam on a pixel variable, step size in pixel levels, kept inside [0, 255] after every update."""
+
+    B1, B2, EPS = 0.9, 0.999, 1e-8
+
+    def __init__(self, x, lr: float) -> None:
+        import tensorflow as tf
+
+        self.x, self.lr = x, lr
+        self.m = tf.Variable(tf.zeros_like(x))
+        self.v = tf.Variable(tf.zeros_like(x))
+        self.t = tf.Variable(0.0)
+
+    def apply(self, g) -> None:
+        import tensorflow as tf
+
+        self.t.assign_add(1.0)
+        self.m.assign(self.B1 * self.m + (1 - self.B1) * g)
+        self.v.assign(self.B2 * self.v + (1 - self.B2) * tf.square(g))
+        m_hat = self.m / (1 - tf.pow(self.B1, self.t))
+        v_hat = self.v / (1 - tf.pow(self.B2, self.t))
+        self.x.assign(tf.clip_by_value(self.x - self.lr * m_hat / (tf.sqrt(v_hat) + self.EPS), 0.0, 255.0))
+
+
+def _ascent_step(clf, x, target: int, recipe: IdealRecipe) -> Callable:
+    """A traced ``step(shift, zoom)``: the objective's gradient on what the step sees, then Adam on ``x``."""
+    import tensorflow as tf
+
+    adam = _PixelAdam(x, recipe.lr)
 
     @tf.function
     def step(shift, zoom):
         with tf.GradientTape() as tape:
-            seen = tf.roll(x, shift, axis=[0, 1])
-            if scale:
-                new = tf.cast(tf.round(size * zoom), tf.int32)
-                seen = tf.image.resize(seen, tf.stack([new, new]))
-                seen = tf.image.resize_with_crop_or_pad(seen - 127.5, size, size) + 127.5
-                seen = tf.ensure_shape(seen, (size, size, 3))
-            log_p = clf.log_probs(seen[None])[0, target]
-            tv = _tv(x)
+            log_p = clf.log_probs(_seen(x, shift, zoom, clf.size, recipe.scale)[None])[0, target]
             l2 = tf.reduce_mean(tf.square((x - 127.5) / 255.0))
-            loss = -log_p + tv_weight * tv + l2_weight * l2
-        g = tape.gradient(loss, x)
-        t.assign_add(1.0)
-        m.assign(b1 * m + (1 - b1) * g)
-        v.assign(b2 * v + (1 - b2) * tf.square(g))
-        m_hat = m / (1 - tf.pow(b1, t))
-        v_hat = v / (1 - tf.pow(b2, t))
-        x.assign(tf.clip_by_value(x - lr * m_hat / (tf.sqrt(v_hat) + eps), 0.0, 255.0))
+            loss = -log_p + recipe.tv_weight * _tv(x) + recipe.l2_weight * l2
+        adam.apply(tape.gradient(loss, x))
         return log_p
 
-    def snapshot() -> np.ndarray:
-        return np.round(x.numpy()).astype(np.uint8)
+    return step
 
-    frames = [snapshot()] if gif_every else []
-    began = time.perf_counter()
+
+def _snapshot(x) -> np.ndarray:
+    return np.round(x.numpy()).astype(np.uint8)
+
+
+def _optimise(step: Callable, x, shifts, zooms, *, progress, gif_every: int | None) -> list[np.ndarray]:
+    """Run every step; returns the frames kept for a GIF (none without ``gif_every``)."""
+    import tensorflow as tf
+
+    steps = len(shifts)
+    frames = [_snapshot(x)] if gif_every else []
     for i in range(steps):
         step(tf.constant(shifts[i]), tf.constant(zooms[i]))
         if gif_every and ((i + 1) % gif_every == 0 or i + 1 == steps):
-            frames.append(snapshot())
+            frames.append(_snapshot(x))
         if progress:
             progress(i + 1, steps)
-    seconds = time.perf_counter() - began
-    final = snapshot()
+    return frames
+
+
+def _summary(clf, final: np.ndarray, target: int, recipe: IdealRecipe, *, frames: list, seconds: float) -> dict:
+    """The result: the 8-bit image and its frames, how the model scores it, and the recipe that made it."""
     probs = clf.probabilities(final[None])[0]
     order = np.argsort(-probs)[:5]
     return {
@@ -121,14 +151,8 @@ def ideal_image(
         "probability": float(probs[target]),
         "top": [{"class": clf.classes[i], "index": int(i), "probability": round(float(probs[i]), 4)} for i in order],
         "total_variation": total_variation(final),
-        "steps": steps,
-        "lr": lr,
-        "tv_weight": tv_weight,
-        "l2_weight": l2_weight,
-        "jitter": jitter,
-        "scale": scale,
-        "seed": seed,
-        "size": size,
+        **dataclasses.asdict(recipe),
+        "size": clf.size,
         "seconds": round(seconds, 3),
     }
 
@@ -148,95 +172,3 @@ def gif_bytes(frames: list[np.ndarray], factor: int = 1, duration_ms: int = 80) 
     buf = io.BytesIO()
     ims[0].save(buf, format="GIF", save_all=True, append_images=ims[1:], duration=durations, loop=0, optimize=False)
     return buf.getvalue()
-
-
-def _spatial_layers(model) -> list:
-    return [
-        layer
-        for layer in model.layers
-        if type(layer).__name__ != "InputLayer" and len(getattr(layer.output, "shape", ())) == 4
-    ]
-
-
-def list_layers(model) -> list[dict]:
-    """Layers with a spatial (batch, h, w, channels) output, in order, for ``--list-layers``."""
-    return [
-        {"name": layer.name, "type": type(layer).__name__, "shape": [int(d) for d in layer.output.shape[1:]]}
-        for layer in _spatial_layers(model)
-    ]
-
-
-def get_layer(model, name: str):
-    """A spatial layer by name; unknown names list the closest layer names."""
-    layers = _spatial_layers(model)
-    names = [layer.name for layer in layers]
-    if name in names:
-        return layers[names.index(name)]
-    close = difflib.get_close_matches(name, names, n=4, cutoff=0.5)
-    hint = f"closest: {', '.join(close)}" if close else f"layers include {', '.join(names[:4])}, ..."
-    raise UsageError(f"{model.name} has no feature-map layer {name!r}; {hint} (see --list-layers)")
-
-
-_ANCHORS = np.array(
-    [
-        [0, 0, 4],
-        [40, 11, 84],
-        [101, 21, 110],
-        [159, 42, 99],
-        [212, 72, 66],
-        [245, 125, 21],
-        [250, 193, 39],
-        [252, 255, 164],
-    ],
-    np.float64,
-)
-
-
-def colormap(values: np.ndarray) -> np.ndarray:
-    """Map values in [0, 1] to an inferno-like RGB uint8 palette (dark = weak, bright = strong)."""
-    pos = np.clip(values, 0, 1) * (len(_ANCHORS) - 1)
-    lo = np.floor(pos).astype(int).clip(0, len(_ANCHORS) - 2)
-    frac = (pos - lo)[..., None]
-    return np.round(_ANCHORS[lo] * (1 - frac) + _ANCHORS[lo + 1] * frac).astype(np.uint8)
-
-
-def feature_maps(backbone, layer_name: str, pixels: np.ndarray, n: int = 16) -> dict:
-    """The ``n`` channels of a layer with the highest mean activation for one photo (uint8 pixels in [0, 255])."""
-    import keras
-
-    from tlcli.models.backbones import preprocess_fn
-
-    layer = get_layer(backbone.model, layer_name)
-    probe = keras.Model(backbone.model.input, layer.output)
-    x = preprocess_fn(backbone.spec)(np.asarray(pixels, np.float32)[None].copy())
-    maps = np.asarray(probe(x, training=False))[0]
-    means = maps.mean(axis=(0, 1))
-    order = np.argsort(-means, kind="stable")[: max(1, n)]
-    return {"layer": layer.name, "shape": list(maps.shape), "maps": maps[..., order], "channels": order, "means": means}
-
-
-def feature_grid(backbone, layer_name: str, pixels: np.ndarray, n: int = 16, tile: int | None = None) -> dict:
-    """A grid image: the photo, then the strongest channels of ``layer_name``, each min-max normalised.
-
-    Returns the grid as uint8 RGB plus which channels were shown and their mean activations.
-    """
-    fm = feature_maps(backbone, layer_name, pixels, n)
-    tile = tile or max(64, min(160, pixels.shape[0]))
-    photo = np.asarray(Image.fromarray(np.asarray(pixels, np.uint8)).resize((tile, tile), Image.BILINEAR))
-    tiles = [photo]
-    for k in range(fm["maps"].shape[-1]):
-        a = fm["maps"][..., k].astype(np.float64)
-        span = a.max() - a.min()
-        norm = (a - a.min()) / span if span > 0 else np.zeros_like(a)
-        coloured = Image.fromarray(colormap(norm)).resize((tile, tile), Image.NEAREST)
-        tiles.append(np.asarray(coloured))
-    cols = int(np.ceil(np.sqrt(len(tiles))))
-    rows = int(np.ceil(len(tiles) / cols))
-    gap = 2
-    grid = np.full((rows * tile + (rows + 1) * gap, cols * tile + (cols + 1) * gap, 3), 255, np.uint8)
-    for i, t in enumerate(tiles):
-        r, c = divmod(i, cols)
-        y, x = gap + r * (tile + gap), gap + c * (tile + gap)
-        grid[y : y + tile, x : x + tile] = t
-    channels = [{"channel": int(c), "mean": round(float(fm["means"][c]), 5)} for c in fm["channels"]]
-    return {"image": grid, "layer": fm["layer"], "shape": fm["shape"], "channels": channels}
