@@ -26,7 +26,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tlcli.data import fetch
+from tlcli.data.fetch import download, registry, sizes
+from tlcli.data.fetch.clean import clean
+from tlcli.data.fetch.dataset import fetch
+from tlcli.data.fetch.request import FetchRequest
 from tlcli.errors import UsageError
 
 from .conftest import ROOT, make_photo
@@ -174,7 +177,7 @@ def _handler(state):
 @pytest.fixture()
 def server(monkeypatch):
     """A loopback HTTP server on 127.0.0.1; put bytes in .files, read .requests and .sent."""
-    monkeypatch.setattr(fetch, "RETRY_BACKOFF", 0.01)
+    monkeypatch.setattr(download, "RETRY_BACKOFF", 0.01)
     for var in ("http_proxy", "https_proxy", "HTTP_PROXY", "HTTPS_PROXY", "all_proxy", "ALL_PROXY"):
         monkeypatch.delenv(var, raising=False)
     state = types.SimpleNamespace(files={}, requests=[], dropped=set(), failed=set(), sent=Counter())
@@ -190,8 +193,8 @@ def server(monkeypatch):
 def _register(monkeypatch, server, archives, mode: str = "range", **override) -> None:
     """Serve the test archives and point the registry at them (TLCLI_DATASET_MIRROR + their sizes/sha256)."""
     server.files.update(archives)
-    monkeypatch.setenv(fetch.MIRROR_ENV, f"{server.url}/{mode}")
-    for name, known in list(fetch.REGISTRY.items()):
+    monkeypatch.setenv(registry.MIRROR_ENV, f"{server.url}/{mode}")
+    for name, known in list(registry.REGISTRY.items()):
         files = tuple(
             dataclasses.replace(
                 r,
@@ -200,7 +203,7 @@ def _register(monkeypatch, server, archives, mode: str = "range", **override) ->
             )
             for r in known.files
         )
-        monkeypatch.setitem(fetch.REGISTRY, name, dataclasses.replace(known, files=files))
+        monkeypatch.setitem(registry.REGISTRY, name, dataclasses.replace(known, files=files))
 
 
 def _fetch(cli, *args):
@@ -231,7 +234,7 @@ def test_list_shows_known_datasets_without_network(cli, server, monkeypatch):
     assert (images_tar["bytes"], annotations_tar["bytes"]) == (791918971, 19173078)
     assert images_tar["sha256"].startswith("67195c5e") and annotations_tar["sha256"].startswith("52425fb6")
     assert "CC BY-SA 4.0" in rows["oxford-pets"]["licence"] and rows["oxford-pets"]["homepage"].startswith("https://")
-    monkeypatch.setenv(fetch.MIRROR_ENV, "http://mirror.example/pets/")
+    monkeypatch.setenv(registry.MIRROR_ENV, "http://mirror.example/pets/")
     table = cli("fetch-data", "--list")
     assert table.exit_code == 0
     assert "824.9 MB" in table.stdout and "http://mirror.example/pets/images.tar.gz" in table.stdout
@@ -388,13 +391,13 @@ def test_transient_errors_are_retried_and_permanent_ones_are_not(cli, server, mo
         sock.bind(("127.0.0.1", 0))
         closed_port = sock.getsockname()[1]
     gone = cli("fetch-data", f"http://127.0.0.1:{closed_port}/a.zip", "--name", "y", "--data-dir", data)
-    assert gone.exit_code == 1 and f"after {fetch.RETRIES + 1} attempts" in gone.stderr
+    assert gone.exit_code == 1 and f"after {download.RETRIES + 1} attempts" in gone.stderr
     assert not (data / "x").exists() and not (data / "y").exists()
 
 
 def test_not_enough_disk_space_stops_before_downloading(cli, server, monkeypatch, archives, tmp_path):
     _register(monkeypatch, server, archives)
-    monkeypatch.setattr(fetch.shutil, "disk_usage", lambda p: types.SimpleNamespace(free=10_000))
+    monkeypatch.setattr(sizes.shutil, "disk_usage", lambda p: types.SimpleNamespace(free=10_000))
     result = cli("fetch-data", "cats-vs-dogs", "--data-dir", tmp_path / "data")
     assert result.exit_code == 2 and "not enough free space" in result.stderr
     assert server.requests == [] and not (tmp_path / "data" / "cats-vs-dogs").exists()
@@ -455,13 +458,13 @@ def test_archives_over_the_caps_are_refused(server, tmp_path):
     assert len(server.files["bomb.zip"]) < 50_000
     for name in ("bomb.zip", "bomb.tar.gz"):
         with pytest.raises(UsageError, match="possible zip bomb"):
-            fetch.fetch(f"{server.url}/range/{name}", name="bomb", data_dir=data, max_bytes=1_000_000)
+            fetch(FetchRequest(f"{server.url}/range/{name}", name="bomb"), data_dir=data, max_bytes=1_000_000)
     with pytest.raises(UsageError, match="more than 10 files"):
-        fetch.fetch(f"{server.url}/range/many.zip", name="many", data_dir=data, max_files=10)
+        fetch(FetchRequest(f"{server.url}/range/many.zip", name="many"), data_dir=data, max_files=10)
     assert not (data / "bomb").exists() and not (data / "many").exists()
     _no_leftovers(data, "bomb")
     _no_leftovers(data, "many")
-    fine = fetch.fetch(f"{server.url}/range/bomb.zip", name="bomb", data_dir=data, max_bytes=4_000_000)
+    fine = fetch(FetchRequest(f"{server.url}/range/bomb.zip", name="bomb"), data_dir=data, max_bytes=4_000_000)
     assert fine["counts"] == {"blue": 1, "red": 1} and fine["dropped"] == 1
 
 
@@ -543,7 +546,9 @@ def test_concurrent_fetch_gets_the_lock_message_then_waits(cli, server, monkeypa
         assert not (data / "cats-vs-dogs").exists() and server.requests == []
 
         done: dict = {}
-        waiter = threading.Thread(target=lambda: done.update(fetch.fetch("cats-vs-dogs", data_dir=data, wait=True)))
+        waiter = threading.Thread(
+            target=lambda: done.update(fetch(FetchRequest("cats-vs-dogs"), data_dir=data, wait=True))
+        )
         waiter.start()
         time.sleep(1.0)
         assert waiter.is_alive() and server.requests == []
@@ -614,7 +619,7 @@ def test_cleaning_keeps_jpegs_over_the_pixel_limit_and_still_drops_them_truncate
     data = (big / "whole.jpg").read_bytes()
     (big / "cut.jpg").write_bytes(data[: len(data) // 2])
     PILImage.fromarray(pixels).save(big / "whole.png")
-    records = {r["path"]: r for r in fetch.clean(tmp_path / "photos")}
+    records = {r["path"]: r for r in clean(tmp_path / "photos")}
     assert (big / "whole.jpg").read_bytes() == data and "big/whole.jpg" not in records
     assert records["big/cut.jpg"]["action"] == "dropped" and records["big/cut.jpg"]["reason"] == "truncated"
     assert records["big/whole.png"]["action"] == "dropped" and "over the limit" in records["big/whole.png"]["detail"]

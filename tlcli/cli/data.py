@@ -67,9 +67,10 @@ def _stage_bars(quiet: bool) -> Iterator[Callable[..., None]]:
 
 
 def _list_known(as_json: bool) -> None:
-    from tlcli.data import fetch
+    from tlcli.data.fetch.registry import MIRROR_ENV, known_datasets
+    from tlcli.data.fetch.sizes import human_bytes
 
-    rows = fetch.known_datasets()
+    rows = known_datasets()
     if as_json:
         emit_json(rows)
         return
@@ -77,17 +78,17 @@ def _list_known(as_json: bool) -> None:
     for col in ("name", "download", "classes", "licence"):
         table.add_column(col, justify="right" if col == "download" else "left")
     for r in rows:
-        table.add_row(r["name"], fetch.human_bytes(r["bytes"]), r["classes"], r["licence"])
+        table.add_row(r["name"], human_bytes(r["bytes"]), r["classes"], r["licence"])
     out.print(table)
     for r in rows:
         out.print(f"{r['name']}: {r['description']}\n  source page: {r['homepage']}", markup=False)
         for f in r["files"]:
             out.print(f"  {f['url']}  {f['bytes']} bytes  sha256 {f['sha256']}", markup=False)
-    out.print(f"Set {fetch.MIRROR_ENV}=URL to fetch these files from URL/<file name> instead.", markup=False)
+    out.print(f"Set {MIRROR_ENV}=URL to fetch these files from URL/<file name> instead.", markup=False)
 
 
 def _print_summary(s: dict) -> None:
-    from tlcli.data.fetch import human_bytes
+    from tlcli.data.fetch.sizes import human_bytes
 
     if s["up_to_date"]:
         out.print(
@@ -117,25 +118,25 @@ def _print_summary(s: dict) -> None:
 
 def fetch_step(p: dict, progress: Callable[..., None] | None) -> dict:
     """The fetch-data step from parsed options (shared by 'tlcli fetch-data' and 'tlcli run')."""
-    from tlcli.data import datasets, fetch
+    from tlcli.data.datasets import parse_fractions
+    from tlcli.data.fetch.dataset import fetch
+    from tlcli.data.fetch.request import FetchRequest
 
-    return fetch.fetch(
+    request = FetchRequest(
         p["source"],
         name=p["name"],
-        data_dir=p["data_dir"],
         labels=p["labels"],
-        fractions=datasets.parse_fractions(p["split"]),
+        fractions=parse_fractions(p["split"]),
         seed=p["seed"],
         sha256=p["sha256"],
-        force=p["force"],
-        wait=p["wait"],
-        progress=progress,
     )
+    return fetch(request, data_dir=p["data_dir"], force=p["force"], wait=p["wait"], progress=progress)
 
 
 @handles_errors
 def fetch_data_cmd(
     ctx: typer.Context,
+    *,
     source: Annotated[
         Optional[str],
         typer.Argument(

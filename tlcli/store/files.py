@@ -63,20 +63,20 @@ def read_json(path: str | os.PathLike) -> dict:
         raise UsageError(f"{path} is not valid JSON ({exc}); re-run the step that wrote it") from None
 
 
-def remove_leftovers(folder: str | os.PathLike) -> list[str]:
-    """Delete temp files, staging and half-pruned folders a killed process left in ``folder``.
+def remove_leftovers(folder: str | os.PathLike, *, prefix: str = "") -> list[str]:
+    """Delete temp files, staging, half-pruned and swapped-out folders a killed process left in ``folder``.
 
-    Only call this while holding the folder's lock: then no live writer owns any of them.
+    ``prefix`` keeps it to one item's leftovers (``.<prefix>staging-*``, ...) where each item has its own lock.
+    Only call this while holding the lock that covers them: then no live writer owns any of them.
     """
     root = Path(folder)
     if not root.is_dir():
         return []
+    kinds = tuple(f".{prefix}{kind}" for kind in ("staging-", "pruned-", "old-"))
     removed = []
     for p in root.iterdir():
         name = p.name
-        if not name.startswith(".") or not (
-            name.startswith((".staging-", ".pruned-")) or ".tmp" in name and not p.is_dir()
-        ):
+        if not name.startswith(f".{prefix}") or not (name.startswith(kinds) or ".tmp" in name and not p.is_dir()):
             continue
         if p.is_dir() and not p.is_symlink():
             shutil.rmtree(p, ignore_errors=True)

@@ -39,12 +39,12 @@ def timestamp() -> str:
 
 
 @contextlib.contextmanager
-def staging_dir(runs_root: str | os.PathLike) -> Iterator[Path]:
-    """Yield a hidden folder inside ``runs_root`` to build a run in; it is removed unless published."""
+def staging_dir(runs_root: str | os.PathLike, *, prefix: str = "") -> Iterator[Path]:
+    """Yield a hidden folder ``.<prefix>staging-*`` inside ``runs_root`` to build in; it is removed unless published."""
     root = Path(runs_root)
     try:
         root.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=root))
+        staging = Path(tempfile.mkdtemp(prefix=f".{prefix}staging-", dir=root))
         staging.chmod(0o777 & ~umask())
     except OSError as exc:
         raise UsageError(f"cannot write into {root}: {exc.strerror}; choose another --out") from None
@@ -55,11 +55,23 @@ def staging_dir(runs_root: str | os.PathLike) -> Iterator[Path]:
             shutil.rmtree(staging, ignore_errors=True)
 
 
-def publish(staging: Path, runs_root: str | os.PathLike) -> Path:
-    """Rename a complete staging folder to ``runs_root/<timestamp>`` in one step."""
+def publish(staging: Path, runs_root: str | os.PathLike, *, name: str | None = None) -> Path:
+    """Rename a complete staging folder to ``runs_root/<timestamp>`` (or ``<name>``) in one step.
+
+    An existing ``<name>`` is first renamed aside to ``.<name>.old-<pid>``, and deleted once replaced.
+    """
     interrupts.check()
-    final = Path(runs_root) / timestamp()
+    final = Path(runs_root) / (name or timestamp())
+    if not name or not (final.exists() or final.is_symlink()):
+        os.rename(staging, final)
+        return final
+    old = final.with_name(f".{name}.old-{os.getpid()}")
+    os.rename(final, old)
     os.rename(staging, final)
+    if old.is_dir() and not old.is_symlink():
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        old.unlink(missing_ok=True)
     return final
 
 
