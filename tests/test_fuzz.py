@@ -38,7 +38,10 @@ from hypothesis import HealthCheck, event, example, given, reject, settings
 from hypothesis import strategies as st
 from PIL import Image, features
 
-from tlcli.data import fetch, images
+from tlcli.data import images
+from tlcli.data.fetch.dataset import fetch
+from tlcli.data.fetch.request import FetchRequest
+from tlcli.data.fetch.unpack import extract_archive
 from tlcli.errors import UsageError
 from tlcli.models.graph import apply_model
 
@@ -728,7 +731,7 @@ def check_extraction(root: Path, dest: Path, archive: Path) -> dict[str, bytes] 
     before = snapshot(root, skip=dest)
     with bounded():
         try:
-            outcome = fetch.extract_archive(archive, dest, max_bytes=MAX_BYTES, max_files=MAX_FILES)
+            outcome = extract_archive(archive, dest, max_bytes=MAX_BYTES, max_files=MAX_FILES)
         except UsageError as exc:
             outcome = exc
     assert snapshot(root, skip=dest) == before, "an entry was written outside the destination"
@@ -881,7 +884,9 @@ def test_fetch_publishes_a_whole_dataset_or_nothing(fmt: str, entries: list[Memb
         before = snapshot(root)
         with bounded():
             try:
-                outcome = fetch.fetch(str(source), name="fz", data_dir=store, max_bytes=MAX_BYTES, max_files=MAX_FILES)
+                outcome = fetch(
+                    FetchRequest(str(source), name="fz"), data_dir=store, max_bytes=MAX_BYTES, max_files=MAX_FILES
+                )
             except UsageError as exc:
                 outcome = exc
         assert snapshot(root, skip=store) == before, "fetch-data wrote outside its data folder"
