@@ -16,7 +16,6 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from tlcli import interrupts
 from tlcli.errors import EXIT_FAILURE, EXIT_INTERRUPTED, TlcliError
-from tlcli.train import finetune
 
 err = Console(stderr=True, highlight=False, soft_wrap=True)
 
@@ -68,6 +67,7 @@ def use_device(device: str, quiet: bool, strategy: str | None = None) -> dict:
     A tf.distribute ``strategy`` is created here too, as a multi-worker one must precede the first op.
     """
     from tlcli.models import devices
+    from tlcli.train import finetune
 
     with native_stderr_silenced():
         info = devices.select(device)
