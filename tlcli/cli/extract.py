@@ -13,6 +13,46 @@ from tlcli.cli.console import emit_json, err, handles_errors, out, progress_bar,
 from tlcli.cli.options import BatchOpt, ConfigOpt, DeviceOpt, JsonOpt, QuietOpt, SeedOpt, WaitOpt, _given
 from tlcli.errors import UsageError
 
+DataDirArg = Annotated[Path, typer.Argument(help="Folder of class sub-folders (optionally with split.json).")]
+StoreOpt = Annotated[Path, typer.Option("--out", "-o", help="Feature store folder to write (or update).")]
+BackboneOpt = Annotated[str, typer.Option("--backbone", "-b", help="Backbone name (see 'tlcli backbones').")]
+AlphaOpt = Annotated[Optional[float], typer.Option(help="Width multiplier for MobileNet backbones.")]
+SizeOpt = Annotated[Optional[int], typer.Option(min=32, help="Input size in pixels (default: the backbone's).")]
+WeightsOpt = Annotated[str, typer.Option(help="'imagenet' (Keras cache or download), 'none', or a weights FILE.")]
+ResizeOpt = Annotated[
+    str,
+    typer.Option(
+        help="How photos become squares: crop (centre), squash, pad, or views joined by '+' "
+        "whose features are concatenated (crop+pad)."
+    ),
+]
+FlipOpt = Annotated[
+    bool, typer.Option("--flip/--no-flip", help="Average features of each photo and its mirror image (2x time).")
+]
+SplitOpt = Annotated[str, typer.Option(help="train,val,test fractions when the folder has no split.json.")]
+PrecisionOpt = Annotated[
+    str,
+    typer.Option(
+        help="Keras mixed precision for the backbone: float32, mixed_bfloat16 or mixed_float16 (for GPUs; "
+        "no faster on a CPU). Vectors are stored as float32 and the precision is part of the store's key."
+    ),
+]
+ShardOpt = Annotated[
+    Optional[str],
+    typer.Option(
+        help="I/N, 1 <= I <= N: worker I of N (array jobs) extracts only its files, chosen by a hash of "
+        "their path, into OUT/shards/I-of-N."
+    ),
+]
+MergeShardsOpt = Annotated[
+    bool,
+    typer.Option(
+        "--merge-shards",
+        help="Join the N parts under OUT/shards into OUT, as an unsharded extract would write it "
+        "(options come from the parts).",
+    ),
+]
+
 
 def extract_step(p: dict, progress: Callable[[int, int], None] | None) -> dict:
     """The extract step from parsed options (shared by 'tlcli extract' and 'tlcli run')."""
@@ -25,90 +65,27 @@ def extract_step(p: dict, progress: Callable[[int, int], None] | None) -> dict:
     return extract.extract(p["data_dir"], p["out_dir"], recipe, shard=shard, progress=progress, wait=p["wait"])
 
 
-@handles_errors
-def extract_cmd(
-    ctx: typer.Context,
-    data_dir: Annotated[Path, typer.Argument(help="Folder of class sub-folders (optionally with split.json).")],
-    out_dir: Annotated[Path, typer.Option("--out", "-o", help="Feature store folder to write (or update).")] = Path(
-        "features/default"
-    ),
-    backbone: Annotated[
-        str, typer.Option("--backbone", "-b", help="Backbone name (see 'tlcli backbones').")
-    ] = "mobilenet",
-    alpha: Annotated[Optional[float], typer.Option(help="Width multiplier for MobileNet backbones.")] = None,
-    size: Annotated[Optional[int], typer.Option(min=32, help="Input size in pixels (default: the backbone's).")] = None,
-    weights: Annotated[
-        str, typer.Option(help="'imagenet' (Keras cache or download), 'none', or a weights FILE.")
-    ] = "imagenet",
-    resize: Annotated[
-        str,
-        typer.Option(
-            help="How photos become squares: crop (centre), squash, pad, or views joined by '+' "
-            "whose features are concatenated (crop+pad)."
-        ),
-    ] = "crop+pad",
-    flip: Annotated[
-        bool, typer.Option("--flip/--no-flip", help="Average features of each photo and its mirror image (2x time).")
-    ] = False,
-    split: Annotated[
-        str, typer.Option(help="train,val,test fractions when the folder has no split.json.")
-    ] = "0.8,0.1,0.1",
-    seed: SeedOpt = 0,
-    batch_size: BatchOpt = 32,
-    precision: Annotated[
-        str,
-        typer.Option(
-            help="Keras mixed precision for the backbone: float32, mixed_bfloat16 or mixed_float16 (for GPUs; "
-            "no faster on a CPU). Vectors are stored as float32 and the precision is part of the store's key."
-        ),
-    ] = "float32",
-    shard: Annotated[
-        Optional[str],
-        typer.Option(
-            help="I/N, 1 <= I <= N: worker I of N (array jobs) extracts only its files, chosen by a hash of "
-            "their path, into OUT/shards/I-of-N."
-        ),
-    ] = None,
-    merge_shards: Annotated[
-        bool,
-        typer.Option(
-            "--merge-shards",
-            help="Join the N parts under OUT/shards into OUT, as an unsharded extract would write it "
-            "(options come from the parts).",
-        ),
-    ] = False,
-    as_json: JsonOpt = False,
-    wait: WaitOpt = False,
-    device: DeviceOpt = "auto",
-    quiet: QuietOpt = False,
-    config: ConfigOpt = None,
-) -> None:
-    """Run a frozen pre-trained backbone over every image and store one feature vector each (incremental)."""
+def _merge_step(ctx: typer.Context) -> dict:
+    """--merge-shards from parsed options; only the options given are checked against the parts'."""
     from tlcli.data import datasets
-    from tlcli.store import shards
     from tlcli.train import extract, recipes
 
-    if merge_shards:
-        if shard is not None:
-            raise UsageError("--shard runs one worker and --merge-shards joins their parts; give one of them")
-        recipe = recipes.from_options(recipes.ExtractRecipe, ctx.params, fractions=datasets.parse_fractions(split))
-        given = {
-            f.name: getattr(recipe, f.name)
-            for f in dataclasses.fields(recipe)
-            if _given(ctx, recipes.param(recipes.ExtractRecipe, f.name))
-        }
-        summary = extract.merge_shards(data_dir, out_dir, given, wait=wait)
-    else:
-        if shard is not None:
-            shards.parse(shard)
-        use_device(device, quiet or as_json)
-        with progress_bar("extracting", quiet or as_json) as bar:
-            summary = extract_step(ctx.params, bar)
-    if as_json:
-        emit_json(summary)
-        return
+    p = ctx.params
+    if p["shard"] is not None:
+        raise UsageError("--shard runs one worker and --merge-shards joins their parts; give one of them")
+    recipe = recipes.from_options(recipes.ExtractRecipe, p, fractions=datasets.parse_fractions(p["split"]))
+    given = {
+        f.name: getattr(recipe, f.name)
+        for f in dataclasses.fields(recipe)
+        if _given(ctx, recipes.param(recipes.ExtractRecipe, f.name))
+    }
+    return extract.merge_shards(p["data_dir"], p["out_dir"], given, wait=p["wait"])
+
+
+def _print_summary(summary: dict) -> None:
+    """One line of counts on stdout; replaced features, skipped files and empty classes on stderr."""
     s = summary["splits"]
-    merged = f"merged {summary['merged']} shards: " if merge_shards else ""
+    merged = f"merged {summary['merged']} shards: " if "merged" in summary else ""
     out.print(
         merged
         + f"{summary['stored']} images -> {summary['out']} ({summary['key']}): train {s['train']}, val {s['val']}, "
@@ -124,3 +101,44 @@ def extract_cmd(
         err.print(f"... and {len(summary['skipped']) - 20} more (see {summary['out']}/meta.json)")
     if summary["empty_classes"]:
         err.print(f"ignored empty class folder(s): {', '.join(summary['empty_classes'])}", markup=False)
+
+
+@handles_errors
+def extract_cmd(
+    ctx: typer.Context,
+    *,
+    data_dir: DataDirArg,
+    out_dir: StoreOpt = Path("features/default"),
+    backbone: BackboneOpt = "mobilenet",
+    alpha: AlphaOpt = None,
+    size: SizeOpt = None,
+    weights: WeightsOpt = "imagenet",
+    resize: ResizeOpt = "crop+pad",
+    flip: FlipOpt = False,
+    split: SplitOpt = "0.8,0.1,0.1",
+    seed: SeedOpt = 0,
+    batch_size: BatchOpt = 32,
+    precision: PrecisionOpt = "float32",
+    shard: ShardOpt = None,
+    merge_shards: MergeShardsOpt = False,
+    as_json: JsonOpt = False,
+    wait: WaitOpt = False,
+    device: DeviceOpt = "auto",
+    quiet: QuietOpt = False,
+    config: ConfigOpt = None,
+) -> None:
+    """Run a frozen pre-trained backbone over every image and store one feature vector each (incremental)."""
+    from tlcli.store import shards
+
+    if merge_shards:
+        summary = _merge_step(ctx)
+    else:
+        if shard is not None:
+            shards.parse(shard)
+        use_device(device, quiet or as_json)
+        with progress_bar("extracting", quiet or as_json) as bar:
+            summary = extract_step(ctx.params, bar)
+    if as_json:
+        emit_json(summary)
+    else:
+        _print_summary(summary)

@@ -20,6 +20,7 @@ import numpy as np
 
 from tlcli.data import images
 from tlcli.errors import TlcliError, UsageError
+from tlcli.models.graph import apply_model
 from tlcli.store.features import Split
 
 AUGMENTATIONS = ("flip", "rotate", "zoom", "contrast")
@@ -394,5 +395,5 @@ def predict(
 ) -> tuple[np.ndarray, np.ndarray]:
     """Probabilities of a pixels-in model on a stored split's images, with the labels of those it could read."""
     paths = [str(Path(data_dir) / p) for p in split.paths]
-    probs, kept, _ = images.apply_model(model, paths, size, resize, batch_size)
+    probs, kept, _ = apply_model(model, paths, size, resize, batch_size)
     return probs, np.asarray(split.labels)[kept]
