@@ -47,7 +47,7 @@ def staging_dir(runs_root: str | os.PathLike, *, prefix: str = "") -> Iterator[P
         staging = Path(tempfile.mkdtemp(prefix=f".{prefix}staging-", dir=root))
         staging.chmod(0o777 & ~umask())
     except OSError as exc:
-        raise UsageError(f"cannot write into {root}: {exc.strerror}; choose another --out") from None
+        raise UsageError(f"cannot write into {root}: {exc.strerror}; free space there or write somewhere else") from None
     try:
         yield staging
     finally:
