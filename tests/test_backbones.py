@@ -85,6 +85,28 @@ def test_registry_param_counts_match_keras():
     assert built.key == "mobilenetv3small-a1-32-none"
 
 
+@pytest.mark.parametrize("name", sorted(SMALLEST))
+def test_static_table_matches_keras(name, monkeypatch):
+    """What `tlcli backbones` prints from the registry without Keras: input size, feature width, parameters.
+
+    Width and parameters are the headless network's at the default alpha; the input size is the default
+    size Keras resolves the input against (MobileNetV3 takes any size and names none).
+    """
+    from keras.src.applications import imagenet_utils
+
+    resolve, sizes = imagenet_utils.obtain_input_shape, []
+
+    def recording(*args, **kwargs):
+        sizes.append(kwargs["default_size"])
+        return resolve(*args, **kwargs)
+
+    monkeypatch.setattr(imagenet_utils, "obtain_input_shape", recording)
+    sp = backbones.SPECS[name]
+    built = backbones.build(name, size=_size_and_alpha(name)[0], weights="none")
+    assert (built.model.output_shape[-1], built.model.count_params()) == (sp.feature_dim, sp.params)
+    assert sizes == ([] if sp.family == "MobileNetV3" else [sp.size])
+
+
 @pytest.mark.parametrize("name,hint", [("resnet", "resnet50"), ("VGG-16", None), ("efficientnet_b0", None)])
 def test_names_are_forgiving_and_errors_suggest(name, hint):
     if hint:
