@@ -224,6 +224,7 @@ def main() -> None:
     from rich.table import Table
 
     from tlcli.train import head
+    from tlcli.train.recipes import HeadRecipe
 
     load_start = os.getloadavg()
     work = Path(tempfile.mkdtemp(prefix="tlcli-bench-"))
@@ -262,7 +263,8 @@ def main() -> None:
         tlcli_extract(data, work / "features", args.size, args.batch)
 
         t_e2e = plain_keras_head_training(data, args.size, args.epochs, classes)
-        trained = head.train(work / "features", work / "runs", epochs=args.epochs, patience=args.epochs, refit=False)
+        recipe = HeadRecipe(epochs=args.epochs, patience=args.epochs, refit=False)
+        trained = head.train(work / "features", work / "runs", recipe).summary()
         rows.append(
             (
                 "head training (s)",

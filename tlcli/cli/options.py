@@ -11,7 +11,6 @@ import typer
 
 from tlcli.cli.console import _fail
 from tlcli.errors import EXIT_USAGE, UsageError
-from tlcli.train import finetune
 
 
 def read_config(path: Path) -> dict:
@@ -131,9 +130,6 @@ KeepOpt = Annotated[
 TensorboardOpt = Annotated[
     Optional[Path], typer.Option(help="Write per-epoch TensorBoard scalars under this folder.", file_okay=False)
 ]
-
-
-FINE_TUNE = finetune.Options()
 
 
 DeviceOpt = Annotated[

@@ -4,14 +4,13 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import TYPE_CHECKING, Annotated, Optional
 
 import typer
 
 from tlcli.cli.console import emit_json, handles_errors, out, progress_bar, use_device
 from tlcli.cli.evaluate import passes_gate, per_class_table
 from tlcli.cli.options import (
-    FINE_TUNE,
     BalanceOpt,
     BatchOpt,
     ConfigOpt,
@@ -31,50 +30,56 @@ from tlcli.cli.options import (
     WaitOpt,
 )
 from tlcli.errors import EXIT_GATE, GateError
-from tlcli.train import finetune
-from tlcli.train.head import HEAD
+from tlcli.train.recipes import FINE_TUNE, HEAD, HeadRecipe, fine_tune_from_options, from_options
+
+if TYPE_CHECKING:
+    from tlcli.train.head import Trained
 
 
-def fine_tune_options(p: dict) -> finetune.Options | None:
-    """The fine-tuning options of parsed train-head options (None: head only)."""
-    return finetune.options(
-        p["fine_tune_layers"],
-        p["fine_tune_from"],
-        p["fine_tune_lr"],
-        p["fine_tune_epochs"],
-        p["fine_tune_patience"],
-        p["fine_tune_batch_size"],
-        p["augment"],
-        p["strategy"],
-    )
-
-
-def train_step(p: dict, progress: Callable[[int, int, dict], None] | None, **extra) -> dict:
+def train_step(p: dict, progress: Callable[[int, int, dict], None] | None, **extra) -> Trained:
     """The train-head step from parsed options (shared by 'tlcli train-head' and 'tlcli run')."""
     from tlcli.train import head
 
     return head.train(
         p["features_dir"],
         p["out_dir"],
-        epochs=p["epochs"],
-        batch_size=p["batch_size"],
-        learning_rate=p["lr"],
-        dropout=p["dropout"],
-        l2=p["l2"],
-        patience=p["patience"],
-        balance=p["balance"],
-        refit=p["refit"],
-        seed=p["seed"],
+        from_options(HeadRecipe, p),
+        fine_tune=fine_tune_from_options(p),
         promote_if_better=p["promote_if_better"],
         backbone=p["backbone"],
         size=p["size"],
         keep=p["keep"],
         tensorboard=p["tensorboard"],
-        fine_tune=fine_tune_options(p),
         progress=progress,
         wait=p["wait"],
         **extra,
     )
+
+
+def _print_trained(trained: Trained) -> None:
+    """train-head's lines: the run's scores, whether fine-tuning helped, promotion and pruning."""
+    tuned = trained.fine_tune_epochs_run is not None
+    test = trained.test_accuracy
+    out.print(
+        f"run {trained.run}: train {trained.train_accuracy:.4f}, val {trained.val_accuracy:.4f}"
+        + (f", test {test:.4f}" if test is not None else "")
+        + f" after {trained.epochs_run} head epochs"
+        + (f" and {trained.fine_tune_epochs_run} fine-tuning epochs" if tuned else "")
+        + f" ({trained.fit_seconds:.1f}s)"
+    )
+    if tuned and trained.fine_tune_best_epoch == 0:
+        ran = trained.fine_tune_epochs_run
+        out.print(
+            f"fine-tuning never beat the head-only start on val loss in {ran} epoch{'s' if ran != 1 else ''}; "
+            "the run keeps the head-only weights (try another --fine-tune-lr or more --fine-tune-patience)"
+        )
+    out.print(
+        f"promoted to {trained.latest}"
+        if trained.promoted
+        else f"not promoted: val {trained.val_accuracy:.4f} does not beat latest {trained.previous_val_accuracy:.4f}"
+    )
+    if trained.pruned:
+        out.print(f"pruned {len(trained.pruned)} old never-promoted run(s): {', '.join(trained.pruned)}")
 
 
 @handles_errors
@@ -92,7 +97,7 @@ def train_head_cmd(
     l2: L2Opt = HEAD.l2,
     patience: PatienceOpt = HEAD.patience,
     refit: RefitOpt = HEAD.refit,
-    balance: BalanceOpt = HEAD.balance,
+    balance: BalanceOpt = HEAD.class_weights,
     promote_if_better: Annotated[
         bool, typer.Option(help="Promote to latest only if val accuracy beats it (else exit 3).")
     ] = False,
@@ -145,7 +150,7 @@ def train_head_cmd(
             "run the same command on every worker, the chief saves the run)."
         ),
     ] = None,
-    seed: SeedOpt = 0,
+    seed: SeedOpt = HEAD.seed,
     as_json: JsonOpt = False,
     wait: WaitOpt = False,
     device: DeviceOpt = "auto",
@@ -153,44 +158,19 @@ def train_head_cmd(
     config: ConfigOpt = None,
 ) -> None:
     """Train a softmax head on stored features, optionally fine-tune the backbone; save one pixels-in model."""
-    fine_tune = fine_tune_options(ctx.params)
+    fine_tune = fine_tune_from_options(ctx.params)
     info = use_device(device, quiet or as_json, fine_tune.strategy if fine_tune else None)
     with progress_bar(
         "training head, then fine-tuning (epochs)" if fine_tune else "training head (epochs)", quiet or as_json
     ) as bar:
-        summary = train_step(ctx.params, bar, strategy=info["strategy"])
-    if summary["run"] is None:
-        if as_json:
-            emit_json(summary)
-        else:
-            out.print(f"worker {summary['worker']}: {summary['note']}")
-        return
+        trained = train_step(ctx.params, bar, strategy=info["strategy"])
     if as_json:
-        emit_json(summary)
+        emit_json(trained.summary())
+    elif trained.run is None:
+        out.print(f"worker {trained.worker}: {trained.summary()['note']}")
     else:
-        test = summary["test_accuracy"]
-        out.print(
-            f"run {summary['run']}: train {summary['train_accuracy']:.4f}, val {summary['val_accuracy']:.4f}"
-            + (f", test {test:.4f}" if test is not None else "")
-            + f" after {summary['epochs_run']} head epochs"
-            + (f" and {summary['fine_tune_epochs_run']} fine-tuning epochs" if fine_tune else "")
-            + f" ({summary['fit_seconds']:.1f}s)"
-        )
-        if fine_tune and summary["fine_tune_best_epoch"] == 0:
-            ran = summary["fine_tune_epochs_run"]
-            out.print(
-                f"fine-tuning never beat the head-only start on val loss in {ran} epoch{'s' if ran != 1 else ''}; "
-                "the run keeps the head-only weights (try another --fine-tune-lr or more --fine-tune-patience)"
-            )
-        out.print(
-            f"promoted to {summary['latest']}"
-            if summary["promoted"]
-            else f"not promoted: val {summary['val_accuracy']:.4f} does not beat "
-            f"latest {summary['previous_val_accuracy']:.4f}"
-        )
-        if summary["pruned"]:
-            out.print(f"pruned {len(summary['pruned'])} old never-promoted run(s): {', '.join(summary['pruned'])}")
-    if not summary["promoted"]:
+        _print_trained(trained)
+    if trained.run is not None and not trained.promoted:
         raise typer.Exit(EXIT_GATE)
 
 
@@ -207,8 +187,8 @@ def cross_validate_cmd(
     l2: L2Opt = HEAD.l2,
     patience: PatienceOpt = HEAD.patience,
     refit: RefitOpt = HEAD.refit,
-    balance: BalanceOpt = HEAD.balance,
-    seed: SeedOpt = 0,
+    balance: BalanceOpt = HEAD.class_weights,
+    seed: SeedOpt = HEAD.seed,
     as_json: JsonOpt = False,
     device: DeviceOpt = "auto",
     quiet: QuietOpt = False,
@@ -222,20 +202,7 @@ def cross_validate_cmd(
 
     use_device(device, quiet or as_json)
     with progress_bar("cross-validating (folds)", quiet or as_json) as bar:
-        result = crossval.cross_validate(
-            features_dir,
-            folds=folds,
-            seed=seed,
-            epochs=epochs,
-            batch_size=batch_size,
-            learning_rate=lr,
-            dropout=dropout,
-            l2=l2,
-            patience=patience,
-            balance=balance,
-            refit=refit,
-            progress=bar,
-        )
+        result = crossval.cross_validate(features_dir, from_options(HeadRecipe, ctx.params), folds=folds, progress=bar)
     gate_failed = passes_gate(result, min_accuracy)
     if as_json:
         emit_json({k: v for k, v in result.items() if k != "confusion"})

@@ -2,17 +2,14 @@
 
 from __future__ import annotations
 
-import contextlib
-import hashlib
-import time
-from collections.abc import Callable, Iterator
+import dataclasses
 from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
 from rich.table import Table
 
-from tlcli import interrupts
+from tlcli import pipeline
 from tlcli.cli import data, evaluate, extract, train
 from tlcli.cli.console import emit_json, err, handles_errors, log, out, progress_bar, use_device
 from tlcli.cli.evaluate import evaluate_step
@@ -28,8 +25,8 @@ from tlcli.cli.options import (
     section_defaults,
 )
 from tlcli.cli.train import train_step
-from tlcli.errors import EXIT_GATE, TlcliError, UsageError
-from tlcli.store import files, runs
+from tlcli.errors import EXIT_GATE, UsageError
+from tlcli.store import runs
 from tlcli.store.locks import LOCK_NAME
 
 STEP_COMMANDS = {
@@ -59,50 +56,63 @@ def parse_step(name: str, doc: dict, path: Path, overrides: dict) -> dict:
     return dict(ctx.params)
 
 
-@contextlib.contextmanager
-def _locked(folders: list[Path], wait: bool) -> Iterator[None]:
-    """Hold the locks of every folder the pipeline writes, so a second run stops at once with the lock message."""
-    from tlcli.store import locks
-
-    with contextlib.ExitStack() as stack:
-        for folder in folders:
-            stack.enter_context(locks.lock(folder / LOCK_NAME, f"run is writing {folder}", wait=wait))
-        yield
+def _check_tables(config: Path, doc: dict) -> None:
+    missing = [s for s in ("extract", "train-head") if s not in doc]
+    if missing:
+        raise UsageError(f"config {config} has no [{'], ['.join(missing)}] table; see configs/cats_vs_dogs.toml")
+    unknown = sorted(set(doc) - set(STEPS))
+    if unknown:
+        raise UsageError(f"config {config}: unknown table(s) [{'], ['.join(unknown)}]; known: {', '.join(STEPS)}")
 
 
-def _timed(steps: list[dict], name: str, fn: Callable[[], dict], describe: Callable[[dict], str]) -> dict:
-    started = time.perf_counter()
-    interrupts.check()
-    try:
-        summary = fn()
-    except TlcliError:
-        err.print(f"run: step {name} failed after {time.perf_counter() - started:.1f}s", markup=False)
-        raise
-    steps.append(
-        {"step": name, "seconds": round(time.perf_counter() - started, 3), "did": describe(summary), "summary": summary}
+def plan(
+    config: Path,
+    doc: dict,
+    *,
+    promote_if_better: bool,
+    seed: int | None,
+    keep: int | None,
+    tensorboard: Path | None,
+    wait: bool,
+) -> pipeline.Plan:
+    """The pipeline of a workflow config: each step's function with its table parsed as its command would,
+    and the options of 'tlcli run' itself over them."""
+    _check_tables(config, doc)
+    common = {"wait": wait, "quiet": True, "as_json": True, **({"seed": seed} if seed is not None else {})}
+    fp = parse_step("fetch-data", doc, config, common) if "fetch-data" in doc else None
+    if fp is not None and not fp["source"]:
+        raise UsageError(f"config {config} [fetch-data] needs source = a dataset name, URL, archive or folder")
+    data_from_fetch = fp is not None and "data_dir" not in doc["extract"]
+    ep = parse_step("extract", doc, config, {**common, **({"data_dir": "."} if data_from_fetch else {})})
+    if ep["shard"] is not None or ep["merge_shards"]:
+        raise UsageError(f"config {config} [extract]: tlcli run extracts the whole folder; drop shard/merge_shards")
+    given = {k: v for k, v in {"keep": keep, "tensorboard": tensorboard}.items() if v is not None}
+    tp = parse_step(
+        "train-head",
+        doc,
+        config,
+        {**common, "features_dir": ep["out_dir"], "promote_if_better": promote_if_better, **given},
     )
-    return summary
-
-
-def steps_record(steps: list[dict]) -> list[dict]:
-    """What each step did and how long it took, without the full summaries."""
-    return [{k: v for k, v in s.items() if k != "summary"} for s in steps]
-
-
-def _describe_extract(s: dict) -> str:
-    return (
-        f"{s['stored']} images ({s['splits']['train']}/{s['splits']['val']}/{s['splits']['test']}): "
-        f"extracted {s['extracted']}, reused {s['reused']}, skipped {len(s['skipped'])}"
+    vp = parse_step("evaluate", doc, config, {**common, "run": tp["out_dir"]})
+    return pipeline.Plan(
+        extract=pipeline.Step(extract_step, ep),
+        train=pipeline.Step(train_step, tp),
+        evaluate=pipeline.Step(evaluate_step, vp),
+        fetch=pipeline.Step(data.fetch_step, fp) if fp is not None else None,
+        extract_fetched=data_from_fetch,
+        config=pipeline.record_config(config, doc, promote_if_better=promote_if_better, seed=seed, keep=keep),
+        promote_if_better=promote_if_better,
+        wait=wait,
     )
 
 
-def _describe_train(s: dict) -> str:
-    test = f", test {s['test_accuracy']:.4f}" if s["test_accuracy"] is not None else ""
-    prev = s["previous_val_accuracy"]
-    return (
-        f"run {Path(s['run']).name}: val {s['val_accuracy']:.4f}{test} after {s['epochs_run']} epochs; "
-        f"latest had {'-' if prev is None else f'{prev:.4f}'}"
-    )
+def _steps_table(config: Path, outcome: pipeline.Outcome) -> Table:
+    table = Table(title=f"tlcli run {config}")
+    for col in ("step", "what it did", "seconds"):
+        table.add_column(col, justify="right" if col == "seconds" else "left")
+    for s in outcome.steps:
+        table.add_row(s["step"], s["did"], f"{s['seconds']:.1f}")
+    return table
 
 
 @handles_errors
@@ -126,124 +136,26 @@ def run_cmd(
     [evaluate] min_accuracy and, with --promote-if-better, beats latest on val accuracy; otherwise
     it is kept but not promoted and the exit code is 3. Cron: `tlcli run CONFIG --promote-if-better --json`.
     """
-    doc = read_config(config)
-    missing = [s for s in ("extract", "train-head") if s not in doc]
-    if missing:
-        raise UsageError(f"config {config} has no [{'], ['.join(missing)}] table; see configs/cats_vs_dogs.toml")
-    unknown = sorted(set(doc) - set(STEPS))
-    if unknown:
-        raise UsageError(f"config {config}: unknown table(s) [{'], ['.join(unknown)}]; known: {', '.join(STEPS)}")
-    common = {"wait": wait, "quiet": True, "as_json": True, **({"seed": seed} if seed is not None else {})}
-    quiet = quiet or as_json
-    fp = parse_step("fetch-data", doc, config, common) if "fetch-data" in doc else None
-    if fp is not None and not fp["source"]:
-        raise UsageError(f"config {config} [fetch-data] needs source = a dataset name, URL, archive or folder")
-    data_from_fetch = fp is not None and "data_dir" not in doc["extract"]
-    ep = parse_step("extract", doc, config, {**common, **({"data_dir": "."} if data_from_fetch else {})})
-    if ep["shard"] is not None or ep["merge_shards"]:
-        raise UsageError(f"config {config} [extract]: tlcli run extracts the whole folder; drop shard/merge_shards")
-    tp = parse_step(
-        "train-head",
-        doc,
+    steps = plan(
         config,
-        {
-            **common,
-            "features_dir": ep["out_dir"],
-            "promote_if_better": promote_if_better,
-            **({"keep": keep} if keep is not None else {}),
-            **({"tensorboard": tensorboard} if tensorboard is not None else {}),
-        },
+        read_config(config),
+        promote_if_better=promote_if_better,
+        seed=seed,
+        keep=keep,
+        tensorboard=tensorboard,
+        wait=wait,
     )
-    vp = parse_step("evaluate", doc, config, {**common, "run": tp["out_dir"]})
+    quiet = quiet or as_json
     use_device(device, quiet)
-    steps: list[dict] = []
-    started = time.perf_counter()
-
-    if fp is not None:
-        with progress_bar("fetching", quiet) as bar:
-            fetched = _timed(
-                steps, "fetch-data", lambda: data.fetch_step(fp, bar), lambda s: f"{s['images']} images -> {s['path']}"
-            )
-        if data_from_fetch:
-            ep["data_dir"] = Path(fetched["path"])
-    runs_root = Path(tp["out_dir"])
-    config_record = {
-        "file": str(Path(config).resolve()),
-        "sha256": hashlib.sha256(Path(config).read_bytes()).hexdigest(),
-        "tables": doc,
-        "command_line": {"promote_if_better": promote_if_better, "seed": seed, "keep": keep},
-    }
-    with _locked([Path(ep["out_dir"]), runs_root], wait):
-        with progress_bar("extracting", quiet) as bar:
-            extracted = _timed(steps, "extract", lambda: extract_step(ep, bar), _describe_extract)
-        with progress_bar("training head (epochs)", quiet) as bar:
-            trained = _timed(
-                steps,
-                "train-head",
-                lambda: train_step(tp, bar, defer_promotion=True, config=config_record),
-                _describe_train,
-            )
-        vp["run"] = Path(trained["run"])
-        with progress_bar("evaluating", quiet) as bar:
-            evaluated = _timed(
-                steps,
-                "evaluate",
-                lambda: evaluate_step(vp, bar),
-                lambda s: f"accuracy {s['accuracy']:.4f} on {s['n']} images ({s['source']})",
-            )
-        gate = vp["min_accuracy"]
-        passed_gate = gate is None or evaluated["accuracy"] >= gate
-        promote = passed_gate and (trained["better"] or not promote_if_better)
-        if not passed_gate:
-            reason = f"accuracy {evaluated['accuracy']:.4f} is below min_accuracy {gate}"
-        elif not promote:
-            reason = f"val {trained['val_accuracy']:.4f} does not beat latest {trained['previous_val_accuracy']:.4f}"
-        else:
-            reason = (
-                "passed"
-                + (f" min_accuracy {gate}" if gate is not None else "")
-                + (", better than latest" if promote_if_better else "")
-            )
-        from tlcli.train import head
-
-        evaluation = {k: evaluated[k] for k in ("accuracy", "n", "source") if k in evaluated}
-        files.write_json(
-            Path(trained["run"]) / "pipeline.json",
-            {"config": config_record, "steps": steps_record(steps), "promoted": promote, "reason": reason},
-        )
-        promote_started = time.perf_counter()
-        pruned = head.conclude(runs_root, trained["run"], promote, evaluation, tp["keep"], wait)
-        steps.append(
-            {
-                "step": "promote",
-                "seconds": round(time.perf_counter() - promote_started, 3),
-                "did": ("promoted to latest" if promote else "not promoted")
-                + f": {reason}"
-                + (f"; pruned {len(pruned)} old run(s)" if pruned else ""),
-                "summary": {"promoted": promote, "reason": reason, "pruned": pruned},
-            }
-        )
-        result = {
-            "config": str(config),
-            "run": trained["run"],
-            "promoted": promote,
-            "reason": reason,
-            "accuracy": evaluated["accuracy"],
-            "extracted": extracted["extracted"],
-            "seconds": round(time.perf_counter() - started, 3),
-            "steps": steps_record(steps),
-        }
+    outcome = pipeline.run(
+        steps, bars=lambda description: progress_bar(description, quiet), say=lambda m: err.print(m, markup=False)
+    )
     if as_json:
-        emit_json(result)
+        emit_json({"config": str(config), **dataclasses.asdict(outcome)})
     else:
-        table = Table(title=f"tlcli run {config}")
-        for col in ("step", "what it did", "seconds"):
-            table.add_column(col, justify="right" if col == "seconds" else "left")
-        for s in steps:
-            table.add_row(s["step"], s["did"], f"{s['seconds']:.1f}")
-        out.print(table)
-        log(f"run folder {trained['run']}", quiet)
-    if not promote:
+        out.print(_steps_table(config, outcome))
+        log(f"run folder {outcome.run}", quiet)
+    if not outcome.promoted:
         raise typer.Exit(EXIT_GATE)
 
 

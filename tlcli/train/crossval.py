@@ -6,6 +6,7 @@ held-out predictions of k folds measures it on every photo, to under one point o
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import time
 from collections.abc import Callable
@@ -16,6 +17,7 @@ from tlcli.data import datasets
 from tlcli.errors import UsageError
 from tlcli.store.features import Split, Store
 from tlcli.train import head, metrics
+from tlcli.train.recipes import HEAD, HeadRecipe
 
 
 def fold_of(labels: np.ndarray, folds: int, seed: int) -> np.ndarray:
@@ -31,17 +33,17 @@ def fold_of(labels: np.ndarray, folds: int, seed: int) -> np.ndarray:
 
 def cross_validate(
     features_dir: str | os.PathLike,
-    folds: int,
-    seed: int,
+    recipe: HeadRecipe = HEAD,
+    *,
+    folds: int = 10,
     progress: Callable[[int, int], None] | None = None,
-    **recipe,
 ) -> dict:
     """Pool the store's splits, and for each fold train a head on the other folds (one of them as the
     early-stopping val fold, the rest as train, then refit on both) and predict the held-out fold.
 
-    ``recipe`` is ``head.fit_and_refit``'s head options (epochs, batch_size, learning_rate, dropout,
-    l2, patience, balance, refit). Returns pooled metrics over all photos (as ``evaluate``), per-fold
-    accuracies and the misclassified files. Writes nothing.
+    The recipe's seed deals the folds and, with the fold's number, seeds each head. Returns pooled
+    metrics over all photos (as ``evaluate``), per-fold accuracies and the misclassified files.
+    Writes nothing.
     """
     started = time.perf_counter()
     store = Store.open(features_dir)
@@ -54,6 +56,7 @@ def cross_validate(
         raise UsageError(f"{features_dir} holds {n} images, fewer than --folds {folds}; use fewer folds")
     if len(np.unique(every.labels)) < 2:
         raise UsageError(f"{features_dir} holds a single class; a classifier needs at least two")
+    seed = recipe.seed
     assigned = fold_of(every.labels, folds, seed)
     probs = np.zeros((n, len(classes)), np.float32)
     per_fold = []
@@ -63,8 +66,7 @@ def cross_validate(
             every.take(np.flatnonzero(~held & ~val_fold)),
             every.take(np.flatnonzero(val_fold)),
             len(classes),
-            seed=seed * folds + i,
-            **recipe,
+            dataclasses.replace(recipe, seed=seed * folds + i),
         )
         rows = np.flatnonzero(held)
         probs[rows] = np.asarray(trained(every.features[rows], training=False))

@@ -12,9 +12,10 @@ import difflib
 import json
 import os
 import re
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 
@@ -22,89 +23,10 @@ from tlcli.data import images
 from tlcli.errors import TlcliError, UsageError
 from tlcli.models.graph import apply_model
 from tlcli.store.features import Split
+from tlcli.train.recipes import STRATEGIES, FineTuneRecipe
 
-AUGMENTATIONS = ("flip", "rotate", "zoom", "contrast")
-STRATEGIES = ("mirrored", "multiworker")
 CACHE_BYTES = 1 << 30
 """Decoded splits up to this size stay in memory after the first epoch; larger ones are decoded every epoch."""
-
-
-@dataclass(frozen=True)
-class Options:
-    """What to unfreeze and how to train end to end; ``learning_rate`` None means the head's / 10."""
-
-    layers: int | None = None
-    from_layer: str | None = None
-    learning_rate: float | None = None
-    epochs: int = 20
-    patience: int = 3
-    batch_size: int = 32
-    augment: tuple[str, ...] = ()
-    strategy: str | None = None
-
-
-def parse_augment(spec: str | None) -> tuple[str, ...]:
-    """``flip,rotate,zoom,contrast`` (any subset, comma-separated; ``none`` or empty for no augmentation)."""
-    if spec is None or spec.strip().lower() in ("", "none"):
-        return ()
-    names = [s.strip().lower() for s in spec.split(",")]
-    bad = [n for n in names if n not in AUGMENTATIONS]
-    if bad or len(set(names)) != len(names):
-        raise UsageError(
-            f"unknown or repeated augmentation in --augment {spec!r}; use any of {','.join(AUGMENTATIONS)} or none"
-        )
-    return tuple(names)
-
-
-def options(
-    layers: int | None = None,
-    from_layer: str | None = None,
-    learning_rate: float | None = None,
-    epochs: int | None = None,
-    patience: int | None = None,
-    batch_size: int | None = None,
-    augment: str | None = None,
-    strategy: str | None = None,
-) -> Options | None:
-    """Fine-tuning options from the command line: None when neither a layer count nor a layer is given.
-
-    The other settings only mean something with fine-tuning, so giving them alone is a usage error.
-    """
-    given = {
-        "learning_rate": learning_rate,
-        "epochs": epochs,
-        "patience": patience,
-        "batch_size": batch_size,
-        "augment": parse_augment(augment) if augment is not None else None,
-        "strategy": strategy,
-    }
-    if layers is None and from_layer is None:
-        extra = [k for k, v in given.items() if v is not None]
-        if extra:
-            flags = ", ".join(
-                f"--{k}" if k in ("augment", "strategy") else f"--fine-tune-{k.replace('_', '-')}" for k in extra
-            )
-            raise UsageError(
-                f"{flags} only take effect with fine-tuning; add --fine-tune-layers N or --fine-tune-from LAYER"
-            )
-        return None
-    result = Options(layers, from_layer, **{k: v for k, v in given.items() if v is not None})
-    check(result)
-    return result
-
-
-def check(options: Options) -> None:
-    """Reject option values that no backbone could satisfy, before any training starts."""
-    if options.layers is not None and options.from_layer is not None:
-        raise UsageError("give --fine-tune-layers or --fine-tune-from, not both")
-    if options.layers is not None and options.layers < 1:
-        raise UsageError(f"--fine-tune-layers must be at least 1, not {options.layers}")
-    if options.learning_rate is not None and not options.learning_rate > 0:
-        raise UsageError(f"--fine-tune-lr must be above 0, not {options.learning_rate:g}")
-    if options.epochs < 1 or options.patience < 1 or options.batch_size < 1:
-        raise UsageError("--fine-tune-epochs, --fine-tune-patience and --fine-tune-batch-size must be at least 1")
-    if options.strategy is not None and options.strategy not in STRATEGIES:
-        raise UsageError(f"unknown --strategy {options.strategy!r}; use {' or '.join(STRATEGIES)}")
 
 
 def distribution(name: str):
@@ -198,17 +120,41 @@ def augmenter(names: tuple[str, ...], seed: int):
     return keras.Sequential([make[n](seed + i) for i, n in enumerate(names)], name="augment")
 
 
+@dataclass(frozen=True)
+class Photos:
+    """Where a feature store's photos are and how they become pixels: its data folder, input size and resize."""
+
+    root: Path
+    size: int
+    resize: str
+
+    @classmethod
+    def of(cls, meta: dict) -> Photos:
+        """The photos a feature store (or a run) was made from, as its meta.json records them."""
+        return cls(Path(meta["data_dir"]), meta["input_size"], meta["resize"])
+
+    def paths(self, split: Split) -> list[str]:
+        return [str(self.root / p) for p in split.paths]
+
+
+def _readable(photos: Photos, paths: Sequence[str], labels: np.ndarray) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """(pixels, labels) of the files that decode, a batch at a time, by the loader extract and evaluate use."""
+    done = 0
+    for pixels, ok, _ in images.batches(paths, photos.size, photos.resize):
+        yield pixels[ok], labels[done : done + len(pixels)][ok]
+        done += len(pixels)
+
+
 def image_dataset(
-    data_dir: str | os.PathLike,
+    photos: Photos,
     split: Split,
-    size: int,
-    resize: str,
     batch_size: int,
+    *,
     augment: tuple[str, ...] = (),
     seed: int = 0,
     training: bool = False,
 ):
-    """A tf.data pipeline of (float32 pixels, label) batches for a stored split, decoded by tlcli.data.images.
+    """A tf.data pipeline of (float32 pixels, label) batches for a stored split, decoded by ``images.batches``.
 
     Training batches are reshuffled every epoch, full-sized (a remainder waits for the next epoch's
     shuffle) and augmented view by view, one batch after another so that a seed gives the same random
@@ -217,24 +163,18 @@ def image_dataset(
     """
     import tensorflow as tf
 
-    root = Path(data_dir)
-    paths = [str(root / p) for p in split.paths]
+    paths = photos.paths(split)
     missing = [p for p in paths if not os.path.isfile(p)]
     if missing:
         raise UsageError(
-            f"{len(missing)} image(s) of the feature store are gone from {root} (e.g. {missing[0]}); "
+            f"{len(missing)} image(s) of the feature store are gone from {photos.root} (e.g. {missing[0]}); "
             "re-run 'tlcli extract'"
         )
-    shape = images.pixel_shape(size, resize)
-    labels = tf.data.Dataset.from_tensor_slices(np.asarray(split.labels, np.int64))
-
-    def readable(decoded, label):
-        return decoded[1]
-
-    def pixels_and_label(decoded, label):
-        return decoded[0], label
-
-    ds = tf.data.Dataset.zip(images.decoded(paths, size, resize), labels).filter(readable).map(pixels_and_label)
+    shape = images.pixel_shape(photos.size, photos.resize)
+    labels = np.asarray(split.labels, np.int64)
+    signature = (tf.TensorSpec((None, *shape), tf.uint8), tf.TensorSpec((None,), tf.int64))
+    ds = tf.data.Dataset.from_generator(lambda: _readable(photos, paths, labels), output_signature=signature)
+    ds = ds.unbatch()
     if len(paths) * int(np.prod(shape)) <= CACHE_BYTES:
         ds = ds.cache()
     if training:
@@ -245,7 +185,7 @@ def image_dataset(
     def prepare(x, y):
         x = tf.cast(x, tf.float32)
         if layer is not None:
-            x = tf.reshape(layer(tf.reshape(x, (-1, size, size, 3)), training=True), (-1, *shape))
+            x = tf.reshape(layer(tf.reshape(x, (-1, photos.size, photos.size, 3)), training=True), (-1, *shape))
         return x, y
 
     options = tf.data.Options()
@@ -280,50 +220,30 @@ def _cluster_failures() -> Iterator[None]:
         ) from None
 
 
-@_cluster_failures()
-def fine_tune(
-    build: Callable[[], tuple],
-    data_dir: str | os.PathLike,
-    train: Split,
-    val: Split | None,
-    size: int,
-    resize: str,
-    options: Options,
-    learning_rate: float,
-    class_weights: dict[int, float] | None,
-    seed: int,
-    strategy=None,
-    progress: Callable[[int, int, dict], None] | None = None,
-) -> Result:
-    """Build the pixels-in model, unfreeze the chosen backbone layers and train end to end with Adam.
+class _Steps(NamedTuple):
+    """One distributed batch of training and of testing: each returns summed (loss, hits, images)."""
 
-    ``build`` returns (full model, backbone model) with the head already trained on stored features;
-    it is called inside ``strategy``'s scope (a tf.distribute strategy; None trains in this process
-    alone). Every worker of a multi-worker strategy runs this same loop. The learning rate decays
-    from ``learning_rate`` to 0 along a cosine over ``options.epochs``. With a val split, early
-    stopping watches its loss, counting the starting model as epoch 0, and restores the best weights;
-    without one, every epoch runs and the last weights are kept. Keras' ``fit`` is not used: it fails
-    under MultiWorkerMirroredStrategy (keras-team/keras#20585).
-    """
+    train: Callable
+    test: Callable
+
+
+def _set_up(build: Callable[[], tuple], recipe: FineTuneRecipe, strategy, steps: int) -> tuple:
+    """In ``strategy``'s scope: the model, its unfrozen backbone layers and Adam on a cosine decay over ``steps``."""
+    import keras
+
+    with strategy.scope():
+        full, backbone = build()
+        unfrozen = unfreeze(backbone, recipe.layers, recipe.from_layer)
+        optimizer = keras.optimizers.Adam(keras.optimizers.schedules.CosineDecay(recipe.learning_rate, steps))
+        optimizer.build(full.trainable_variables)
+    return full, unfrozen, optimizer
+
+
+def _batch_steps(full, optimizer, strategy, class_weights: dict[int, float] | None, batch_size: int) -> _Steps:
+    """Compiled distributed steps: class-weighted cross-entropy (plus the model's penalties) for training."""
     import keras
     import tensorflow as tf
 
-    strategy = strategy or tf.distribute.get_strategy()
-    batch_size = min(options.batch_size, len(train.labels))
-    steps = options.epochs * (len(train.labels) // batch_size)
-    with strategy.scope():
-        full, backbone = build()
-        unfrozen = unfreeze(backbone, options.layers, options.from_layer)
-        optimizer = keras.optimizers.Adam(keras.optimizers.schedules.CosineDecay(learning_rate, steps))
-        optimizer.build(full.trainable_variables)
-    train_ds = strategy.experimental_distribute_dataset(
-        image_dataset(data_dir, train, size, resize, batch_size, options.augment, seed, training=True)
-    )
-    val_ds = (
-        strategy.experimental_distribute_dataset(image_dataset(data_dir, val, size, resize, batch_size))
-        if val is not None and len(val.labels)
-        else None
-    )
     n_classes = int(full.output_shape[-1])
     weights = tf.constant([(class_weights or {}).get(i, 1.0) for i in range(n_classes)], tf.float32)
     ce = keras.losses.SparseCategoricalCrossentropy(reduction=None)
@@ -354,46 +274,96 @@ def fine_tune(
     def test_batch(batch) -> list:
         return [strategy.reduce("SUM", v, axis=None) for v in strategy.run(test_step, args=batch)]
 
-    def run(step, dataset) -> tuple[float, float]:
-        total = np.zeros(3)
-        for batch in dataset:
-            total += [float(v) for v in step(batch)]
-        return total[0] / max(total[2], 1.0), total[1] / max(total[2], 1.0)
+    return _Steps(train_batch, test_batch)
 
+
+def _mean(step: Callable, dataset) -> tuple[float, float]:
+    """Mean loss and accuracy of ``step`` over every batch of ``dataset``."""
+    total = np.zeros(3)
+    for batch in dataset:
+        total += [float(v) for v in step(batch)]
+    return total[0] / max(total[2], 1.0), total[1] / max(total[2], 1.0)
+
+
+def _epochs(
+    full, steps: _Steps, train_ds, val_ds, recipe: FineTuneRecipe, progress: Callable | None
+) -> tuple[dict[str, list[float]], float | None, int]:
+    """Train epoch by epoch; with val, stop early on its loss (the start counting as epoch 0) and keep the best.
+
+    Returns the history, the starting val loss and the epoch whose weights the model holds.
+    """
     history: dict[str, list[float]] = {"loss": [], "accuracy": []}
     start = None
     if val_ds is not None:
         history.update(val_loss=[], val_accuracy=[])
-        start = run(test_batch, val_ds)[0]
+        start = _mean(steps.test, val_ds)[0]
     best, best_weights, best_epoch, waited = start if start is not None else np.inf, full.get_weights(), 0, 0
-    for epoch in range(1, options.epochs + 1):
-        loss, acc = run(train_batch, train_ds)
+    for epoch in range(1, recipe.epochs + 1):
+        loss, acc = _mean(steps.train, train_ds)
         history["loss"].append(round(loss, 6))
         history["accuracy"].append(round(acc, 6))
         monitored = loss
         if val_ds is not None:
-            monitored, vacc = run(test_batch, val_ds)
+            monitored, vacc = _mean(steps.test, val_ds)
             history["val_loss"].append(round(monitored, 6))
             history["val_accuracy"].append(round(vacc, 6))
         if progress:
-            progress(epoch, options.epochs, {k: v[-1] for k, v in history.items()})
+            progress(epoch, recipe.epochs, {k: v[-1] for k, v in history.items()})
         if val_ds is None:
             best_epoch = epoch
         elif monitored < best - 1e-6:
             best, best_weights, best_epoch, waited = monitored, full.get_weights(), epoch, 0
         else:
             waited += 1
-            if waited >= options.patience:
+            if waited >= recipe.patience:
                 break
     if val_ds is not None:
         full.set_weights(best_weights)
+    return history, start, best_epoch
+
+
+@_cluster_failures()
+def fine_tune(
+    build: Callable[[], tuple],
+    photos: Photos,
+    train: Split,
+    val: Split | None,
+    recipe: FineTuneRecipe,
+    *,
+    class_weights: dict[int, float] | None = None,
+    seed: int = 0,
+    strategy=None,
+    progress: Callable[[int, int, dict], None] | None = None,
+) -> Result:
+    """Build the pixels-in model, unfreeze the recipe's backbone layers and train end to end with Adam.
+
+    ``build`` returns (full model, backbone model) with the head already trained on stored features;
+    it is called inside ``strategy``'s scope (a tf.distribute strategy; None trains in this process
+    alone). Every worker of a multi-worker strategy runs this same loop. The learning rate (the
+    recipe's, ``resolved``) decays to 0 along a cosine over its epochs. With a val split, early
+    stopping watches its loss, counting the starting model as epoch 0, and restores the best weights;
+    without one, every epoch runs and the last weights are kept. Keras' ``fit`` is not used: it fails
+    under MultiWorkerMirroredStrategy (keras-team/keras#20585).
+    """
+    import tensorflow as tf
+
+    strategy = strategy or tf.distribute.get_strategy()
+    batch_size = min(recipe.batch_size, len(train.labels))
+    full, unfrozen, optimizer = _set_up(build, recipe, strategy, recipe.epochs * (len(train.labels) // batch_size))
+    train_ds = strategy.experimental_distribute_dataset(
+        image_dataset(photos, train, batch_size, augment=recipe.augment, seed=seed, training=True)
+    )
+    val_ds = (
+        strategy.experimental_distribute_dataset(image_dataset(photos, val, batch_size))
+        if val is not None and len(val.labels)
+        else None
+    )
+    steps = _batch_steps(full, optimizer, strategy, class_weights, batch_size)
+    history, start, best_epoch = _epochs(full, steps, train_ds, val_ds, recipe, progress)
     return Result(full, history, unfrozen, None if start is None else round(start, 6), best_epoch)
 
 
-def predict(
-    model, data_dir: str | os.PathLike, split: Split, size: int, resize: str, batch_size: int = 32
-) -> tuple[np.ndarray, np.ndarray]:
+def predict(model, photos: Photos, split: Split, batch_size: int = 32) -> tuple[np.ndarray, np.ndarray]:
     """Probabilities of a pixels-in model on a stored split's images, with the labels of those it could read."""
-    paths = [str(Path(data_dir) / p) for p in split.paths]
-    probs, kept, _ = apply_model(model, paths, size, resize, batch_size)
+    probs, kept, _ = apply_model(model, photos.paths(split), photos.size, photos.resize, batch_size)
     return probs, np.asarray(split.labels)[kept]

@@ -1,13 +1,17 @@
-"""Train a softmax head on stored features, then save backbone + head as one pixels-in model."""
+"""Train a softmax head on stored features, then save backbone + head as one pixels-in model.
+
+``train`` runs named steps: load the store's splits, fit (the head, then optionally fine-tuning), score,
+judge against the promoted run, describe the run, write it, promote.
+"""
 
 from __future__ import annotations
 
 import contextlib
-import functools
+import dataclasses
 import os
 import time
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -20,6 +24,10 @@ from tlcli.store import files, locks, runs
 from tlcli.store.features import Split, Store
 from tlcli.store.locks import LOCK_NAME
 from tlcli.train import finetune, metrics, plots
+from tlcli.train.recipes import HEAD, FineTuneRecipe, HeadRecipe
+
+Progress = Callable[[int, int, dict], None]
+WORKER_NOTE = "trained as a worker of the cluster; its chief saves the run"
 
 
 class RunLog:
@@ -35,23 +43,6 @@ class RunLog:
         return "\n".join(self.lines) + "\n"
 
 
-@dataclass(frozen=True)
-class Recipe:
-    """train-head's head defaults, shared by train-head, cross-validate and ``train``."""
-
-    epochs: int = 600
-    batch_size: int = 64
-    learning_rate: float = 1e-3
-    dropout: float = 0.5
-    l2: float = 1e-3
-    patience: int = 30
-    refit: bool = True
-    balance: bool = True
-
-
-HEAD = Recipe()
-
-
 def seeded(seed: int) -> None:
     """Fix Python, NumPy and TensorFlow seeds and make TensorFlow ops deterministic, so a seed redoes a run."""
     import keras
@@ -61,9 +52,7 @@ def seeded(seed: int) -> None:
     tf.config.experimental.enable_op_determinism()
 
 
-def _epoch_observer(
-    progress: Callable[[int, int, dict], None] | None, tensorboard: str | os.PathLike | None, log: RunLog
-) -> Callable[[int, int, dict], None]:
+def _epoch_observer(progress: Progress | None, tensorboard: str | os.PathLike | None, log: RunLog) -> Progress:
     """Per-epoch hook: progress bar, TensorBoard scalars, and a log line every 10 epochs."""
     import tensorflow as tf
 
@@ -90,60 +79,44 @@ def _epoch_observer(
 
 
 def _class_weights(labels: np.ndarray, n_classes: int) -> dict[int, float]:
+    """Per-class loss weights inversely proportional to each class's count (0 for a class with no images)."""
     counts = np.bincount(labels, minlength=n_classes).astype(np.float64)
     weights = np.where(counts > 0, len(labels) / (n_classes * np.maximum(counts, 1)), 0.0)
     return {i: float(w) for i, w in enumerate(weights)}
 
 
-def build_head(dim: int, n_classes: int, dropout: float, l2: float):
+def build_head(dim: int, n_classes: int, recipe: HeadRecipe = HEAD):
     """Dropout + dense softmax on pooled features."""
     import keras
 
     inputs = keras.Input((dim,), name="features")
-    x = keras.layers.Dropout(dropout, name="head_dropout")(inputs)
+    x = keras.layers.Dropout(recipe.dropout, name="head_dropout")(inputs)
     outputs = keras.layers.Dense(
         n_classes,
         activation="softmax",
-        kernel_regularizer=keras.regularizers.l2(l2) if l2 else None,
+        kernel_regularizer=keras.regularizers.l2(recipe.l2) if recipe.l2 else None,
         name="predictions",
     )(x)
     return keras.Model(inputs, outputs, name="head")
 
 
-def fit_head(
-    head,
-    train,
-    val,
-    epochs: int,
-    batch_size: int,
-    learning_rate: float,
-    patience: int,
-    class_weights: dict[int, float] | None,
-    seed: int,
-    progress: Callable[[int, int, dict], None] | None = None,
-) -> dict[str, list[float]]:
-    """Mini-batch Adam on in-memory features, one compiled step per epoch; early stopping restores the best weights.
-
-    Keras' ``fit`` spends ~70 ms of bookkeeping per epoch, which on a few thousand stored vectors is
-    nearly all of the time; running each epoch as one graph keeps head training in seconds.
-    """
+def _epoch_step(head, train: Split, recipe: HeadRecipe, weights: dict[int, float] | None) -> Callable[[], tuple]:
+    """One compiled epoch of mini-batch Adam over ``train`` in a seeded random order: (mean loss, accuracy)."""
     import keras
     import tensorflow as tf
 
     x = tf.constant(train.features)
     y = tf.constant(train.labels)
     w = tf.constant(
-        np.asarray(
-            [class_weights[int(c)] for c in train.labels] if class_weights else np.ones(len(train.labels)), np.float32
-        )
+        np.asarray([weights[int(c)] for c in train.labels] if weights else np.ones(len(train.labels)), np.float32)
     )
     n = len(train.labels)
-    batch_size = min(batch_size, n)
+    batch_size = min(recipe.batch_size, n)
     steps = n // batch_size
-    optimizer = keras.optimizers.Adam(learning_rate)
+    optimizer = keras.optimizers.Adam(recipe.learning_rate)
     ce = keras.losses.SparseCategoricalCrossentropy(reduction=None)
     variables = head.trainable_variables
-    rng = tf.random.Generator.from_seed(seed)
+    rng = tf.random.Generator.from_seed(recipe.seed)
 
     @tf.function
     def epoch() -> tuple:
@@ -163,102 +136,123 @@ def fit_head(
             correct += tf.reduce_sum(tf.cast(tf.argmax(probs, 1, output_type=y.dtype) == yb, tf.float32))
         return total / tf.cast(steps, tf.float32), correct / tf.cast(steps * batch_size, tf.float32)
 
+    return epoch
+
+
+def _scorer(head, split: Split) -> Callable[[], tuple]:
+    """A compiled (mean loss, accuracy) of ``head`` on ``split``."""
+    import keras
+    import tensorflow as tf
+
+    xs, ys = tf.constant(split.features), tf.constant(split.labels)
+    ce = keras.losses.SparseCategoricalCrossentropy(reduction=None)
+
     @tf.function
-    def score(xs, ys) -> tuple:
+    def score() -> tuple:
         probs = head(xs, training=False)
         loss = tf.reduce_mean(ce(ys, probs))
         return loss, tf.reduce_mean(tf.cast(tf.argmax(probs, 1, output_type=ys.dtype) == ys, tf.float32))
 
-    xv = tf.constant(val.features) if val is not None else None
-    yv = tf.constant(val.labels) if val is not None else None
+    return score
+
+
+def fit_head(
+    head,
+    train: Split,
+    val: Split | None = None,
+    recipe: HeadRecipe = HEAD,
+    *,
+    class_weights: dict[int, float] | None = None,
+    progress: Progress | None = None,
+) -> dict[str, list[float]]:
+    """Mini-batch Adam on in-memory features, one compiled step per epoch; early stopping restores the best weights.
+
+    Keras' ``fit`` spends ~70 ms of bookkeeping per epoch, which on a few thousand stored vectors is
+    nearly all of the time; running each epoch as one graph keeps head training in seconds. Uses the
+    recipe's epochs, batch size, learning rate, patience and seed.
+    """
+    epoch = _epoch_step(head, train, recipe, class_weights)
+    score = _scorer(head, val) if val is not None else None
     history: dict[str, list[float]] = {"loss": [], "accuracy": []}
     if val is not None:
         history.update(val_loss=[], val_accuracy=[])
     best, best_weights, waited = np.inf, head.get_weights(), 0
-    for e in range(epochs):
+    for e in range(recipe.epochs):
         loss, acc = epoch()
         history["loss"].append(round(float(loss), 6))
         history["accuracy"].append(round(float(acc), 6))
         monitored = float(loss)
-        if val is not None:
-            vloss, vacc = score(xv, yv)
+        if score is not None:
+            vloss, vacc = score()
             history["val_loss"].append(round(float(vloss), 6))
             history["val_accuracy"].append(round(float(vacc), 6))
             monitored = float(vloss)
         if progress:
-            progress(e + 1, epochs, {k: v[-1] for k, v in history.items()})
+            progress(e + 1, recipe.epochs, {k: v[-1] for k, v in history.items()})
         if monitored < best - 1e-6:
             best, best_weights, waited = monitored, head.get_weights(), 0
         else:
             waited += 1
-            if waited >= patience:
+            if waited >= recipe.patience:
                 break
     head.set_weights(best_weights)
     return history
 
 
 def fit_and_refit(
-    train_split: Split,
-    val_split: Split,
+    train: Split,
+    val: Split,
     n_classes: int,
+    recipe: HeadRecipe = HEAD,
     *,
-    epochs: int,
-    batch_size: int,
-    learning_rate: float,
-    dropout: float,
-    l2: float,
-    patience: int,
-    balance: bool,
-    refit: bool,
-    seed: int,
-    on_epoch: Callable[[int, int, dict], None] | None = None,
+    on_epoch: Progress | None = None,
     log: Callable[[str], None] = lambda _: None,
 ) -> tuple[object, dict[str, list[float]], np.ndarray | None]:
     """Train-head's recipe on feature splits: early stopping on val, then (with ``refit``) a fresh head
     trained on train+val for the best epoch count. Returns the head, its history and the early-stopped
     head's val probabilities (taken before the refit sees the val images; None without val images)."""
-    seeded(seed)
-    head = build_head(train_split.features.shape[1], n_classes, dropout, l2)
-    has_val = len(val_split.labels) > 0
-    hist = fit_head(
-        head,
-        train_split,
-        val_split if has_val else None,
-        epochs,
-        batch_size,
-        learning_rate,
-        patience,
-        _class_weights(train_split.labels, n_classes) if balance else None,
-        seed,
-        on_epoch,
-    )
+    seeded(recipe.seed)
+    head = build_head(train.features.shape[1], n_classes, recipe)
+    has_val = len(val.labels) > 0
+    weights = _class_weights(train.labels, n_classes) if recipe.class_weights else None
+    hist = fit_head(head, train, val if has_val else None, recipe, class_weights=weights, progress=on_epoch)
     log(
         f"stopped after {len(hist['loss'])} epochs"
         + (f", best val loss {min(hist['val_loss']):.4f}" if has_val else "")
     )
-    val_probs = np.asarray(head(val_split.features, training=False)) if has_val else None
-    if refit and has_val:
+    val_probs = np.asarray(head(val.features, training=False)) if has_val else None
+    if recipe.refit and has_val:
         refit_epochs = int(np.argmin(hist["val_loss"])) + 1
-        both = Split.joined([train_split, val_split])
+        both = Split.joined([train, val])
         log(f"refit on train+val ({len(both.labels)} images) for {refit_epochs} epochs")
-        seeded(seed)
-        head = build_head(train_split.features.shape[1], n_classes, dropout, l2)
-        refit_hist = fit_head(
-            head,
-            both,
-            None,
-            refit_epochs,
-            batch_size,
-            learning_rate,
-            refit_epochs + 1,
-            _class_weights(both.labels, n_classes) if balance else None,
-            seed,
-        )
-        hist["refit_loss"] = refit_hist["loss"]
+        seeded(recipe.seed)
+        head = build_head(train.features.shape[1], n_classes, recipe)
+        again = dataclasses.replace(recipe, epochs=refit_epochs, patience=refit_epochs + 1)
+        weights = _class_weights(both.labels, n_classes) if recipe.class_weights else None
+        hist["refit_loss"] = fit_head(head, both, None, again, class_weights=weights)["loss"]
     return head, hist, val_probs
 
 
-def _check_expectations(meta: dict, backbone: str | None, size: int | None, alpha: float | None) -> None:
+@dataclass(frozen=True)
+class Features:
+    """The feature store a run trains on: its metadata and its three splits."""
+
+    path: Path
+    meta: dict
+    train: Split
+    val: Split
+    test: Split
+
+    @property
+    def classes(self) -> list[str]:
+        return self.meta["classes"]
+
+    @property
+    def has_val(self) -> bool:
+        return len(self.val.labels) > 0
+
+
+def _check_expectations(meta: dict, backbone: str | None, size: int | None) -> None:
     if backbone and backbones.spec(backbone).name != meta["backbone"]:
         raise UsageError(
             f"these features were made by {meta['backbone']}, not {backbones.spec(backbone).name}; "
@@ -269,10 +263,166 @@ def _check_expectations(meta: dict, backbone: str | None, size: int | None, alph
             f"these features were made at input size {meta['input_size']}, not {size}; "
             f"re-run 'tlcli extract' with --size {size}"
         )
-    if alpha is not None and meta.get("alpha") is not None and alpha != meta["alpha"]:
-        raise UsageError(
-            f"these features were made with alpha {meta['alpha']:g}, not {alpha:g}; re-run 'tlcli extract'"
+
+
+def load_features(features_dir: str | os.PathLike, *, backbone: str | None = None, size: int | None = None) -> Features:
+    """The store's splits, refused when not made by ``backbone`` at ``size`` or unable to train a classifier."""
+    store = Store.open(features_dir)
+    _check_expectations(store.meta, backbone, size)
+    features = Features(Path(features_dir), store.meta, *(store.split(s) for s in ("train", "val", "test")))
+    if len(features.train.labels) == 0:
+        raise UsageError(f"{features_dir} has no training images; add images and re-run 'tlcli extract'")
+    if len(np.unique(features.train.labels)) < 2:
+        raise UsageError("the training split holds a single class; a classifier needs at least two")
+    return features
+
+
+@dataclass(frozen=True)
+class Fitted:
+    """The trained pixels-in model and how it was trained: the recipes (fine-tuning's resolved) and histories."""
+
+    model: object
+    head: object
+    recipe: HeadRecipe
+    history: dict[str, list[float]]
+    val_probs: np.ndarray | None
+    fine_tune: FineTuneRecipe | None = None
+    tuned: finetune.Result | None = None
+    replicas: int = 1
+    seconds: float = 0.0
+
+    @property
+    def refit_epochs(self) -> int | None:
+        return len(self.history["refit_loss"]) if "refit_loss" in self.history else None
+
+    def histories(self, flat: bool = False) -> dict[str, list[float]]:
+        """The head's history, with fine-tuning's nested under ``fine_tune`` (or ``flat``: as ``fine_tune_*``)."""
+        if self.tuned is None:
+            return self.history
+        if flat:
+            return {**self.history, **{f"fine_tune_{k}": v for k, v in self.tuned.history.items()}}
+        return {**self.history, "fine_tune": self.tuned.history}
+
+
+def _fine_tune(
+    features: Features, fitted: Fitted, recipe: FineTuneRecipe, *, strategy, progress: Progress | None, log: RunLog
+) -> Fitted:
+    """Put the trained head on the backbone and train the recipe's top layers with it, end to end on the photos.
+
+    Like the head's refit: after one, fine-tune on train+val for every epoch; without, stop early on val.
+    """
+    import keras
+
+    def build() -> tuple:
+        copy = keras.models.clone_model(fitted.head)
+        copy.set_weights(fitted.head.get_weights())
+        return pixels_model(features.meta, copy)
+
+    tune_on, stop_on = (
+        (Split.joined([features.train, features.val]), None)
+        if fitted.refit_epochs
+        else (features.train, features.val if features.has_val else None)
+    )
+    keras.utils.set_random_seed(fitted.recipe.seed)
+    n_classes = len(features.classes)
+    tuned = finetune.fine_tune(
+        build,
+        finetune.Photos.of(features.meta),
+        tune_on,
+        stop_on,
+        recipe,
+        class_weights=_class_weights(tune_on.labels, n_classes) if fitted.recipe.class_weights else None,
+        seed=fitted.recipe.seed,
+        strategy=strategy,
+        progress=progress,
+    )
+    log(
+        f"fine-tuned {len(tuned.unfrozen)} layers on {len(tune_on.labels)} images for {len(tuned.history['loss'])} "
+        f"epochs at lr {recipe.learning_rate:g} (cosine decay); "
+        + (
+            f"kept epoch {tuned.best_epoch}"
+            if tuned.best_epoch
+            else "no epoch beat the head-only start, whose weights are kept"
         )
+    )
+    replicas = strategy.num_replicas_in_sync if strategy else 1
+    return dataclasses.replace(fitted, model=tuned.model, fine_tune=recipe, tuned=tuned, replicas=replicas)
+
+
+def fit(
+    features: Features,
+    recipe: HeadRecipe,
+    fine_tune: FineTuneRecipe | None = None,
+    *,
+    strategy=None,
+    progress: Progress | None = None,
+    tensorboard: str | os.PathLike | None = None,
+    log: RunLog,
+) -> Fitted:
+    """The head on the stored features, then (with ``fine_tune``) the backbone's top layers with it on the photos."""
+    started = time.perf_counter()
+    r = recipe
+    log(
+        f"head: dropout {r.dropout}, l2 {r.l2}, lr {r.learning_rate}, batch {r.batch_size}, "
+        f"epochs <= {r.epochs}, seed {r.seed}"
+    )
+    on_epoch = _epoch_observer(progress, tensorboard, log)
+    head, history, val_probs = fit_and_refit(
+        features.train, features.val, len(features.classes), recipe, on_epoch=on_epoch, log=log
+    )
+    fitted = Fitted(None, head, recipe, history, val_probs)
+    if fine_tune is None:
+        fitted = dataclasses.replace(fitted, model=pixels_model(features.meta, head)[0])
+    else:
+        fitted = _fine_tune(features, fitted, fine_tune.resolved(recipe), strategy=strategy, progress=progress, log=log)
+    return dataclasses.replace(fitted, seconds=time.perf_counter() - started)
+
+
+@dataclass(frozen=True)
+class Scores:
+    """Metrics of the fitted model on each split; ``val`` None without val images."""
+
+    train: float
+    val: dict | None
+    test: dict
+
+    @property
+    def val_accuracy(self) -> float:
+        return self.val["accuracy"] if self.val else self.train
+
+    @property
+    def test_accuracy(self) -> float | None:
+        return self.test["accuracy"] if self.test["n"] else None
+
+
+def _metrics(features: Features, fitted: Fitted, split: Split) -> dict:
+    """Metrics of the model on one split: the head on its stored features, a fine-tuned model on its photos."""
+    n_classes = len(features.classes)
+    if not len(split.labels):
+        probs, labels = np.zeros((0, n_classes)), split.labels
+    elif fitted.tuned is None:
+        probs, labels = fitted.head.predict(split.features, verbose=0, batch_size=256), split.labels
+    else:
+        probs, labels = finetune.predict(fitted.model, finetune.Photos.of(features.meta), split)
+    return metrics.metrics(labels, probs, features.classes)
+
+
+def score(features: Features, fitted: Fitted) -> Scores:
+    """Train, val and test metrics. Val is the early-stopped model's, before a refit trained on the val images."""
+    val = metrics.metrics(features.val.labels, fitted.val_probs, features.classes) if features.has_val else None
+    if fitted.tuned is not None and features.has_val and not fitted.refit_epochs:
+        val = _metrics(features, fitted, features.val)
+    test = _metrics(features, fitted, features.test)
+    return Scores(_metrics(features, fitted, features.train)["accuracy"], val, test)
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """Whether the run beats the promoted one on val accuracy, and whether it becomes ``latest`` now."""
+
+    previous: float | None
+    better: bool
+    promoted: bool
 
 
 def _current_val_accuracy(runs_root: Path) -> float | None:
@@ -285,193 +435,27 @@ def _current_val_accuracy(runs_root: Path) -> float | None:
         return None
 
 
-def _holding_runs_lock(fn: Callable) -> Callable:
-    """Hold the runs folder's lock for the whole of training, so a second writer stops at once.
-
-    Only the process that writes the run locks: the other workers of a multi-worker cluster do not.
-    """
-
-    @functools.wraps(fn)
-    def wrapper(features_dir, out, *args, wait: bool = False, strategy=None, fine_tune=None, **kwargs):
-        if strategy is None and fine_tune is not None and fine_tune.strategy:
-            strategy = finetune.distribution(fine_tune.strategy)
-        held = (
-            locks.lock(Path(out) / LOCK_NAME, f"train-head is writing {out}", wait=wait)
-            if finetune.is_writer(strategy)
-            else contextlib.nullcontext()
-        )
-        with held:
-            return fn(features_dir, out, *args, wait=wait, strategy=strategy, fine_tune=fine_tune, **kwargs)
-
-    return wrapper
-
-
-@_holding_runs_lock
-def train(
-    features_dir: str | os.PathLike,
-    out: str | os.PathLike,
-    epochs: int = HEAD.epochs,
-    batch_size: int = HEAD.batch_size,
-    learning_rate: float = HEAD.learning_rate,
-    dropout: float = HEAD.dropout,
-    l2: float = HEAD.l2,
-    patience: int = HEAD.patience,
-    balance: bool = HEAD.balance,
-    refit: bool = HEAD.refit,
-    seed: int = 0,
-    promote_if_better: bool = False,
-    backbone: str | None = None,
-    size: int | None = None,
-    alpha: float | None = None,
-    progress: Callable[[int, int, dict], None] | None = None,
-    wait: bool = False,
-    keep: int | None = None,
-    tensorboard: str | os.PathLike | None = None,
-    defer_promotion: bool = False,
-    config: dict | None = None,
-    fine_tune: finetune.Options | None = None,
-    strategy=None,
-) -> dict:
-    """Train a head on the store at ``features_dir`` and save a full run under ``out``; return a summary.
-
-    ``keep`` prunes old never-promoted runs; ``tensorboard`` writes per-epoch scalars there;
-    ``defer_promotion`` publishes the run without moving ``latest`` (``tlcli run`` promotes after
-    evaluating); ``config`` is recorded in meta.json so the run can be redone. With ``fine_tune``
-    the trained head then goes on top of the backbone, whose top layers are trained end to end with
-    it on the store's training images, under ``strategy`` (a tf.distribute strategy). A multi-worker
-    cluster's other workers train and return without writing anything.
-    """
-    import keras
-
-    started = time.perf_counter()
-    log = RunLog()
-    if fine_tune is not None:
-        finetune.check(fine_tune)
-    store = Store.open(features_dir)
-    meta = store.meta
-    _check_expectations(meta, backbone, size, alpha)
-    train_split, val_split, test_split = (store.split(s) for s in ("train", "val", "test"))
-    classes = meta["classes"]
-    n_classes = len(classes)
-    if len(train_split.labels) == 0:
-        raise UsageError(f"{features_dir} has no training images; add images and re-run 'tlcli extract'")
-    present = np.unique(train_split.labels)
-    if len(present) < 2:
-        raise UsageError("the training split holds a single class; a classifier needs at least two")
-
-    log(
-        f"features {Path(features_dir).resolve()} ({meta['key']}): train {len(train_split.labels)}, "
-        f"val {len(val_split.labels)}, test {len(test_split.labels)} images, {n_classes} classes"
-    )
-    log(f"head: dropout {dropout}, l2 {l2}, lr {learning_rate}, batch {batch_size}, epochs <= {epochs}, seed {seed}")
-    has_val = len(val_split.labels) > 0
-    fit_t = time.perf_counter()
-    head, hist, val_probs = fit_and_refit(
-        train_split,
-        val_split,
-        n_classes,
-        epochs=epochs,
-        batch_size=batch_size,
-        learning_rate=learning_rate,
-        dropout=dropout,
-        l2=l2,
-        patience=patience,
-        balance=balance,
-        refit=refit,
-        seed=seed,
-        on_epoch=_epoch_observer(progress, tensorboard, log),
-        log=log,
-    )
-    # val accuracy of the early-stopped head, before a refit saw the val images
-    val_metrics = metrics.metrics(val_split.labels, val_probs, classes) if has_val else None
-    refit_epochs = len(hist["refit_loss"]) if "refit_loss" in hist else None
-    tuned, fine_tune_lr = None, None
-    if fine_tune is None:
-        full, _ = pixels_model(meta, head)
-
-        def probabilities(split) -> tuple[np.ndarray, np.ndarray]:
-            return head.predict(split.features, verbose=0, batch_size=256), split.labels
-
-    else:
-        fine_tune_lr = fine_tune.learning_rate or learning_rate / 10
-
-        def build() -> tuple:
-            copy = keras.models.clone_model(head)
-            copy.set_weights(head.get_weights())
-            return pixels_model(meta, copy)
-
-        # like the head's refit: with it, fine-tune on train+val for every epoch; without, stop early on val
-        tune_on, stop_on = (
-            (Split.joined([train_split, val_split]), None)
-            if refit_epochs
-            else (train_split, val_split if has_val else None)
-        )
-        keras.utils.set_random_seed(seed)
-        tuned = finetune.fine_tune(
-            build,
-            meta["data_dir"],
-            tune_on,
-            stop_on,
-            meta["input_size"],
-            meta["resize"],
-            fine_tune,
-            fine_tune_lr,
-            _class_weights(tune_on.labels, n_classes) if balance else None,
-            seed,
-            strategy=strategy,
-            progress=progress,
-        )
-        full = tuned.model
-        ran = len(tuned.history["loss"])
-        log(
-            f"fine-tuned {len(tuned.unfrozen)} layers on {len(tune_on.labels)} images for {ran} epochs "
-            f"at lr {fine_tune_lr:g} (cosine decay); "
-            + (
-                f"kept epoch {tuned.best_epoch}"
-                if tuned.best_epoch
-                else "no epoch beat the head-only start, whose weights are kept"
-            )
-        )
-        if not finetune.is_writer(strategy):
-            return {
-                "run": None,
-                "worker": int(strategy.cluster_resolver.task_id),
-                "note": "trained as a worker of the cluster; its chief saves the run",
-                "epochs_run": len(hist["loss"]),
-                "fine_tune_epochs_run": len(tuned.history["loss"]),
-                "seconds": round(time.perf_counter() - started, 3),
-            }
-
-        def probabilities(split) -> tuple[np.ndarray, np.ndarray]:
-            return finetune.predict(full, meta["data_dir"], split, meta["input_size"], meta["resize"])
-
-    fit_seconds = time.perf_counter() - fit_t
-
-    def scores(split) -> dict:
-        probs, labels = probabilities(split) if len(split.labels) else (np.zeros((0, n_classes)), split.labels)
-        return metrics.metrics(labels, probs, classes)
-
-    if tuned is not None and has_val and not refit_epochs:  # after a refit, val was trained on
-        val_metrics = scores(val_split)
-    test_metrics = scores(test_split)
-    train_acc = scores(train_split)["accuracy"]
-
-    runs_root = Path(out)
-    files.remove_leftovers(runs_root)
+def judge(runs_root: Path, scores: Scores, *, promote_if_better: bool, defer_promotion: bool, log: RunLog) -> Verdict:
+    """Compare with ``latest``: promote unless ``promote_if_better`` and not better, or promotion is deferred."""
     previous = _current_val_accuracy(runs_root)
-    val_acc = val_metrics["accuracy"] if val_metrics else train_acc
-    better = previous is None or val_acc > previous
+    better = previous is None or scores.val_accuracy > previous
     promoted = (better or not promote_if_better) and not defer_promotion
+    test = scores.test_accuracy
     log(
-        f"train {train_acc:.4f}, val {val_acc:.4f}, test "
-        + (f"{test_metrics['accuracy']:.4f}" if test_metrics["n"] else "-")
+        f"train {scores.train:.4f}, val {scores.val_accuracy:.4f}, test "
+        + (f"{test:.4f}" if test is not None else "-")
         + f"; latest had val {previous if previous is not None else '-'}; "
         + ("promoted" if promoted else "awaiting evaluation" if defer_promotion else "not promoted")
     )
-    test_files = [[p, int(lab)] for p, lab in zip(test_split.paths, test_split.labels, strict=True)]
-    run_meta = {
+    return Verdict(previous, better, promoted)
+
+
+def _source_record(features: Features) -> dict:
+    """What made the features: backbone, input, weights, data and split, as the run's meta.json records it."""
+    meta = features.meta
+    return {
         "kind": "tlcli-run",
-        "classes": classes,
+        "classes": features.classes,
         "backbone": meta["backbone"],
         "alpha": meta.get("alpha"),
         "input_size": meta["input_size"],
@@ -479,108 +463,196 @@ def train(
         "flip_average": meta.get("flip_average", False),
         "weights": meta["weights"],
         "weights_sha256": meta.get("weights_sha256"),
-        "features_dir": str(Path(features_dir).resolve()),
+        "features_dir": str(features.path.resolve()),
         "features_key": meta["key"],
         "data_dir": meta["data_dir"],
         "split_hash": meta["split_hash"],
         "counts": {s: meta["splits"][s]["n"] for s in meta["splits"]},
-        "head": {
-            "dropout": dropout,
-            "l2": l2,
-            "learning_rate": learning_rate,
-            "batch_size": batch_size,
-            "epochs": epochs,
-            "epochs_run": len(hist.get("loss", [])),
-            "patience": patience,
-            "class_weights": balance,
-            "refit_on_train_and_val_epochs": refit_epochs,
-        },
-        "fine_tune": None
-        if tuned is None
-        else {
-            "layers": fine_tune.layers,
-            "from_layer": fine_tune.from_layer,
-            "unfrozen": tuned.unfrozen,
-            "learning_rate": fine_tune_lr,
-            "batch_size": fine_tune.batch_size,
-            "epochs": fine_tune.epochs,
-            "epochs_run": len(tuned.history["loss"]),
-            "patience": fine_tune.patience,
-            "on": "train+val, every epoch" if refit_epochs else "train, early stopping on val",
-            "schedule": "cosine decay to 0",
-            "start_val_loss": tuned.start_val_loss,
-            "best_epoch": tuned.best_epoch,
-            "augment": list(fine_tune.augment),
-            "strategy": fine_tune.strategy,
-            "replicas": strategy.num_replicas_in_sync if strategy else 1,
-            "batchnorm": "frozen (inference mode)",
-        },
-        "seed": seed,
-        "config": config,
-        "train_accuracy": train_acc,
-        "val_accuracy": val_acc,
-        "test_accuracy": test_metrics["accuracy"] if test_metrics["n"] else None,
-        "previous_val_accuracy": previous,
-        "versions": runs.versions(),
-        "test_files": test_files,
     }
+
+
+def _fine_tune_record(fitted: Fitted) -> dict | None:
+    tuned = fitted.tuned
+    if tuned is None:
+        return None
+    return {
+        **dataclasses.asdict(fitted.fine_tune),
+        "augment": list(fitted.fine_tune.augment),
+        "unfrozen": tuned.unfrozen,
+        "epochs_run": len(tuned.history["loss"]),
+        "on": "train+val, every epoch" if fitted.refit_epochs else "train, early stopping on val",
+        "schedule": "cosine decay to 0",
+        "start_val_loss": tuned.start_val_loss,
+        "best_epoch": tuned.best_epoch,
+        "replicas": fitted.replicas,
+        "batchnorm": "frozen (inference mode)",
+    }
+
+
+def describe(features: Features, fitted: Fitted, scores: Scores, verdict: Verdict, config: dict | None) -> dict:
+    """The run's meta.json: what made its features, both recipes and what they ran, its scores and verdict."""
+    recorded = {k: v for k, v in dataclasses.asdict(fitted.recipe).items() if k not in ("refit", "seed")}
+    test = features.test
+    return {
+        **_source_record(features),
+        "head": {
+            **recorded,
+            "epochs_run": len(fitted.history.get("loss", [])),
+            "refit_on_train_and_val_epochs": fitted.refit_epochs,
+        },
+        "fine_tune": _fine_tune_record(fitted),
+        "seed": fitted.recipe.seed,
+        "config": config,
+        "train_accuracy": scores.train,
+        "val_accuracy": scores.val_accuracy,
+        "test_accuracy": scores.test_accuracy,
+        "previous_val_accuracy": verdict.previous,
+        "versions": runs.versions(),
+        "test_files": [[p, int(lab)] for p, lab in zip(test.paths, test.labels, strict=True)],
+        "promoted": verdict.promoted,
+    }
+
+
+def write_run(runs_root: Path, fitted: Fitted, scores: Scores, run_meta: dict, log: RunLog) -> Path:
+    """Stage the model, history, metrics, plots, meta.json and train.log, then publish them as one new run folder."""
+    files.remove_leftovers(runs_root)
+    classes = run_meta["classes"]
     with runs.staging_dir(runs_root) as staging:
         with files.atomic_path(staging / "model.keras", suffix=".keras") as tmp:
-            full.save(tmp)
-        files.write_json(staging / "history.json", hist if tuned is None else {**hist, "fine_tune": tuned.history})
-        files.write_json(staging / "metrics.json", {"split": "test", **test_metrics, "val": val_metrics})
-        if test_metrics["n"]:
-            plots.confusion_png(test_metrics["confusion"], classes, staging / "confusion.png", "test split")
-        plots.curves_png(
-            hist if tuned is None else {**hist, **{f"fine_tune_{k}": v for k, v in tuned.history.items()}},
-            staging / "curves.png",
-            f"{meta['backbone']} head" + (", then fine-tuned" if tuned else "") + f", {n_classes} classes",
-        )
-        run_meta["promoted"] = promoted
+            fitted.model.save(tmp)
+        files.write_json(staging / "history.json", fitted.histories())
+        files.write_json(staging / "metrics.json", {"split": "test", **scores.test, "val": scores.val})
+        if scores.test["n"]:
+            plots.confusion_png(scores.test["confusion"], classes, staging / "confusion.png", "test split")
+        title = f"{run_meta['backbone']} head" + (", then fine-tuned" if fitted.tuned else "")
+        plots.curves_png(fitted.histories(flat=True), staging / "curves.png", f"{title}, {len(classes)} classes")
         files.write_json(staging / "meta.json", run_meta)
         files.write_bytes(staging / "train.log", log.text().encode())
-        run_dir = runs.publish(staging, runs_root)
-    if promoted:
-        runs.promote(runs_root, run_dir)
-    pruned = runs.prune(runs_root, keep) if keep is not None and not defer_promotion else []
-    return {
-        "run": str(run_dir),
-        "promoted": promoted,
-        "better": better,
-        "pruned": pruned,
-        "latest": str(runs_root / "latest"),
-        "classes": classes,
-        "train_accuracy": train_acc,
-        "val_accuracy": val_acc,
-        "previous_val_accuracy": previous,
-        "test_accuracy": run_meta["test_accuracy"],
-        "epochs_run": run_meta["head"]["epochs_run"],
-        "refit_epochs": refit_epochs,
-        "fine_tune_epochs_run": run_meta["fine_tune"]["epochs_run"] if tuned else None,
-        "fine_tune_best_epoch": tuned.best_epoch if tuned else None,
-        "fit_seconds": round(fit_seconds, 3),
-        "seconds": round(time.perf_counter() - started, 3),
-    }
+        return runs.publish(staging, runs_root)
 
 
-def conclude(
-    runs_root: str | os.PathLike,
-    run_dir: str | os.PathLike,
-    promote: bool,
-    evaluation: dict | None = None,
-    keep: int | None = None,
-    wait: bool = False,
-) -> list[str]:
-    """Record a deferred run's verdict (and its evaluation) in meta.json, move ``latest`` if promoted, prune.
+@dataclass(frozen=True)
+class Trained:
+    """What ``train`` did, in every process: the run it saved (None on a multi-worker cluster's other workers,
+    whose chief saves it), its scores, the verdict and the time taken. ``summary`` is train-head's JSON."""
 
-    Returns the names of pruned runs.
+    run: str | None
+    promoted: bool = False
+    better: bool = False
+    pruned: list[str] = field(default_factory=list)
+    latest: str | None = None
+    classes: list[str] = field(default_factory=list)
+    train_accuracy: float | None = None
+    val_accuracy: float | None = None
+    previous_val_accuracy: float | None = None
+    test_accuracy: float | None = None
+    epochs_run: int = 0
+    refit_epochs: int | None = None
+    fine_tune_epochs_run: int | None = None
+    fine_tune_best_epoch: int | None = None
+    fit_seconds: float = 0.0
+    seconds: float = 0.0
+    worker: int | None = None
+
+    def summary(self) -> dict:
+        """The JSON document: a worker says what it trained and that its chief saves the run."""
+        if self.run is None:
+            return {
+                "run": None,
+                "worker": self.worker,
+                "note": WORKER_NOTE,
+                "epochs_run": self.epochs_run,
+                "fine_tune_epochs_run": self.fine_tune_epochs_run,
+                "seconds": self.seconds,
+            }
+        return {k: v for k, v in dataclasses.asdict(self).items() if k != "worker"}
+
+
+def _outcome(fitted: Fitted, started: float, **saved) -> Trained:
+    """The result of a run saved with ``saved`` (run, promoted, ...), or of a worker that saves nothing."""
+    tuned = fitted.tuned
+    return Trained(
+        epochs_run=len(fitted.history["loss"]),
+        refit_epochs=fitted.refit_epochs,
+        fine_tune_epochs_run=len(tuned.history["loss"]) if tuned else None,
+        fine_tune_best_epoch=tuned.best_epoch if tuned else None,
+        fit_seconds=round(fitted.seconds, 3),
+        seconds=round(time.perf_counter() - started, 3),
+        **saved,
+    )
+
+
+@contextlib.contextmanager
+def _writing(out: Path, strategy, wait: bool) -> Iterator[None]:
+    """Hold the runs folder's lock for the whole of training, so a second writer stops at once.
+
+    Only the process that writes the run locks: the other workers of a multi-worker cluster do not.
     """
-    runs_root, run_dir = Path(runs_root), Path(run_dir)
-    with locks.lock(runs_root / LOCK_NAME, f"train-head is writing {runs_root}", wait=wait):
-        meta = files.read_json(run_dir / "meta.json")
-        meta["promoted"] = promote
-        meta["evaluation"] = evaluation
-        files.write_json(run_dir / "meta.json", meta)
-        if promote:
-            runs.promote(runs_root, run_dir)
-        return runs.prune(runs_root, keep) if keep is not None else []
+    if finetune.is_writer(strategy):
+        with locks.lock(out / LOCK_NAME, f"train-head is writing {out}", wait=wait):
+            yield
+    else:
+        yield
+
+
+def train(
+    features_dir: str | os.PathLike,
+    out: str | os.PathLike,
+    recipe: HeadRecipe = HEAD,
+    *,
+    fine_tune: FineTuneRecipe | None = None,
+    promote_if_better: bool = False,
+    defer_promotion: bool = False,
+    keep: int | None = None,
+    config: dict | None = None,
+    backbone: str | None = None,
+    size: int | None = None,
+    progress: Progress | None = None,
+    tensorboard: str | os.PathLike | None = None,
+    wait: bool = False,
+    strategy=None,
+) -> Trained:
+    """Train a head on the store at ``features_dir`` and save a full run under ``out``.
+
+    ``backbone`` and ``size`` refuse features made otherwise; ``keep`` prunes old never-promoted runs;
+    ``defer_promotion`` publishes the run without moving ``latest`` (``tlcli run`` promotes after
+    evaluating); ``config`` is recorded in meta.json so the run can be redone. With ``fine_tune`` the
+    trained head then goes on top of the backbone, whose top layers are trained end to end with it on
+    the store's training images, under ``strategy`` (a tf.distribute strategy; by default the
+    recipe's). A multi-worker cluster's other workers train and return without writing anything.
+    """
+    started, log, out = time.perf_counter(), RunLog(), Path(out)
+    if strategy is None and fine_tune is not None and fine_tune.strategy:
+        strategy = finetune.distribution(fine_tune.strategy)
+    with _writing(out, strategy, wait):
+        features = load_features(features_dir, backbone=backbone, size=size)
+        t, v, s = (len(x.labels) for x in (features.train, features.val, features.test))
+        log(
+            f"features {features.path.resolve()} ({features.meta['key']}): train {t}, val {v}, test {s} images, "
+            f"{len(features.classes)} classes"
+        )
+        fitted = fit(
+            features, recipe, fine_tune, strategy=strategy, progress=progress, tensorboard=tensorboard, log=log
+        )
+        if not finetune.is_writer(strategy):
+            return _outcome(fitted, started, run=None, worker=int(strategy.cluster_resolver.task_id))
+        scores = score(features, fitted)
+        verdict = judge(out, scores, promote_if_better=promote_if_better, defer_promotion=defer_promotion, log=log)
+        run_dir = write_run(out, fitted, scores, describe(features, fitted, scores, verdict, config), log)
+        if verdict.promoted:
+            runs.promote(out, run_dir)
+        pruned = runs.prune(out, keep) if keep is not None and not defer_promotion else []
+        return _outcome(
+            fitted,
+            started,
+            run=str(run_dir),
+            promoted=verdict.promoted,
+            better=verdict.better,
+            pruned=pruned,
+            latest=str(out / "latest"),
+            classes=features.classes,
+            train_accuracy=scores.train,
+            val_accuracy=scores.val_accuracy,
+            previous_val_accuracy=verdict.previous,
+            test_accuracy=scores.test_accuracy,
+        )

@@ -12,9 +12,13 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
+from tlcli.errors import UsageError
+
 R = TypeVar("R")
 
 SPLIT_FRACTIONS = (0.8, 0.1, 0.1)
+AUGMENTATIONS = ("flip", "rotate", "zoom", "contrast")
+STRATEGIES = ("mirrored", "multiworker")
 
 
 def _opt(default: Any, option: str) -> Any:
@@ -39,7 +43,11 @@ class ExtractRecipe:
 
 @dataclass(frozen=True)
 class HeadRecipe:
-    """The softmax head on stored features, shared by train-head, cross-validate and ``tlcli run``."""
+    """The softmax head on stored features, shared by train-head, cross-validate and ``tlcli run``.
+
+    meta.json records every field but ``refit`` and ``seed`` under ``head`` (the seed at the top level,
+    the refit as the epochs it ran).
+    """
 
     epochs: int = 600
     batch_size: int = 64
@@ -48,13 +56,16 @@ class HeadRecipe:
     l2: float = 1e-3
     patience: int = 30
     refit: bool = True
-    balance: bool = True
+    class_weights: bool = _opt(True, "balance")
     seed: int = 0
 
 
 @dataclass(frozen=True)
 class FineTuneRecipe:
-    """What to unfreeze and how to train end to end; ``learning_rate`` None means the head's / 10."""
+    """What to unfreeze and how to train end to end; ``learning_rate`` None means the head's / 10.
+
+    Values no backbone could satisfy are refused on construction, before any training starts.
+    """
 
     layers: int | None = _opt(None, "fine-tune-layers")
     from_layer: str | None = _opt(None, "fine-tune-from")
@@ -64,6 +75,22 @@ class FineTuneRecipe:
     batch_size: int = _opt(32, "fine-tune-batch-size")
     augment: tuple[str, ...] = ()
     strategy: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.layers is not None and self.from_layer is not None:
+            raise UsageError("give --fine-tune-layers or --fine-tune-from, not both")
+        if self.layers is not None and self.layers < 1:
+            raise UsageError(f"--fine-tune-layers must be at least 1, not {self.layers}")
+        if self.learning_rate is not None and not self.learning_rate > 0:
+            raise UsageError(f"--fine-tune-lr must be above 0, not {self.learning_rate:g}")
+        if self.epochs < 1 or self.patience < 1 or self.batch_size < 1:
+            raise UsageError("--fine-tune-epochs, --fine-tune-patience and --fine-tune-batch-size must be at least 1")
+        if self.strategy is not None and self.strategy not in STRATEGIES:
+            raise UsageError(f"unknown --strategy {self.strategy!r}; use {' or '.join(STRATEGIES)}")
+
+    def resolved(self, head: HeadRecipe) -> FineTuneRecipe:
+        """This recipe with its learning rate settled: the given one, else the head's / 10."""
+        return dataclasses.replace(self, learning_rate=self.learning_rate or head.learning_rate / 10)
 
 
 EXTRACT = ExtractRecipe()
@@ -90,3 +117,36 @@ def from_options(recipe: type[R], params: dict, **overrides: Any) -> R:
         if key in params and params[key] is not None:
             values[f.name] = params[key]
     return recipe(**{**values, **overrides})
+
+
+def parse_augment(spec: str | None) -> tuple[str, ...]:
+    """``flip,rotate,zoom,contrast`` (any subset, comma-separated; ``none`` or empty for no augmentation)."""
+    if spec is None or spec.strip().lower() in ("", "none"):
+        return ()
+    names = [s.strip().lower() for s in spec.split(",")]
+    bad = [n for n in names if n not in AUGMENTATIONS]
+    if bad or len(set(names)) != len(names):
+        raise UsageError(
+            f"unknown or repeated augmentation in --augment {spec!r}; use any of {','.join(AUGMENTATIONS)} or none"
+        )
+    return tuple(names)
+
+
+def fine_tune_from_options(params: dict) -> FineTuneRecipe | None:
+    """The fine-tuning recipe of parsed train-head options: None when neither a layer count nor a layer is given.
+
+    The other fine-tuning options only mean something with fine-tuning, so giving them alone is a usage error.
+    """
+    augment = params.get(param(FineTuneRecipe, "augment"))
+    overrides = {"augment": parse_augment(augment)} if augment is not None else {}
+    given = [
+        f.name for f in dataclasses.fields(FineTuneRecipe) if params.get(param(FineTuneRecipe, f.name)) is not None
+    ]
+    if "layers" not in given and "from_layer" not in given:
+        if given:
+            flags = ", ".join(option(FineTuneRecipe, name) for name in given)
+            raise UsageError(
+                f"{flags} only take effect with fine-tuning; add --fine-tune-layers N or --fine-tune-from LAYER"
+            )
+        return None
+    return from_options(FineTuneRecipe, params, **overrides)
