@@ -188,33 +188,6 @@ def _load_or_blank(path: str, size: int, policy: str) -> tuple[np.ndarray, bool,
         return np.zeros(pixel_shape(size, policy), np.uint8), False, str(exc)
 
 
-def decoded(paths: Sequence[str], size: int, policy: str = "crop"):
-    """A tf.data.Dataset of (pixels uint8 [*pixel_shape], ok, error reason) per path, in order.
-
-    Decoding runs in parallel; an undecodable file comes back blank with ok=False and a reason
-    instead of raising.
-    """
-    import tensorflow as tf
-
-    shape = pixel_shape(size, policy)
-
-    def _py_load(p):
-        img, ok, why = _load_or_blank(p.decode("utf-8", "surrogateescape"), size, policy)
-        return img, np.bool_(ok), np.bytes_(why.encode("utf-8", "replace"))
-
-    def _tf_load(p):
-        img, ok, why = tf.numpy_function(_py_load, [p], (tf.uint8, tf.bool, tf.string), stateful=False)
-        img.set_shape(shape)
-        ok.set_shape(())
-        why.set_shape(())
-        return img, ok, why
-
-    encoded = [os.fsencode(p) for p in paths]
-    return tf.data.Dataset.from_tensor_slices(tf.constant(encoded, dtype=tf.string)).map(
-        _tf_load, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True
-    )
-
-
 def _load_batch(paths: Sequence[str], size: int, policy: str) -> Batch:
     """Load one batch: pixels (blank where a file is not an image), ok mask and error reasons."""
     pixels, ok, why = zip(*(_load_or_blank(path, size, policy) for path in paths), strict=True)
