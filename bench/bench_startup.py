@@ -79,7 +79,7 @@ def main() -> None:
             'python -c "import tensorflow"': time_process([sys.executable, "-c", "import tensorflow"], args.tf_runs),
         }
 
-    table = Table(title=f"start-up, wall seconds ({os.cpu_count()} CPU cores, load {os.getloadavg()[0]:.1f})")
+    table = Table(title=f"start-up in seconds ({os.cpu_count()} CPU cores, load {os.getloadavg()[0]:.1f})")
     for col in ("command", "runs", "min s", "median s", "median CPU s", "target s", "ok"):
         table.add_column(col, justify="left" if col == "command" else "right")
     ok = True
