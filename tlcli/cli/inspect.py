@@ -25,6 +25,7 @@ def _check_suffix(path: Optional[Path], suffix: str, option: str) -> None:
 
 @handles_errors
 def ideal_image_cmd(
+    *,
     target: Annotated[
         str, typer.Argument(help="Class to dream up: ImageNet name, WordNet id or index, or a class of --model.")
     ],
@@ -139,6 +140,7 @@ def _default_layer(layers: list[dict]) -> str:
 
 @handles_errors
 def features_cmd(
+    *,
     image: Annotated[Optional[Path], typer.Argument(help="The photo to look at.")] = None,
     backbone: Annotated[str, typer.Option("--backbone", "-b", help="Backbone name (see 'tlcli backbones').")] = "vgg16",
     alpha: Annotated[Optional[float], typer.Option(help="Width multiplier for MobileNet backbones.")] = None,
@@ -225,6 +227,7 @@ def _print_layers(layers: list[dict], key: str, as_json: bool) -> None:
 
 @handles_errors
 def adversarial_cmd(
+    *,
     image: Annotated[Path, typer.Argument(help="The photo to perturb.")],
     target: Annotated[
         Optional[str],
