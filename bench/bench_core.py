@@ -223,7 +223,7 @@ def main() -> None:
     from rich.console import Console
     from rich.table import Table
 
-    from tlcli.train import head
+    from tlcli.train import trainer
     from tlcli.train.recipes import HeadRecipe
 
     load_start = os.getloadavg()
@@ -264,7 +264,7 @@ def main() -> None:
 
         t_e2e = plain_keras_head_training(data, args.size, args.epochs, classes)
         recipe = HeadRecipe(epochs=args.epochs, patience=args.epochs, refit=False)
-        trained = head.train(work / "features", work / "runs", recipe).summary()
+        trained = trainer.train(work / "features", work / "runs", recipe).summary()
         rows.append(
             (
                 "head training (s)",

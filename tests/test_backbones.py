@@ -12,7 +12,7 @@ from tlcli.errors import UsageError
 from tlcli.models import backbones, graph
 from tlcli.models.layers import feature_model
 from tlcli.store import features
-from tlcli.train import extract, head
+from tlcli.train import extract, trainer
 from tlcli.train.recipes import ExtractRecipe, HeadRecipe
 
 from .conftest import make_photo
@@ -57,7 +57,7 @@ def test_backbone_builds_extracts_and_trains(name, tiny_dataset, tmp_path):
     assert store.meta["feature_dim"] == backbones.feature_dim(sp, alpha)
     if alpha is None or alpha == 1.0:
         assert store.meta["feature_dim"] == sp.feature_dim
-    result = head.train(tmp_path / "f", tmp_path / "runs", HeadRecipe(epochs=3, patience=3))
+    result = trainer.train(tmp_path / "f", tmp_path / "runs", HeadRecipe(epochs=3, patience=3))
     assert (tmp_path / "runs" / "latest" / "model.keras").is_file()
     assert result.epochs_run == 3
 

@@ -148,6 +148,30 @@ def test_bad_fine_tune_options_exit_2_with_one_line(cli, tiny_store, tmp_path, m
         assert "Traceback" not in result.output and not (tmp_path / "runs" / "latest").exists()
 
 
+def test_every_recipe_field_is_an_option_of_its_commands():
+    """The recipes are the one source of option names and defaults: each head field is a parameter of
+    train-head and cross-validate defaulting to HEAD's value; each fine-tuning field one of train-head
+    defaulting to None (not given: no fine-tuning, or the recipe's value)."""
+    import dataclasses
+
+    import typer
+
+    from tlcli.cli.train import cross_validate_cmd, train_head_cmd
+    from tlcli.train.recipes import HEAD, FineTuneRecipe, HeadRecipe, param
+
+    def defaults(command) -> dict:
+        app = typer.Typer()
+        app.command()(command)
+        return {p.name: p.default for p in typer.main.get_command(app).params}
+
+    for command in (train_head_cmd, cross_validate_cmd):
+        given = defaults(command)
+        for f in dataclasses.fields(HeadRecipe):
+            assert given[param(HeadRecipe, f.name)] == getattr(HEAD, f.name), f.name
+    given = defaults(train_head_cmd)
+    assert all(given[param(FineTuneRecipe, f.name)] is None for f in dataclasses.fields(FineTuneRecipe))
+
+
 def test_frozen_batchnorm_runs_in_inference_mode_when_training():
     """Keras 3: a BatchNormalization layer with trainable=False normalises with its moving statistics and
     leaves them alone even under training=True (the fine-tuning trap of Keras issues 9214 and 11590)."""

@@ -3,14 +3,15 @@
 from __future__ import annotations
 
 import os
+import tomllib
 from pathlib import Path
 from typing import Annotated, Optional
 
-import tomllib
 import typer
 
 from tlcli.cli.console import _fail
 from tlcli.errors import EXIT_USAGE, UsageError
+from tlcli.train.recipes import AUGMENTATIONS, FINE_TUNE
 
 
 def read_config(path: Path) -> dict:
@@ -129,6 +130,67 @@ KeepOpt = Annotated[
 
 TensorboardOpt = Annotated[
     Optional[Path], typer.Option(help="Write per-epoch TensorBoard scalars under this folder.", file_okay=False)
+]
+
+
+FineTuneLayersOpt = Annotated[
+    Optional[int],
+    typer.Option(
+        help="Fine-tune: after the head, train the backbone's top N layers that hold weights with it, end "
+        "to end on the training images (BatchNorm stays frozen, in inference mode)."
+    ),
+]
+
+
+FineTuneFromOpt = Annotated[
+    Optional[str], typer.Option(metavar="LAYER", help="Fine-tune the backbone from this named layer up.")
+]
+
+
+FineTuneLrOpt = Annotated[
+    Optional[float],
+    typer.Option(help="Adam learning rate of fine-tuning, decayed to 0 along a cosine (default: --lr / 10)."),
+]
+
+
+FineTuneEpochsOpt = Annotated[
+    Optional[int],
+    typer.Option(
+        help=f"Fine-tuning epochs: all of them with --refit (on train+val), at most with --no-refit "
+        f"(default: {FINE_TUNE.epochs})."
+    ),
+]
+
+
+FineTunePatienceOpt = Annotated[
+    Optional[int],
+    typer.Option(
+        help="With --no-refit, fine-tuning epochs without val improvement before stopping "
+        f"(default: {FINE_TUNE.patience})."
+    ),
+]
+
+
+FineTuneBatchOpt = Annotated[
+    Optional[int], typer.Option(help=f"Images per fine-tuning batch (default: {FINE_TUNE.batch_size}).")
+]
+
+
+AugmentOpt = Annotated[
+    Optional[str],
+    typer.Option(
+        help=f"Random transforms of the fine-tuning images: any of {','.join(AUGMENTATIONS)}, or none "
+        f"(default: {','.join(FINE_TUNE.augment) or 'none'})."
+    ),
+]
+
+
+StrategyOpt = Annotated[
+    Optional[str],
+    typer.Option(
+        help="Distribute fine-tuning: mirrored (all local GPUs) or multiworker (the cluster in TF_CONFIG; "
+        "run the same command on every worker, the chief saves the run)."
+    ),
 ]
 
 

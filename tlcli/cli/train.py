@@ -11,12 +11,19 @@ import typer
 from tlcli.cli.console import emit_json, handles_errors, out, progress_bar, use_device
 from tlcli.cli.evaluate import passes_gate, per_class_table
 from tlcli.cli.options import (
+    AugmentOpt,
     BalanceOpt,
     BatchOpt,
     ConfigOpt,
     DeviceOpt,
     DropoutOpt,
     EpochsOpt,
+    FineTuneBatchOpt,
+    FineTuneEpochsOpt,
+    FineTuneFromOpt,
+    FineTuneLayersOpt,
+    FineTuneLrOpt,
+    FineTunePatienceOpt,
     JsonOpt,
     KeepOpt,
     L2Opt,
@@ -26,21 +33,22 @@ from tlcli.cli.options import (
     QuietOpt,
     RefitOpt,
     SeedOpt,
+    StrategyOpt,
     TensorboardOpt,
     WaitOpt,
 )
 from tlcli.errors import EXIT_GATE, GateError
-from tlcli.train.recipes import FINE_TUNE, HEAD, HeadRecipe, fine_tune_from_options, from_options
+from tlcli.train.recipes import HEAD, HeadRecipe, fine_tune_from_options, from_options
 
 if TYPE_CHECKING:
-    from tlcli.train.head import Trained
+    from tlcli.train.trainer import Trained
 
 
 def train_step(p: dict, progress: Callable[[int, int, dict], None] | None, **extra) -> Trained:
     """The train-head step from parsed options (shared by 'tlcli train-head' and 'tlcli run')."""
-    from tlcli.train import head
+    from tlcli.train import trainer
 
-    return head.train(
+    return trainer.train(
         p["features_dir"],
         p["out_dir"],
         from_options(HeadRecipe, p),
@@ -105,51 +113,14 @@ def train_head_cmd(
     size: Annotated[Optional[int], typer.Option(help="Refuse features not made at this input size.")] = None,
     keep: KeepOpt = None,
     tensorboard: TensorboardOpt = None,
-    fine_tune_layers: Annotated[
-        Optional[int],
-        typer.Option(
-            help="Fine-tune: after the head, train the backbone's top N layers that hold weights with it, end "
-            "to end on the training images (BatchNorm stays frozen, in inference mode)."
-        ),
-    ] = None,
-    fine_tune_from: Annotated[
-        Optional[str], typer.Option(metavar="LAYER", help="Fine-tune the backbone from this named layer up.")
-    ] = None,
-    fine_tune_lr: Annotated[
-        Optional[float],
-        typer.Option(help="Adam learning rate of fine-tuning, decayed to 0 along a cosine (default: --lr / 10)."),
-    ] = None,
-    fine_tune_epochs: Annotated[
-        Optional[int],
-        typer.Option(
-            help=f"Fine-tuning epochs: all of them with --refit (on train+val), at most with --no-refit "
-            f"(default: {FINE_TUNE.epochs})."
-        ),
-    ] = None,
-    fine_tune_patience: Annotated[
-        Optional[int],
-        typer.Option(
-            help="With --no-refit, fine-tuning epochs without val improvement before stopping "
-            f"(default: {FINE_TUNE.patience})."
-        ),
-    ] = None,
-    fine_tune_batch_size: Annotated[
-        Optional[int], typer.Option(help=f"Images per fine-tuning batch (default: {FINE_TUNE.batch_size}).")
-    ] = None,
-    augment: Annotated[
-        Optional[str],
-        typer.Option(
-            help="Random transforms of the fine-tuning images: any of flip,rotate,zoom,contrast, or none "
-            f"(default: {','.join(FINE_TUNE.augment) or 'none'})."
-        ),
-    ] = None,
-    strategy: Annotated[
-        Optional[str],
-        typer.Option(
-            help="Distribute fine-tuning: mirrored (all local GPUs) or multiworker (the cluster in TF_CONFIG; "
-            "run the same command on every worker, the chief saves the run)."
-        ),
-    ] = None,
+    fine_tune_layers: FineTuneLayersOpt = None,
+    fine_tune_from: FineTuneFromOpt = None,
+    fine_tune_lr: FineTuneLrOpt = None,
+    fine_tune_epochs: FineTuneEpochsOpt = None,
+    fine_tune_patience: FineTunePatienceOpt = None,
+    fine_tune_batch_size: FineTuneBatchOpt = None,
+    augment: AugmentOpt = None,
+    strategy: StrategyOpt = None,
     seed: SeedOpt = HEAD.seed,
     as_json: JsonOpt = False,
     wait: WaitOpt = False,
