@@ -8,7 +8,7 @@ import platform
 import shutil
 import tempfile
 from collections.abc import Iterator
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 from tlcli import interrupts
@@ -35,7 +35,7 @@ def versions() -> dict:
 
 def timestamp() -> str:
     """UTC timestamp used to name run folders; sorts in time order."""
-    return datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S_%fZ")
+    return datetime.now(UTC).strftime("%Y%m%dT%H%M%S_%fZ")
 
 
 @contextlib.contextmanager
@@ -47,7 +47,7 @@ def staging_dir(runs_root: str | os.PathLike, *, prefix: str = "") -> Iterator[P
         staging = Path(tempfile.mkdtemp(prefix=f".{prefix}staging-", dir=root))
         staging.chmod(0o777 & ~umask())
     except OSError as exc:
-        raise UsageError(f"cannot write into {root}: {exc.strerror}; free space there or write somewhere else") from None
+        raise UsageError(f"cannot write into {root}: {exc.strerror}; free space there or write elsewhere") from None
     try:
         yield staging
     finally:
@@ -144,7 +144,7 @@ def prune(runs_root: str | os.PathLike, keep: int) -> list[str]:
 
 def _created(run_name: str) -> str | None:
     try:
-        return datetime.strptime(run_name[:15], "%Y%m%dT%H%M%S").replace(tzinfo=timezone.utc).isoformat()
+        return datetime.strptime(run_name[:15], "%Y%m%dT%H%M%S").replace(tzinfo=UTC).isoformat()
     except ValueError:
         return None
 

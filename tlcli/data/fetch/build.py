@@ -5,7 +5,7 @@ from __future__ import annotations
 import shutil
 from collections import Counter
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import NamedTuple
 
@@ -137,7 +137,7 @@ def _describe(plan: Plan, ds: datasets.Dataset, split: dict, cleaning: dict, dig
         "split_fractions": None if plan.official_split else list(plan.request.fractions),
         "seed": plan.request.seed,
         "cleaning": cleaning,
-        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "date": datetime.now(UTC).isoformat(timespec="seconds"),
         "tlcli": __version__,
     }
 
