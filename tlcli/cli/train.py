@@ -93,6 +93,7 @@ def _print_trained(trained: Trained) -> None:
 @handles_errors
 def train_head_cmd(
     ctx: typer.Context,
+    *,
     features_dir: Annotated[Path, typer.Argument(help="Feature store written by 'tlcli extract'.")],
     out_dir: Annotated[
         Path,
@@ -148,6 +149,7 @@ def train_head_cmd(
 @handles_errors
 def cross_validate_cmd(
     ctx: typer.Context,
+    *,
     features_dir: Annotated[Path, typer.Argument(help="Feature store written by 'tlcli extract'.")],
     folds: Annotated[int, typer.Option(min=3, help="Folds: each photo is held out once.")] = 10,
     min_accuracy: MinAccuracyOpt = None,

@@ -117,6 +117,7 @@ def _steps_table(config: Path, outcome: pipeline.Outcome) -> Table:
 
 @handles_errors
 def run_cmd(
+    *,
     config: Annotated[Path, typer.Argument(help="Workflow TOML (configs/*.toml) with [extract], [train-head], ...")],
     promote_if_better: Annotated[
         bool, typer.Option(help="Promote only if val accuracy beats the current latest (else exit 3).")
@@ -161,6 +162,7 @@ def run_cmd(
 
 @handles_errors
 def runs_cmd(
+    *,
     runs_root: Annotated[Path, typer.Argument(help="Runs folder, e.g. runs/pets.")],
     keep: KeepOpt = None,
     wait: WaitOpt = False,
