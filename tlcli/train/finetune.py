@@ -204,15 +204,27 @@ class Result:
     best_epoch: int
 
 
+def _lost_worker(exc: BaseException | None):
+    """The TensorFlow error of a lost cluster worker behind ``exc``, or None: Keras re-raises an error in
+    creating a layer's variables (a collective broadcast under a multi-worker strategy) as a TypeError."""
+    import tensorflow as tf
+
+    lost = (tf.errors.UnavailableError, tf.errors.AbortedError, tf.errors.DeadlineExceededError)
+    while exc is not None and not isinstance(exc, lost):
+        exc = exc.__cause__ or exc.__context__
+    return exc
+
+
 @contextlib.contextmanager
 def _cluster_failures() -> Iterator[None]:
     """A worker of a multi-worker cluster that dies or stops answering aborts the collectives of the
     others (TensorFlow's coordination service notices the missing heartbeats): one line, nothing saved."""
-    import tensorflow as tf
-
     try:
         yield
-    except (tf.errors.UnavailableError, tf.errors.AbortedError, tf.errors.DeadlineExceededError) as exc:
+    except Exception as raised:
+        exc = _lost_worker(raised)
+        if exc is None:
+            raise
         lost = sorted(set(re.findall(r"/job:\w+/replica:\d+/task:\d+", exc.message.split("aborted by:")[-1])))
         raise TlcliError(
             f"the cluster lost a worker during fine-tuning ({', '.join(lost) or exc.message.splitlines()[0]}); "
