@@ -67,11 +67,11 @@ def use_device(device: str, quiet: bool, strategy: str | None = None) -> dict:
     A tf.distribute ``strategy`` is created here too, as a multi-worker one must precede the first op.
     """
     from tlcli.models import devices
-    from tlcli.train import finetune
+    from tlcli.train import distribute
 
     with native_stderr_silenced():
         info = devices.select(device)
-        info["strategy"] = finetune.distribution(strategy) if strategy else None
+        info["strategy"] = distribute.distribution(strategy) if strategy else None
         import tensorflow as tf
 
         tf.constant(0)

@@ -21,7 +21,7 @@ from tlcli.models.run import pixels_model
 from tlcli.store import files, locks, runs
 from tlcli.store.features import Split, Store
 from tlcli.store.locks import LOCK_NAME
-from tlcli.train import finetune, metrics, plots
+from tlcli.train import distribute, finetune, metrics, plots
 from tlcli.train.head import Progress, class_weights, fit_and_refit
 from tlcli.train.recipes import HEAD, FineTuneRecipe, HeadRecipe
 
@@ -436,7 +436,7 @@ def _writing(out: Path, strategy, wait: bool) -> Iterator[None]:
 
     Only the process that writes the run locks: the other workers of a multi-worker cluster do not.
     """
-    if finetune.is_writer(strategy):
+    if distribute.is_writer(strategy):
         with locks.lock(out / LOCK_NAME, f"train-head is writing {out}", wait=wait):
             yield
     else:
@@ -471,13 +471,13 @@ def train(
     """
     started, log, out = time.perf_counter(), RunLog(), Path(out)
     if strategy is None and fine_tune is not None and fine_tune.strategy:
-        strategy = finetune.distribution(fine_tune.strategy)
+        strategy = distribute.distribution(fine_tune.strategy)
     with _writing(out, strategy, wait):
         features = load_features(features_dir, backbone=backbone, size=size, log=log)
         fitted = fit(
             features, recipe, fine_tune, strategy=strategy, progress=progress, tensorboard=tensorboard, log=log
         )
-        if not finetune.is_writer(strategy):
+        if not distribute.is_writer(strategy):
             return _outcome(fitted, started, run=None, worker=int(strategy.cluster_resolver.task_id))
         scores = score(features, fitted)
         verdict = judge(out, scores, promote_if_better=promote_if_better, defer_promotion=defer_promotion, log=log)
