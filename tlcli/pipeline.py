@@ -26,7 +26,8 @@ Progress = Callable[..., None]
 
 @dataclass(frozen=True)
 class Step:
-    """One command's step function and the options its config table parsed to: ``call(options, progress)``."""
+    """One command's step function and the options its config table parsed to: ``call(options, progress)``
+    (train-head's also takes ``defer_promotion`` and ``config``)."""
 
     call: Callable[..., Any]
     options: dict
@@ -37,7 +38,8 @@ class Plan:
     """The steps to chain, and how their outputs connect and the run is promoted.
 
     ``extract_fetched``: extract the folder fetch-data wrote (the [extract] table names none). ``config``:
-    the record of the config (``record_config``) kept in the run's meta.json and pipeline.json.
+    the record of the config (``record_config``) kept in the run's meta.json and pipeline.json. Options
+    are read by their config names: the folders (``out_dir``), ``keep`` and ``min_accuracy``.
     """
 
     extract: Step
