@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -12,6 +14,7 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 SHARED = Path(os.environ.get("TLCLI_SHARED", ROOT.parent / "shared"))
 REQUIRE_SHARED = os.environ.get("TLCLI_REQUIRE_SHARED") == "1"
+SLOW_TIMEOUT = 1200  # seconds before pytest-timeout ends a test marked slow (pyproject's `timeout` for the rest)
 
 _KERAS_HOME = Path(tempfile.mkdtemp(prefix="tlcli-keras-home-"))
 os.environ["KERAS_HOME"] = str(_KERAS_HOME)
@@ -21,6 +24,24 @@ if (SHARED / "weights").is_dir():
     for f in (SHARED / "weights").iterdir():
         if f.suffix in (".h5", ".json"):
             shutil.copy(f, _KERAS_HOME / "models" / f.name)
+
+
+def pytest_collection_modifyitems(items) -> None:
+    """Tests marked slow take minutes: they get SLOW_TIMEOUT unless they name their own limit."""
+    for item in items:
+        if item.get_closest_marker("slow") and not item.get_closest_marker("timeout"):
+            item.add_marker(pytest.mark.timeout(SLOW_TIMEOUT))
+
+
+def pytest_terminal_summary(terminalreporter) -> None:
+    """What tests measured (``record_property("measured", text)``: accuracies on real photos and the like),
+    shown after the results; a print from inside an xdist worker would be lost."""
+    reports = terminalreporter.getreports("passed") + terminalreporter.getreports("failed")
+    lines = [value for report in reports for name, value in report.user_properties if name == "measured"]
+    if lines:
+        terminalreporter.section("measured")
+        for line in lines:
+            terminalreporter.write_line(line)
 
 
 def _need(path: Path, what: str) -> Path:
@@ -75,11 +96,55 @@ def make_photo(path: Path, colour: tuple[int, int, int], size=(48, 40), seed: in
     return path
 
 
-@pytest.fixture()
-def colour_dataset(tmp_path) -> Path:
-    """Two classes (red, blue) of 12 small JPEGs each."""
-    root = tmp_path / "colours"
+def make_colours(root: Path) -> Path:
+    """Two classes (red, blue) of 12 small JPEGs each under ``root``."""
     for i in range(12):
         make_photo(root / "red" / f"r{i}.jpg", (200, 40, 40), seed=i)
         make_photo(root / "blue" / f"b{i}.jpg", (40, 40, 200), seed=100 + i)
     return root
+
+
+@pytest.fixture()
+def colour_dataset(tmp_path) -> Path:
+    """Two classes (red, blue) of 12 small JPEGs each, the test's own to change."""
+    return make_colours(tmp_path / "colours")
+
+
+COLOUR_EXTRACT = ("--alpha", "0.25", "--size", "96", "--quiet")  # MobileNet v1 0.25, ImageNet weights, crop+pad
+
+
+@dataclass(frozen=True)
+class ColourRun:
+    """The colour photos extracted (COLOUR_EXTRACT) and a head trained on them with train-head's defaults."""
+
+    data: Path
+    features: Path
+    runs: Path
+    extracted: dict
+    trained: dict
+
+    @property
+    def latest(self) -> Path:
+        return self.runs / "latest"
+
+    def copy_runs(self, dest: Path) -> Path:
+        """A copy of the runs folder (its relative ``latest`` link included) for a test that adds to it."""
+        return Path(shutil.copytree(self.runs, dest, symlinks=True))
+
+
+@pytest.fixture(scope="session")
+def colour_run(runner, keras_home, tmp_path_factory) -> ColourRun:
+    """One extract and train-head shared by the tests that only read them; copy what a test changes."""
+    from tlcli.cli.app import app
+
+    root = tmp_path_factory.mktemp("colour-run")
+    data, store, runs = make_colours(root / "colours"), root / "features", root / "runs"
+
+    def invoke(*args) -> dict:
+        result = runner.invoke(app, [str(a) for a in args], catch_exceptions=False)
+        assert result.exit_code == 0, result.output
+        return json.loads(result.stdout)
+
+    extracted = invoke("extract", data, "--out", store, *COLOUR_EXTRACT, "--json")
+    trained = invoke("train-head", store, "--out", runs, "--json", "--quiet")
+    return ColourRun(data, store, runs, extracted, trained)

@@ -19,15 +19,20 @@ from .conftest import make_photo
 
 # The smallest member of each family goes the whole way (extract, train-head, a saved run); the
 # others share its code and are checked for what is their own: the registry entry and the built graph.
+# Every family but the default backbone's is marked slow: minutes of building graphs in all, run in CI.
 SMALLEST = {
     min((n for n in backbones.SPECS if backbones.SPECS[n].family == f), key=lambda n: backbones.SPECS[n].params)
     for f in {sp.family for sp in backbones.SPECS.values()}
 }
-OTHERS = [
-    pytest.param(n, marks=pytest.mark.slow) if backbones.SPECS[n].params > 40_000_000 else n
-    for n in backbones.SPECS
-    if n not in SMALLEST
-]
+DEFAULT = "mobilenet"
+
+
+def families(names) -> list:
+    """``names`` sorted, as parameters, all but DEFAULT marked slow."""
+    return [n if n == DEFAULT else pytest.param(n, marks=pytest.mark.slow) for n in sorted(names)]
+
+
+OTHERS = families(n for n in backbones.SPECS if n not in SMALLEST)
 
 
 @pytest.fixture(scope="module")
@@ -44,7 +49,7 @@ def _size_and_alpha(name: str) -> tuple[int, float | None]:
     return (sp.size if sp.fixed_size else max(sp.min_size, 32)), (sp.alphas[0] if sp.alphas else None)
 
 
-@pytest.mark.parametrize("name", sorted(SMALLEST))
+@pytest.mark.parametrize("name", families(SMALLEST))
 def test_backbone_builds_extracts_and_trains(name, tiny_dataset, tmp_path):
     sp = backbones.SPECS[name]
     size, alpha = _size_and_alpha(name)
@@ -57,7 +62,7 @@ def test_backbone_builds_extracts_and_trains(name, tiny_dataset, tmp_path):
     assert store.meta["feature_dim"] == backbones.feature_dim(sp, alpha)
     if alpha is None or alpha == 1.0:
         assert store.meta["feature_dim"] == sp.feature_dim
-    result = trainer.train(tmp_path / "f", tmp_path / "runs", HeadRecipe(epochs=3, patience=3))
+    result = trainer.train(tmp_path / "f", tmp_path / "runs", HeadRecipe(epochs=3, patience=3, refit=False))
     assert (tmp_path / "runs" / "latest" / "model.keras").is_file()
     assert result.epochs_run == 3
 
@@ -85,7 +90,7 @@ def test_registry_param_counts_match_keras():
     assert built.key == "mobilenetv3small-a1-32-none"
 
 
-@pytest.mark.parametrize("name", sorted(SMALLEST))
+@pytest.mark.parametrize("name", families(SMALLEST))
 def test_static_table_matches_keras(name, monkeypatch):
     """What `tlcli backbones` prints from the registry without Keras: input size, feature width, parameters.
 
@@ -121,7 +126,7 @@ def test_too_small_input_is_a_usage_error():
         backbones.build("inceptionv3", size=64, weights="none")
 
 
-@pytest.mark.parametrize("name", ["mobilenet", "resnet50", "efficientnetb0", "densenet121"])
+@pytest.mark.parametrize("name", families(["mobilenet", "resnet50", "efficientnetb0", "densenet121"]))
 def test_inference_graph_with_folded_batch_norms_matches_keras(name):
     """Conv -> batch norm pairs folded into constants: same outputs as the Keras model, to float rounding."""
     import keras

@@ -100,10 +100,15 @@ def test_shipped_configs_parse():
 
 
 def test_sigint_during_extract_exits_130_and_leaves_no_store(tmp_path, keras_home):
+    """800 photos, each four passes at 448 px (crop and pad views, flipped): seconds of work to interrupt.
+
+    Small files keep making them cheap (the backbone sees 448 px whatever their size); the signal goes a few
+    seconds after extract takes its lock, once the backbone is built and running over the photos.
+    """
     data = tmp_path / "data"
     for i in range(400):
-        make_photo(data / "a" / f"{i}.jpg", (200, 0, 0), size=(400, 400), seed=i)
-        make_photo(data / "b" / f"{i}.jpg", (0, 0, 200), size=(400, 400), seed=i)
+        make_photo(data / "a" / f"{i}.jpg", (200, 0, 0), size=(64, 64), seed=i)
+        make_photo(data / "b" / f"{i}.jpg", (0, 0, 200), size=(64, 64), seed=i)
     out = tmp_path / "f"
     args = ["extract", data, "--out", out, "--alpha", "0.25", "--size", "448", "--flip", "--quiet"]
     proc = subprocess.Popen(
@@ -112,8 +117,12 @@ def test_sigint_during_extract_exits_130_and_leaves_no_store(tmp_path, keras_hom
         stderr=subprocess.PIPE,
         text=True,
         env={**os.environ, "KERAS_HOME": str(keras_home)},
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),  # not ignored as in a backgrounded run
     )
-    time.sleep(9)
+    deadline = time.monotonic() + 120
+    while not (out / ".tlcli.lock").exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    time.sleep(4)
     assert proc.poll() is None, proc.communicate()
     proc.send_signal(signal.SIGINT)
     _, stderr = proc.communicate(timeout=120)

@@ -3,29 +3,16 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
 
-from .test_workflow import FAST
 
-
-@pytest.fixture(scope="module")
-def run_dir(keras_home, tmp_path_factory):
-    from typer.testing import CliRunner
-
-    from tlcli.cli.app import app
-
-    from .conftest import make_photo
-
-    root = tmp_path_factory.mktemp("export")
-    for i in range(12):
-        make_photo(root / "data" / "red" / f"r{i}.jpg", (200, 40, 40), seed=i)
-        make_photo(root / "data" / "blue" / f"b{i}.jpg", (40, 40, 200), seed=50 + i)
-    runner = CliRunner()
-    assert runner.invoke(app, ["extract", str(root / "data"), "--out", str(root / "f"), *FAST]).exit_code == 0
-    assert runner.invoke(app, ["train-head", str(root / "f"), "--out", str(root / "runs"), "--quiet"]).exit_code == 0
-    return root / "runs" / "latest"
+@pytest.fixture()
+def run_dir(colour_run) -> Path:
+    """The session's trained colour run (conftest.colour_run); export only reads it."""
+    return colour_run.latest
 
 
 @pytest.mark.parametrize("quantize", ["none", "dynamic", "float16"])
@@ -43,7 +30,7 @@ def test_tflite_agrees_with_keras(cli, run_dir, tmp_path, quantize):
     from tlcli.models.run import load_run
 
     model, meta, _ = load_run(run_dir)
-    pixels = images.load(run_dir.resolve().parent.parent / "data" / "red" / "r0.jpg", 96, meta["resize"])
+    pixels = images.load(Path(meta["data_dir"]) / "red" / "r0.jpg", 96, meta["resize"])
     interpreter = tf.lite.Interpreter(model_path=str(out))
     inp = interpreter.get_input_details()[0]
     interpreter.resize_tensor_input(inp["index"], (1, *pixels.shape))

@@ -5,7 +5,6 @@ from __future__ import annotations
 import errno
 import json
 import os
-import random
 import signal
 import subprocess
 import sys
@@ -22,7 +21,6 @@ from tlcli.store.locks import LOCK_NAME
 
 from .conftest import make_photo
 
-EXTRACT = ("--alpha", "0.25", "--size", "96", "--resize", "crop", "-q")
 CONFIG = """
 [extract]
 data_dir = "data/colours"
@@ -170,10 +168,10 @@ def test_run_config_errors_are_one_line(cli, tmp_path, text, message):
     assert "Traceback" not in result.stderr
 
 
-def test_keep_prunes_only_never_promoted_runs(cli, keras_home, tmp_path, colour_dataset):
-    assert cli("extract", colour_dataset, "--out", tmp_path / "f", *EXTRACT).exit_code == 0
+def test_keep_prunes_only_never_promoted_runs(cli, tmp_path, colour_run):
     runs = tmp_path / "runs"
-    codes = [cli("train-head", tmp_path / "f", "--out", runs, "--promote-if-better", "-q").exit_code for _ in range(4)]
+    store = colour_run.features  # the session's store (conftest.colour_run): train-head only reads it
+    codes = [cli("train-head", store, "--out", runs, "--promote-if-better", "-q").exit_code for _ in range(4)]
     assert codes == [0, 3, 3, 3], "same features and seed: the later runs are not better"
     names = [r["run"] for r in json.loads(cli("runs", runs, "--json").stdout)["runs"]]
     pruned = json.loads(cli("runs", runs, "--keep", "1", "--json").stdout)
@@ -183,13 +181,12 @@ def test_keep_prunes_only_never_promoted_runs(cli, keras_home, tmp_path, colour_
     assert cli("runs", runs, "--keep", "0").exit_code == 2
 
 
-def test_same_seed_same_metrics_and_tensorboard(cli, keras_home, tmp_path, colour_dataset):
+def test_same_seed_same_metrics_and_tensorboard(cli, tmp_path, colour_run):
     import tensorflow as tf
 
-    assert cli("extract", colour_dataset, "--out", tmp_path / "f", *EXTRACT).exit_code == 0
-
     def train(seed: int, *extra) -> Path:
-        result = cli("train-head", tmp_path / "f", "--out", tmp_path / f"runs{seed}", "--seed", seed, "--json", *extra)
+        out = tmp_path / f"runs{seed}"
+        result = cli("train-head", colour_run.features, "--out", out, "--seed", seed, "--json", *extra)
         assert result.exit_code == 0, result.stderr
         return Path(json.loads(result.stdout)["run"])
 
@@ -210,10 +207,8 @@ def test_same_seed_same_metrics_and_tensorboard(cli, keras_home, tmp_path, colou
     assert {"loss", "accuracy", "val_loss", "val_accuracy"} <= tags and epochs > 1
 
 
-def test_full_disk_leaves_no_partial_run(cli, keras_home, tmp_path, colour_dataset, monkeypatch):
-    assert cli("extract", colour_dataset, "--out", tmp_path / "f", *EXTRACT).exit_code == 0
-    runs = tmp_path / "runs"
-    assert cli("train-head", tmp_path / "f", "--out", runs, "-q").exit_code == 0
+def test_full_disk_leaves_no_partial_run(cli, tmp_path, colour_run, monkeypatch):
+    runs = colour_run.copy_runs(tmp_path / "runs")  # a promoted run to keep
     before = sorted(p.name for p in runs.iterdir())
     latest = (runs / "latest").resolve()
 
@@ -221,7 +216,7 @@ def test_full_disk_leaves_no_partial_run(cli, keras_home, tmp_path, colour_datas
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
     monkeypatch.setattr(os, "fsync", no_space)
-    result = cli("train-head", tmp_path / "f", "--out", runs, "-q")
+    result = cli("train-head", colour_run.features, "--out", runs, "-q")
     monkeypatch.undo()
     assert result.exit_code == 1
     assert "No space left on device" in result.stderr and len(result.stderr.strip().splitlines()) == 1
@@ -297,7 +292,8 @@ def test_second_writer_gets_the_lock_message(colour_project):
 
 @pytest.mark.slow
 def test_sigkill_at_many_points_never_breaks_latest_or_store(colour_project):
-    """Kill `tlcli run` at points spread over a whole run; after each, latest and the store still work."""
+    """Kill `tlcli run` at points spread evenly over a whole run (start-up, extract, train-head, publish, evaluate,
+    promote); after each, latest and the store still work."""
     root = colour_project
     runs, store = root / "runs" / "colours", root / "features" / "colours"
     start = time.monotonic()
@@ -305,11 +301,10 @@ def test_sigkill_at_many_points_never_breaks_latest_or_store(colour_project):
     proc = tlcli("run", "configs/colours.toml", cwd=root)
     proc.communicate(timeout=600)
     full = time.monotonic() - start
-    rng = random.Random(0)
-    points = sorted(rng.uniform(1.0, full) for _ in range(10))
+    points = [full * (i + 0.5) / 5 for i in range(5)]
     phases = {"before new features": 0, "features stored, no new run": 0, "new run published": 0}
+    before = snapshot(root)
     for i, delay in enumerate(points):
-        before = snapshot(root)
         runs_before = {p.name for p in runs.iterdir()}
         add_photos(root, 2, 400 + 2 * i)
         proc = tlcli("run", "configs/colours.toml", cwd=root)
@@ -327,6 +322,7 @@ def test_sigkill_at_many_points_never_breaks_latest_or_store(colour_project):
             phases["features stored, no new run"] += 1
         else:
             phases["before new features"] += 1
+        before = after
     print(f"SIGKILL points tried: {len(points)} over a {full:.1f}s run; {phases}")
     assert sum(v > 0 for v in phases.values()) >= 2, phases
     final = tlcli("run", "configs/colours.toml", "--json", cwd=root)
@@ -386,9 +382,8 @@ def test_shipped_configs_parse_for_every_step(name):
         assert Path(parsed["fetch-data"]["data_dir"]) / parsed["fetch-data"]["source"] == parsed["extract"]["data_dir"]
 
 
-def test_read_only_output_folder_is_one_line(cli, keras_home, tmp_path, colour_dataset, monkeypatch):
+def test_read_only_output_folder_is_one_line(cli, tmp_path, colour_run, monkeypatch):
     """As root, chmod cannot make a folder read-only, so the file system's EROFS is injected instead."""
-    assert cli("extract", colour_dataset, "--out", tmp_path / "f", *EXTRACT).exit_code == 0
     runs = tmp_path / "runs"
     runs.mkdir()
     real_open = os.open
@@ -399,7 +394,7 @@ def test_read_only_output_folder_is_one_line(cli, keras_home, tmp_path, colour_d
         return real_open(path, flags, *args, **kwargs)
 
     monkeypatch.setattr(os, "open", read_only)
-    result = cli("train-head", tmp_path / "f", "--out", runs, "-q")
+    result = cli("train-head", colour_run.features, "--out", runs, "-q")
     monkeypatch.undo()
     assert result.exit_code == 1
     assert "Read-only file system" in result.stderr and len(result.stderr.strip().splitlines()) == 1

@@ -11,8 +11,6 @@ from PIL import Image
 
 from tlcli.explain.ideal import total_variation
 
-from .conftest import make_photo
-
 TABBY = ("ideal-image", "tabby", "--backbone", "mobilenet", "--alpha", "0.25", "--quiet")
 
 
@@ -121,18 +119,10 @@ def test_bad_ideal_image_options_exit_2(cli, tmp_path, extra, message):
     assert list(tmp_path.iterdir()) == []
 
 
-@pytest.fixture(scope="module")
-def run_dir(invoke, tmp_path_factory) -> Path:
-    """A tiny trained run: red vs blue photos, MobileNet 0.25 at 96 px."""
-    tmp = tmp_path_factory.mktemp("run")
-    for i in range(12):
-        make_photo(tmp / "colours" / "red" / f"r{i}.jpg", (200, 40, 40), seed=i)
-        make_photo(tmp / "colours" / "blue" / f"b{i}.jpg", (40, 40, 200), seed=100 + i)
-    fast = ("--alpha", "0.25", "--size", "96", "--quiet")
-    assert invoke("extract", tmp / "colours", "--out", tmp / "features", *fast).exit_code == 0
-    result = invoke("train-head", tmp / "features", "--out", tmp / "runs", "--quiet")
-    assert result.exit_code == 0, result.output
-    return tmp / "runs" / "latest"
+@pytest.fixture()
+def run_dir(colour_run) -> Path:
+    """A tiny trained run, read only: red vs blue photos, MobileNet 0.25 at 96 px (conftest.colour_run)."""
+    return colour_run.latest
 
 
 def test_ideal_image_of_a_trained_run(invoke, run_dir, tmp_path):

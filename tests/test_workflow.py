@@ -13,9 +13,8 @@ from PIL import Image
 
 from tlcli.store.features import Store
 
+from .conftest import COLOUR_EXTRACT as FAST
 from .conftest import make_photo
-
-FAST = ("--alpha", "0.25", "--size", "96", "--quiet")
 
 
 def _extract(cli, data, out, *extra):
@@ -25,23 +24,21 @@ def _extract(cli, data, out, *extra):
 
 
 @pytest.fixture()
-def trained(cli, keras_home, colour_dataset, tmp_path):
-    summary = _extract(cli, colour_dataset, tmp_path / "features")
-    result = cli("train-head", tmp_path / "features", "--out", tmp_path / "runs", "--json", "--quiet")
-    assert result.exit_code == 0, result.output
-    return summary, json.loads(result.stdout), tmp_path
+def trained(colour_run):
+    """The session's colour photos, store and run (conftest.colour_run): read them, copy what you change."""
+    return colour_run
 
 
-def test_extract_writes_store_with_metadata(cli, keras_home, colour_dataset, tmp_path):
-    summary = _extract(cli, colour_dataset, tmp_path / "f")
+def test_extract_writes_store_with_metadata(trained):
+    summary = trained.extracted
     assert summary["stored"] == 24 and summary["extracted"] == 24 and summary["skipped"] == []
     assert summary["splits"] == {"train": 20, "val": 2, "test": 2}
-    meta = json.loads((tmp_path / "f" / "meta.json").read_text())
+    meta = json.loads((trained.features / "meta.json").read_text())
     assert meta["backbone"] == "mobilenet" and meta["alpha"] == 0.25 and meta["input_size"] == 96
     assert meta["resize"] == "crop+pad" and meta["classes"] == ["blue", "red"]
     assert meta["weights_sha256"].startswith("dbdb03ee2a22")  # the no-top file from ../shared/weights
     assert {"tensorflow", "keras", "tlcli"} <= set(meta["versions"])
-    with np.load(Store.open(tmp_path / "f").split_path("train")) as z:
+    with np.load(Store.open(trained.features).split_path("train")) as z:
         assert z["features"].shape == (20, 512) and np.isfinite(z["features"]).all()  # crop and pad views
         assert sorted(set(z["labels"].tolist())) == [0, 1]
 
@@ -121,7 +118,7 @@ def test_bad_files_are_skipped_and_listed(cli, keras_home, colour_dataset, tmp_p
 
 
 def test_train_head_writes_a_complete_run(trained):
-    _, summary, tmp = trained
+    summary, runs = trained.trained, trained.runs
     run = Path(summary["run"])
     assert {p.name for p in run.iterdir()} >= {
         "model.keras",
@@ -130,9 +127,9 @@ def test_train_head_writes_a_complete_run(trained):
         "metrics.json",
         "confusion.png",
     }
-    assert (tmp / "runs" / "latest").resolve() == run.resolve()
+    assert (runs / "latest").resolve() == run.resolve()
     assert summary["promoted"] and summary["val_accuracy"] == 1.0 and summary["train_accuracy"] == 1.0
-    assert not [p for p in (tmp / "runs").iterdir() if p.name.startswith(".")]
+    assert not [p for p in runs.iterdir() if p.name.startswith(".")]
     history = json.loads((run / "history.json").read_text())
     assert len(history["loss"]) == summary["epochs_run"] and history["loss"][-1] < history["loss"][0]
     Image.open(run / "confusion.png").verify()
@@ -143,14 +140,14 @@ def test_saved_model_takes_pixels_and_matches_features(trained):
 
     import tlcli.models.layers  # noqa: F401
 
-    _, summary, tmp = trained
+    summary = trained.trained
     model = keras.saving.load_model(Path(summary["run"]) / "model.keras")
     from tlcli.data import images
     from tlcli.models.run import load_run
     from tlcli.store import features
 
     _, meta, _ = load_run(summary["run"])
-    store = features.Store.open(tmp / "features")
+    store = features.Store.open(trained.features)
     test = store.split("test")
     pixels = np.stack([images.load(Path(meta["data_dir"]) / p, 96, meta["resize"]) for p in test.paths])
     assert pixels.shape == (2, 2, 96, 96, 3)
@@ -162,29 +159,30 @@ def test_saved_model_takes_pixels_and_matches_features(trained):
     np.testing.assert_allclose(feats, test.features, rtol=1e-3, atol=1e-3)
 
 
-def test_evaluate_json_gate_and_files(cli, trained, colour_dataset):
-    _, summary, tmp = trained
-    result = cli("evaluate", tmp / "runs" / "latest", colour_dataset, "--json", "--quiet", "--out", tmp / "ev")
+def test_evaluate_json_gate_and_files(cli, trained, tmp_path):
+    colour_dataset, tmp = trained.data, tmp_path
+    latest = trained.copy_runs(tmp / "runs") / "latest"  # evaluate without --out writes into the run
+    result = cli("evaluate", latest, colour_dataset, "--json", "--quiet", "--out", tmp / "ev")
     assert result.exit_code == 0, result.output
     doc = json.loads(result.stdout)
     assert doc["accuracy"] == 1.0 and doc["n"] == 24 and doc["per_class"]["red"]["recall"] == 1.0
     assert doc["misclassified"] == [] and doc["passed"]
     assert {p.name for p in (tmp / "ev").iterdir()} == {"metrics.json", "confusion.png", "misclassified.json"}
-    default = cli("evaluate", tmp / "runs" / "latest", "--quiet")
+    default = cli("evaluate", latest, "--quiet")
     assert default.exit_code == 0 and "test split" in default.stdout
     flipped = tmp / "flipped"
     shutil.copytree(colour_dataset / "red", flipped / "blue")
-    gate = cli("evaluate", tmp / "runs" / "latest", flipped, "--min-accuracy", "0.5", "--json", "--quiet")
+    gate = cli("evaluate", latest, flipped, "--min-accuracy", "0.5", "--json", "--quiet")
     assert gate.exit_code == 3
     assert json.loads(gate.stdout)["accuracy"] == 0.0 and "below --min-accuracy" in gate.stderr
 
 
-def test_predict_table_and_json_lines(cli, trained, colour_dataset, tmp_path):
-    _, summary, tmp = trained
+def test_predict_table_and_json_lines(cli, trained, tmp_path):
+    colour_dataset = trained.data
     (tmp_path / "notes.jpg").write_text("hello")
     result = cli(
         "predict",
-        tmp / "runs" / "latest",
+        trained.latest,
         colour_dataset / "red" / "r3.jpg",
         colour_dataset / "blue",
         tmp_path / "notes.jpg",
@@ -198,30 +196,30 @@ def test_predict_table_and_json_lines(cli, trained, colour_dataset, tmp_path):
     assert lines[0]["top"][0]["class"] == "red" and len(lines[0]["top"]) == 2
     assert all(row["top"][0]["class"] == "blue" for row in lines[1:13])
     assert lines[-1]["path"].endswith("notes.jpg") and "cannot identify" in lines[-1]["error"]
-    table = cli("predict", tmp / "runs" / "latest", colour_dataset / "red" / "r3.jpg")
+    table = cli("predict", trained.latest, colour_dataset / "red" / "r3.jpg")
     assert table.exit_code == 0 and "red" in table.stdout
 
 
-def test_promote_if_better_exits_3_and_keeps_latest(cli, trained):
-    _, first, tmp = trained
-    again = cli("train-head", tmp / "features", "--out", tmp / "runs", "--promote-if-better", "--json", "--quiet")
+def test_promote_if_better_exits_3_and_keeps_latest(cli, trained, tmp_path):
+    first, runs = trained.trained, trained.copy_runs(tmp_path / "runs")
+    again = cli("train-head", trained.features, "--out", runs, "--promote-if-better", "--json", "--quiet")
     assert again.exit_code == 3
     doc = json.loads(again.stdout)
-    assert not doc["promoted"] and Path(doc["run"]).is_dir()
-    assert (tmp / "runs" / "latest").resolve() == Path(first["run"]).resolve()
+    assert not doc["promoted"] and Path(doc["run"]).is_dir() and Path(doc["run"]).parent.samefile(runs)
+    assert (runs / "latest").resolve() == (runs / Path(first["run"]).name).resolve()
 
 
-def test_train_head_refuses_other_backbone_or_size(cli, trained):
-    _, _, tmp = trained
-    other = cli("train-head", tmp / "features", "--out", tmp / "r2", "--backbone", "resnet50", "--quiet")
+def test_train_head_refuses_other_backbone_or_size(cli, trained, tmp_path):
+    tmp = tmp_path
+    other = cli("train-head", trained.features, "--out", tmp / "r2", "--backbone", "resnet50", "--quiet")
     assert other.exit_code == 2 and "made by mobilenet, not resnet50" in other.stderr
-    size = cli("train-head", tmp / "features", "--out", tmp / "r2", "--size", "224", "--quiet")
+    size = cli("train-head", trained.features, "--out", tmp / "r2", "--size", "224", "--quiet")
     assert size.exit_code == 2 and "input size 96, not 224" in size.stderr
     assert not (tmp / "r2").exists() or not any((tmp / "r2").iterdir())
 
 
-def test_model_file_that_is_not_a_model(cli, trained, colour_dataset):
-    _, summary, tmp = trained
+def test_model_file_that_is_not_a_model(cli, trained, tmp_path):
+    summary, colour_dataset, tmp = trained.trained, trained.data, tmp_path
     fake = tmp / "fake"
     fake.mkdir()
     shutil.copy(Path(summary["run"]) / "meta.json", fake / "meta.json")
@@ -347,24 +345,24 @@ def test_a_second_writer_is_refused_and_a_dead_ones_lock_is_taken_over(cli, kera
     assert not (runs / "latest").exists()
 
 
-def test_cross_validate_holds_out_every_photo_once_and_gates(cli, keras_home, colour_dataset, tmp_path):
-    summary = _extract(cli, colour_dataset, tmp_path / "f")
-    before = sorted(p.name for p in (tmp_path / "f").iterdir())
-    result = cli("cross-validate", tmp_path / "f", "--folds", "4", "--json", "--quiet")
+def test_cross_validate_holds_out_every_photo_once_and_gates(cli, trained):
+    summary, store = trained.extracted, trained.features
+    before = sorted(p.name for p in store.iterdir())
+    result = cli("cross-validate", store, "--folds", "3", "--json", "--quiet")
     assert result.exit_code == 0, result.output
     doc = json.loads(result.stdout)
-    assert doc["n"] == summary["stored"] == 24 and len(doc["per_fold"]) == 4 and doc["folds"] == 4
-    assert doc["accuracy"] >= 0.9 and doc["passed"] and doc["source"] == "4-fold cross-validation"
+    assert doc["n"] == summary["stored"] == 24 and len(doc["per_fold"]) == 3 and doc["folds"] == 3
+    assert doc["accuracy"] >= 0.9 and doc["passed"] and doc["source"] == "3-fold cross-validation"
     assert doc["accuracy"] == round(1 - len(doc["misclassified"]) / 24, 4)
-    assert sorted(p.name for p in (tmp_path / "f").iterdir()) == before  # writes nothing
-    again = json.loads(cli("cross-validate", tmp_path / "f", "--folds", "4", "--json", "--quiet").stdout)
+    assert sorted(p.name for p in store.iterdir()) == before  # writes nothing
+    again = json.loads(cli("cross-validate", store, "--folds", "3", "--json", "--quiet").stdout)
     assert again["per_fold"] == doc["per_fold"]
 
-    gated = cli("cross-validate", tmp_path / "f", "--folds", "4", "--min-accuracy", "1.0", "--lr", "0", "--quiet")
+    gated = cli("cross-validate", store, "--folds", "3", "--min-accuracy", "1.0", "--lr", "0", "--quiet")
     assert gated.exit_code == 3 and "below --min-accuracy 1.0" in gated.stderr
     for bad, message in (
         (("--folds", "2"), "greater than or equal to 3"),
         (("--folds", "25"), "fewer than --folds 25"),
     ):
-        refused = cli("cross-validate", tmp_path / "f", *bad, "--quiet")
+        refused = cli("cross-validate", store, *bad, "--quiet")
         assert refused.exit_code == 2 and message in refused.stderr and "Traceback" not in refused.output
