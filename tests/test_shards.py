@@ -153,6 +153,7 @@ def test_workers_lock_only_their_own_part(cli, colour_dataset, tmp_path):
 
 
 def test_each_precision_gets_its_own_store_key(cli, colour_dataset, tmp_path):
+    _skip_where_onednn_cannot_run_bfloat16()
     out = tmp_path / "f"
     previous = _extract(cli, colour_dataset, out)
     plain_key = previous["key"]
@@ -171,58 +172,106 @@ def test_each_precision_gets_its_own_store_key(cli, colour_dataset, tmp_path):
 
 SIZE = "144"  # not one of MobileNet's native sizes, so Keras loads the offline 224 weights
 HEAD_SEEDS = (0, 1, 2)
+# Bars of test_bfloat16_features_and_heads_match_float32, each set outside what was measured (its docstring).
+MEAN_ERROR, MAX_ERROR = 0.14, 0.40  # relative L2 error of a bfloat16 vector: mean and worst over 1,002 photos
+AGREEMENT = 0.94  # a float32 head predicts the same class from bfloat16 as from float32 vectors, per seed
+SWAP_LOSS = 0.015  # ... and its held-out accuracy (mean over seeds) drops by at most this from bfloat16 vectors
+TRAINING_COST = 0.03  # a head trained on bfloat16 vectors loses at most this much held-out accuracy (mean)
+BELOW_AVX512 = ("SSE41", "AVX", "AVX2", "AVX2_VNNI")
+
+
+def _skip_where_onednn_cannot_run_bfloat16():
+    """TensorFlow hands bfloat16 convolutions to oneDNN whenever the CPU has AVX-512 (else to its own
+    kernels); ONEDNN_MAX_CPU_ISA=AVX2 on such a CPU leaves oneDNN without a bfloat16 convolution, so the
+    extract aborts. A real AVX2-only CPU takes TensorFlow's kernels, as TF_ENABLE_ONEDNN_OPTS=0 does."""
+    isa = os.environ.get("ONEDNN_MAX_CPU_ISA", "").upper()
+    if isa in BELOW_AVX512 and os.environ.get("TF_ENABLE_ONEDNN_OPTS") != "0":
+        pytest.skip(f"ONEDNN_MAX_CPU_ISA={isa} emulates a CPU whose bfloat16 path TensorFlow would not take")
 
 
 @pytest.mark.slow
-def test_bfloat16_features_and_accuracy_match_float32(cli, keras_home, shared_data, tmp_path, capsys):
-    """300 photos extracted both ways; heads (3 seeds each) evaluated on 400 other photos.
+def test_bfloat16_features_and_heads_match_float32(cli, keras_home, shared_data, tmp_path, record_property):
+    """All 1,002 cats_vs_dogs photos extracted both ways (144 px, centre crop); split.json: the first 120
+    and next 15 photos of each class train and validate the heads, the other 732 are held out.
 
-    One head's accuracy moves by up to ~1.5 points when its training features change slightly
-    (early stopping on 30 validation photos picks another epoch), so the bar is on the mean over seeds.
+    What is promised, each measured so that head-training noise (early stopping on 30 val photos: one
+    seed stopped at 78 epochs on float32 vectors, 244 on bfloat16 ones) does not decide it:
+    - vectors: relative L2 error of a bfloat16 vector against the float32 one is bounded;
+    - inference, paired (nothing retrained): each float32-trained head, fed the held-out photos'
+      bfloat16 instead of float32 vectors, predicts the same class for nearly every photo and is no
+      less accurate;
+    - training: heads trained on bfloat16 vectors, in the float32 model train-head saves, lose at most
+      TRAINING_COST of held-out accuracy against float32-trained heads of the same seeds (mean of 3).
+
+    Measured, seeds 0-9, as default ISA (AVX512-BF16; ONEDNN_MAX_CPU_ISA=AVX512_CORE gave the same
+    figures to the last digit) / TF_ENABLE_ONEDNN_OPTS=0 (TensorFlow's own kernels, which a CPU without
+    AVX-512 gets for bfloat16):
+    - error mean 0.090 / 0.107, worst 0.221 / 0.282 (bars 0.14 and 0.40: margins 3.3 and 12 points);
+    - agreement 0.969-0.989 / 0.967-0.986 (bar 0.94: margin 2.7 points, 20 photos); accuracy from
+      bfloat16 vectors minus float32 ones per seed -0.001..+0.016 / -0.001..+0.019, never below +0.001
+      as a mean of 3 seeds (bar -0.015: margin 1.6 points);
+    - cost per seed -0.008..+0.012 / -0.006..+0.022, mean 0.005 / 0.006; mean of 3 consecutive seeds
+      at most 0.009 / 0.007 (bar 0.03: margin 2 points). With 300 other training photos (the previous
+      version of this test) it was 0.009 to 0.014 as a mean of seeds 0-2, on this and on issue 20's CPU.
+    ONEDNN_MAX_CPU_ISA=AVX2 is skipped (see _skip_where_onednn_cannot_run_bfloat16).
     """
-    train, held_out = tmp_path / "train", tmp_path / "held_out"
+    _skip_where_onednn_cannot_run_bfloat16()
+    data = tmp_path / "photos"
+    assignment = {"train": [], "val": [], "test": []}
     for cls in ("cat", "dog"):
-        photos = sorted((shared_data / "cats_vs_dogs" / cls).glob("*.jpg"))
-        for folder, chosen in ((train, photos[:150]), (held_out, photos[150:350])):
-            (folder / cls).mkdir(parents=True)
-            for photo in chosen:
-                shutil.copy(photo, folder / cls / photo.name)
-    vectors, accuracy, seconds = {}, {}, {}
+        (data / cls).mkdir(parents=True)
+        for i, photo in enumerate(sorted((shared_data / "cats_vs_dogs" / cls).glob("*.jpg"))):
+            shutil.copy(photo, data / cls / photo.name)
+            assignment["train" if i < 120 else "val" if i < 135 else "test"].append(f"{cls}/{photo.name}")
+    (data / "split.json").write_text(json.dumps(assignment))
+    from tlcli.models.run import load_run
+
+    common = ("--alpha", "0.25", "--size", SIZE, "--resize", "crop", "--json", "--quiet")
+    vectors, held_out, heads, seconds = {}, {}, {}, {}
     for precision in ("float32", "mixed_bfloat16"):
         store = tmp_path / precision
         started = time.perf_counter()
-        common = ("--alpha", "0.25", "--size", SIZE, "--resize", "crop", "--json", "--quiet")
-        extracted = cli("extract", train, "--out", store, "--precision", precision, *common)
+        extracted = cli("extract", data, "--out", store, "--precision", precision, *common)
         seconds[precision] = round(time.perf_counter() - started, 2)
         assert extracted.exit_code == 0, extracted.output
         _, splits = _store(store)
-        vectors[precision] = {
-            p: v for split in splits.values() for p, v in zip(split["paths"].tolist(), split["features"], strict=True)
-        }
-        accuracy[precision] = []
+        assert splits["test"]["paths"].tolist() == sorted(assignment["test"])
+        vectors[precision] = np.concatenate([splits[s]["features"] for s in ("train", "val", "test")])
+        held_out[precision] = splits["test"]["features"]
+        labels = splits["test"]["labels"]
         for seed in HEAD_SEEDS:
             runs = tmp_path / f"runs-{precision}-{seed}"
             trained = cli("train-head", store, "--out", runs, "--seed", seed, "--json", "--quiet")
             assert trained.exit_code == 0, trained.output
-            evaluated = cli("evaluate", runs / "latest", held_out, "--json", "--quiet")
-            assert evaluated.exit_code == 0, evaluated.output
-            accuracy[precision].append(json.loads(evaluated.stdout)["accuracy"])
-    paths = sorted(vectors["float32"])
-    assert len(paths) == 300 and sorted(vectors["mixed_bfloat16"]) == paths
-    exact = np.stack([vectors["float32"][p] for p in paths])
-    mixed = np.stack([vectors["mixed_bfloat16"][p] for p in paths])
+            model, meta, _ = load_run(runs / "latest")
+            heads[precision, seed] = model.get_layer("head")
+    exact, mixed = vectors["float32"], vectors["mixed_bfloat16"]
     relative = np.linalg.norm(mixed - exact, axis=1) / np.linalg.norm(exact, axis=1)
-    mean = {k: float(np.mean(v)) for k, v in accuracy.items()}
-    with capsys.disabled():
-        print(
-            f"\nbfloat16 vs float32 on {len(paths)} photos: relative L2 error per vector mean {relative.mean():.4f} "
-            f"max {relative.max():.4f}; held-out accuracy {accuracy} (means {mean}); extract seconds {seconds}"
-        )
-    assert relative.mean() < 0.12 and relative.max() < 0.35
-    assert abs(mean["mixed_bfloat16"] - mean["float32"]) <= 0.01
-    from tlcli.models.run import load_run
 
-    model, meta, _ = load_run(tmp_path / "runs-mixed_bfloat16-0" / "latest")
+    def predicted(head_precision, seed, features_precision):
+        return np.asarray(heads[head_precision, seed](held_out[features_precision])).argmax(1)
+
+    # accuracy of the float32 model: heads trained on either precision, fed float32 vectors
+    accuracy = {p: [float(np.mean(predicted(p, s, "float32") == labels)) for s in HEAD_SEEDS] for p in vectors}
+    swapped = [float(np.mean(predicted("float32", s, "mixed_bfloat16") == labels)) for s in HEAD_SEEDS]
+    agreement = [
+        float(np.mean(predicted("float32", s, "float32") == predicted("float32", s, "mixed_bfloat16")))
+        for s in HEAD_SEEDS
+    ]
+    cost = float(np.mean(accuracy["float32"]) - np.mean(accuracy["mixed_bfloat16"]))
+    record_property(
+        "measured",
+        f"bfloat16 vs float32 on {len(relative)} photos: relative L2 error per vector mean {relative.mean():.4f} "
+        f"max {relative.max():.4f}; on {len(labels)} held-out photos, float32 heads fed float32/bfloat16 vectors "
+        f"{accuracy['float32']} / {swapped}, agreement {agreement}; heads trained on bfloat16 vectors "
+        f"{accuracy['mixed_bfloat16']}, mean cost {cost:+.4f}; extract seconds {seconds}",
+    )
+    assert relative.mean() < MEAN_ERROR and relative.max() < MAX_ERROR, relative
+    assert min(agreement) >= AGREEMENT, agreement
+    assert np.mean(swapped) >= np.mean(accuracy["float32"]) - SWAP_LOSS, (swapped, accuracy)
+    assert cost <= TRAINING_COST, accuracy
+
+    # the last run loaded was trained on bfloat16 vectors; it saves a float32 model
     assert meta["features_key"].endswith("-mixed_bfloat16-crop") and model.outputs[0].dtype == "float32"
 
     def policies(layer) -> set[str]:
