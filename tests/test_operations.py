@@ -336,20 +336,29 @@ def test_sigkill_at_many_points_never_breaks_latest_or_store(colour_project):
 
 @pytest.mark.slow
 def test_cron_retraining_on_a_growing_folder(cli, keras_home, shared_data, tmp_path, monkeypatch):
-    """Real photos: add 5% new images and run again; only those are extracted, the run is recorded."""
+    """Real photos: add 5% new images and run again; only those are extracted, the run is recorded.
+
+    The evaluate step (and its min_accuracy gate) runs on 200 other photos, not on the 10 of the test
+    split, where one photo is 10 points: there the first run scored exactly the old bar, 0.7. Measured
+    on the 200, under the default ISA, ONEDNN_MAX_CPU_ISA=AVX2 and TF_ENABLE_ONEDNN_OPTS=0 alike: first
+    run 0.895, second 0.905; bar 0.8 (margin 9.5 points, 19 photos).
+    """
     src = shared_data / "cats_vs_dogs"
     for cls in ("cat", "dog"):
-        for f in sorted((src / cls).iterdir())[:50]:
-            (tmp_path / "data" / "colours" / cls).mkdir(parents=True, exist_ok=True)
-            (tmp_path / "data" / "colours" / cls / f.name).symlink_to(f)
+        files = sorted((src / cls).iterdir())
+        for folder, chosen in (("colours", files[:50]), ("held_out", files[100:200])):
+            (tmp_path / "data" / folder / cls).mkdir(parents=True, exist_ok=True)
+            for f in chosen:
+                (tmp_path / "data" / folder / cls / f.name).symlink_to(f)
     (tmp_path / "configs").mkdir()
     config = tmp_path / "configs" / "pets.toml"
-    config.write_text(CONFIG.format(weights="imagenet", size=224, evaluate="min_accuracy = 0.7"))
+    gate = 'min_accuracy = 0.8\ndata_dir = "data/held_out"'
+    config.write_text(CONFIG.format(weights="imagenet", size=224, evaluate=gate))
     monkeypatch.chdir(tmp_path)
     first = cli("run", config, "--promote-if-better", "--json")
     assert first.exit_code == 0, first.stderr
     doc = json.loads(first.stdout)
-    assert doc["extracted"] == 100 and doc["accuracy"] >= 0.7
+    assert doc["extracted"] == 100 and doc["accuracy"] >= 0.8
 
     for cls in ("cat", "dog"):
         for f in sorted((src / cls).iterdir())[50:53]:
