@@ -10,7 +10,7 @@ import pytest
 
 from tlcli.errors import UsageError
 from tlcli.models import backbones, graph
-from tlcli.models.layers import feature_model
+from tlcli.models.portable import features_model
 from tlcli.store import features
 from tlcli.train import extract, trainer
 from tlcli.train.recipes import ExtractRecipe, HeadRecipe
@@ -80,7 +80,7 @@ def test_family_member_builds_and_gives_its_features(name):
     built = backbones.build(name, size=size, weights="none")
     assert built.model.count_params() == sp.params
     pixels = np.stack([np.full((size, size, 3), c, np.float32) for c in (30.0, 220.0)])
-    vectors = np.asarray(feature_model(built, False)(pixels))
+    vectors = np.asarray(features_model(built)(pixels))
     assert vectors.shape == (2, sp.feature_dim) and np.isfinite(vectors).all()
 
 
@@ -132,9 +132,7 @@ def test_inference_graph_with_folded_batch_norms_matches_keras(name):
     import keras
     import tensorflow as tf
 
-    from tlcli.models.layers import feature_model
-
-    model = feature_model(backbones.build(name, size=32, weights="none"), flip_average=False, n_views=2)
+    model = features_model(backbones.build(name, size=32, weights="none"), n_views=2)
     rng = np.random.default_rng(0)
     norms = [layer for layer in model._flatten_layers() if isinstance(layer, keras.layers.BatchNormalization)]
     for bn in norms:
@@ -146,6 +144,6 @@ def test_inference_graph_with_folded_batch_norms_matches_keras(name):
     graph._fold_batch_norms(model, values)
     assert any(not values[id(bn.moving_mean)].any() for bn in norms), "no batch norm was folded"
     pixels = rng.integers(0, 256, (4, 2, 32, 32, 3), dtype=np.uint8)
-    expected = model(tf.cast(pixels, tf.float32), training=False).numpy()
+    expected = model([tf.cast(pixels[:, i], tf.float32) for i in range(2)], training=False).numpy()
     got = graph.inference_function(model, (2, 32, 32, 3))(pixels).numpy()
     np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-4 * np.abs(expected).max())

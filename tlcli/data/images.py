@@ -123,27 +123,33 @@ def pixel_shape(size: int, policy: str) -> tuple[int, ...]:
 
 
 def fit(im: Image.Image, size: int, policy: str = "crop") -> Image.Image:
-    """Resize to size x size.
+    """Resize to size x size with the geometry of Keras' ``Resizing`` layer, which a saved model's views use.
 
-    ``squash`` ignores the aspect ratio, ``crop`` fills the square then centre-crops, ``pad`` fits
-    the whole photo and pads with grey. ``crop`` resamples only the centred square box of the
-    source, never the parts it would cut off: a quarter less work on a 4:3 photo, and a 1x2,000,000
-    strip costs no more than its square.
+    ``squash`` ignores the aspect ratio; ``crop`` centre-crops the largest square (whole-pixel
+    offsets, rounded down) and resamples only that box, never the parts it cuts off: a quarter less
+    work on a 4:3 photo, and a 1x2,000,000 strip costs no more than its square; ``pad`` pads the photo
+    with grey to a square (the same whole number of pixels on both sides) and resamples the lot (a
+    photo over three times ``size`` is box-reduced first, as ``reducing_gap`` would).
+    PIL's BILINEAR is the triangle filter of ``Resizing(antialias=True)``: the model's views of the
+    same decoded photo differ from these only by rounding to 8 bits.
     """
     if policy == "squash":
         return im.resize((size, size), Image.BILINEAR, reducing_gap=3.0)
     w, h = im.size
     if policy == "crop":
         side = min(w, h)
-        box = ((w - side) / 2, (h - side) / 2, (w + side) / 2, (h + side) / 2)
-        return im.resize((size, size), Image.BILINEAR, box=box, reducing_gap=3.0)
+        left, top = (w - side) // 2, (h - side) // 2
+        return im.resize((size, size), Image.BILINEAR, box=(left, top, left + side, top + side), reducing_gap=3.0)
     if policy == "pad":
-        scale = size / max(w, h)
-        nw, nh = max(1, round(w * scale)), max(1, round(h * scale))
-        im = im.resize((nw, nh), Image.BILINEAR, reducing_gap=3.0)
-        canvas = Image.new("RGB", (size, size), (PAD_VALUE,) * 3)
-        canvas.paste(im, ((size - nw) // 2, (size - nh) // 2))
-        return canvas
+        factor = max(w, h) // (3 * size)
+        if factor > 1:  # the box reduction reducing_gap would make, on the photo alone: the grey square stays small
+            im = im.reduce(factor)
+            w, h = im.size
+        side = max(w, h)
+        left, top = (side - w) // 2, (side - h) // 2
+        canvas = Image.new("RGB", (w + 2 * left, h + 2 * top), (PAD_VALUE,) * 3)
+        canvas.paste(im, (left, top))
+        return canvas.resize((size, size), Image.BILINEAR, reducing_gap=3.0)
     raise UsageError(f"unknown resize policy {policy!r}; use one of {', '.join(RESIZE_POLICIES)}")
 
 
@@ -178,20 +184,29 @@ def figure_png(fig) -> bytes:
 
 
 Batch = tuple[np.ndarray, np.ndarray, list[str]]
+Photos = tuple[list[np.ndarray], np.ndarray, list[str]]
 
 
-def _load_or_blank(path: str, size: int, policy: str) -> tuple[np.ndarray, bool, str]:
-    """``load``, or blank pixels with ok=False and the reason when the file is not a usable image."""
+def photo(path: str | Path, size: int) -> np.ndarray:
+    """One image decoded as tlcli decodes it (upright 8-bit RGB, JPEGs at a reduced scale no smaller than
+    ``size``) but not resized: what a saved model, which builds its views itself, is fed."""
+    return np.asarray(decode(path, size), dtype=np.uint8)
+
+
+def _load_or_blank(path: str, size: int, policy: str | None) -> tuple[np.ndarray, bool, str]:
+    """``load`` (or ``photo`` when ``policy`` is None), or blank pixels with ok=False and the reason when the
+    file is not a usable image."""
     try:
-        return load(path, size, policy), True, ""
+        return (photo(path, size) if policy is None else load(path, size, policy)), True, ""
     except ImageError as exc:
-        return np.zeros(pixel_shape(size, policy), np.uint8), False, str(exc)
+        return np.zeros((1, 1, 3) if policy is None else pixel_shape(size, policy), np.uint8), False, str(exc)
 
 
-def _load_batch(paths: Sequence[str], size: int, policy: str) -> Batch:
-    """Load one batch: pixels (blank where a file is not an image), ok mask and error reasons."""
+def _load_batch(paths: Sequence[str], size: int, policy: str | None) -> Batch | Photos:
+    """Load one batch: pixels (blank where a file is not an image; a list of photos when ``policy`` is None),
+    ok mask and error reasons."""
     pixels, ok, why = zip(*(_load_or_blank(path, size, policy) for path in paths), strict=True)
-    return np.stack(pixels), np.asarray(ok, bool), list(why)
+    return (list(pixels) if policy is None else np.stack(pixels)), np.asarray(ok, bool), list(why)
 
 
 def load_workers() -> int:
@@ -199,14 +214,11 @@ def load_workers() -> int:
     return max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
 
 
-def batches(paths: Sequence[str], size: int, policy: str = "crop", batch_size: int = 32) -> Iterator[Batch]:
-    """Yield (pixels uint8 [b, *pixel_shape], ok mask [b], error reasons [b]) over ``paths`` in order.
+def _ahead(paths: Sequence[str], size: int, policy: str | None, batch_size: int) -> Iterator:
+    """``_load_batch`` over ``paths`` in order, a pool of one thread per core loading whole batches ahead.
 
-    A pool of one thread per core decodes whole batches ahead while the caller runs the model on
-    the previous one; at most one batch per thread and one more wait, so memory does not grow with
-    the number of files. Undecodable files come back with ok=False and a reason instead of raising.
+    At most one batch per thread and one more wait, so memory does not grow with the number of files.
     """
-    pixel_shape(size, policy)
     workers = load_workers()
     with ThreadPoolExecutor(workers, thread_name_prefix="tlcli-load") as pool:
         ahead: deque[Future] = deque()
@@ -220,3 +232,18 @@ def batches(paths: Sequence[str], size: int, policy: str = "crop", batch_size: i
         finally:
             for future in ahead:
                 future.cancel()
+
+
+def batches(paths: Sequence[str], size: int, policy: str = "crop", batch_size: int = 32) -> Iterator[Batch]:
+    """Yield (pixels uint8 [b, *pixel_shape], ok mask [b], error reasons [b]) over ``paths`` in order.
+
+    Decoded ahead in threads while the caller runs the model on the previous batch. Undecodable files
+    come back with ok=False and a reason instead of raising.
+    """
+    pixel_shape(size, policy)
+    return _ahead(paths, size, policy, batch_size)
+
+
+def photo_batches(paths: Sequence[str], size: int, batch_size: int = 32) -> Iterator[Photos]:
+    """``batches`` of whole decoded photos (``photo``, each its own size) instead of views."""
+    return _ahead(paths, size, None, batch_size)

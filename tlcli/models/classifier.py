@@ -18,6 +18,7 @@ import numpy as np
 from tlcli.data import images
 from tlcli.errors import UsageError
 from tlcli.models import backbones
+from tlcli.models.portable import takes_image
 from tlcli.models.run import load_run
 
 CLASS_INDEX_URL = "https://storage.googleapis.com/download.tensorflow.org/data/imagenet_class_index.json"
@@ -90,13 +91,14 @@ def from_backbone(name: str, alpha: float | None = None, weights: str = "imagene
     import keras
     import tensorflow as tf
 
-    from tlcli.models.layers import Preprocess
+    from tlcli.models.portable import preprocess_layer
 
     sp = backbones.spec(name)
     bb = backbones.build(name, alpha, None, weights, include_top=True, classifier_activation=None)
     classes, ids = imagenet_classes()
     inputs = keras.Input((bb.size, bb.size, 3))
-    logits = bb.model(Preprocess(sp.module)(inputs))
+    pre = preprocess_layer(sp.module)
+    logits = bb.model(pre(inputs) if pre is not None else inputs)
     model = keras.Model(inputs, logits)
 
     def log_probs(pixels):
@@ -106,11 +108,12 @@ def from_backbone(name: str, alpha: float | None = None, weights: str = "imagene
 
 
 def from_run(path: str | os.PathLike) -> Classifier:
-    """A trained tlcli run; for multi-view runs one square image is every view (crop and pad of a square agree)."""
+    """A trained tlcli run on square images at its input size, which are every view of themselves (crop, pad and
+    squash of a square agree): fed whole to a model that builds its views, stacked for one saved before."""
     import tensorflow as tf
 
     model, meta, run_dir = load_run(path)
-    n_views = len(images.views(meta["resize"]))
+    n_views = 1 if takes_image(model) else len(images.views(meta["resize"]))
 
     def log_probs(pixels):
         x = pixels if n_views == 1 else tf.stack([pixels] * n_views, axis=1)

@@ -8,6 +8,7 @@ from collections.abc import Callable, Sequence
 import numpy as np
 
 from tlcli.data import images
+from tlcli.models.portable import takes_image
 
 CONSTANT_WEIGHTS_LIMIT = 1 << 28
 
@@ -57,20 +58,30 @@ def _fold_batch_norms(model, values: dict[int, np.ndarray]) -> None:
             values[id(bn.gamma)] = np.ones_like(values[id(bn.gamma)])
 
 
+def _caller(model) -> Callable:
+    """How a pixel batch [b, *shape] enters ``model``: whole, or split into the views a multi-input model takes."""
+    n_inputs = len(model.inputs)
+    if n_inputs == 1:
+        return lambda x: x
+    return lambda x: [x[:, i] for i in range(n_inputs)]
+
+
 def inference_function(model, shape: tuple[int, ...]):
     """A graph that maps a uint8 pixel batch [any batch size, *shape] to the model's outputs.
 
-    Weights up to ``CONSTANT_WEIGHTS_LIMIT`` bytes are traced in as constants rather than variable
-    reads, with batch norms folded into the convolutions before them, so TensorFlow's graph
-    optimiser can fuse each convolution with its bias and activation (MobileNet 0.25: ~40% less
-    CPU time per image, outputs equal to ~2e-5); bigger models read their variables, keeping a
-    single copy of the weights in memory.
+    ``shape`` is (size, size, 3) or (views, size, size, 3) for a model taking views, (None, None, 3)
+    for one taking whole photos. Weights up to ``CONSTANT_WEIGHTS_LIMIT`` bytes are traced in as
+    constants rather than variable reads, with batch norms folded into the convolutions before them,
+    so TensorFlow's graph optimiser can fuse each convolution with its bias and activation (MobileNet
+    0.25: ~40% less CPU time per image, outputs equal to ~2e-5); bigger models read their variables,
+    keeping a single copy of the weights in memory.
     """
     import tensorflow as tf
 
     spec = tf.TensorSpec((None, *shape), tf.uint8)
+    enter = _caller(model)
     if sum(int(np.prod(v.shape)) * np.dtype(v.dtype).itemsize for v in model.variables) > CONSTANT_WEIGHTS_LIMIT:
-        return tf.function(lambda x: model(tf.cast(x, tf.float32), training=False), input_signature=[spec])
+        return tf.function(lambda x: model(enter(tf.cast(x, tf.float32)), training=False), input_signature=[spec])
     values = {id(v): v.numpy() for v in model.variables}
     _fold_batch_norms(model, values)
     trainable = [values[id(v)] for v in model.trainable_variables]
@@ -78,7 +89,7 @@ def inference_function(model, shape: tuple[int, ...]):
 
     def run(x):
         constants = [tf.constant(w) for w in trainable], [tf.constant(w) for w in frozen]
-        return model.stateless_call(*constants, tf.cast(x, tf.float32), training=False)[0]
+        return model.stateless_call(*constants, enter(tf.cast(x, tf.float32)), training=False)[0]
 
     return tf.function(run, input_signature=[spec])
 
@@ -121,9 +132,55 @@ def apply_model(
     batch_size: int = 32,
     progress: Callable[[int, int], None] | None = None,
 ) -> tuple[np.ndarray, list[int], list[dict]]:
-    """Run a pixels-in model over image files: (outputs of the decodable ones, their indices, skipped files)."""
+    """Run a pixels-in model over image files: (outputs of the decodable ones, their indices, skipped files).
+
+    A model that takes whole photos (``portable.takes_image``) is fed each decoded photo as it is, as a
+    deployer feeds it; one saved before, or one that takes views, is fed tlcli's views.
+    """
+    width = int(model.output_shape[-1])
+    if takes_image(model):
+        infer = inference_function(model, (None, None, 3))
+        return apply_photos(infer, width, paths, size, batch_size, progress)
     infer = inference_function(model, images.pixel_shape(size, resize))
-    return apply_graph(infer, int(model.output_shape[-1]), paths, size, resize, batch_size, progress)
+    return apply_graph(infer, width, paths, size, resize, batch_size, progress)
+
+
+def _collect(outputs: list, kept: list, skipped: list, paths: Sequence[str], done: int, ok, why) -> None:
+    """File one batch's outputs (``outputs`` holds a row per file, None where it did not decode)."""
+    for j, row in enumerate(outputs):
+        if ok[j]:
+            kept.append((done + j, row))
+        else:
+            skipped.append({"path": paths[done + j], "reason": why[j]})
+
+
+def apply_photos(
+    infer,
+    width: int,
+    paths: Sequence[str],
+    size: int,
+    batch_size: int = 32,
+    progress: Callable[[int, int], None] | None = None,
+) -> tuple[np.ndarray, list[int], list[dict]]:
+    """``apply_graph`` for a graph on whole photos: consecutive photos of one size go in as one batch."""
+    kept: list = []
+    skipped: list = []
+    done = 0
+    for photos, ok, why in images.photo_batches(list(paths), size, batch_size):
+        rows: list = [None] * len(photos)
+        start = 0
+        while start < len(photos):
+            end = start + 1
+            while end < len(photos) and ok[end] == ok[start] and photos[end].shape == photos[start].shape:
+                end += 1
+            if ok[start]:
+                rows[start:end] = list(np.asarray(infer(np.stack(photos[start:end]))))
+            start = end
+        _collect(rows, kept, skipped, paths, done, ok, why)
+        done += len(photos)
+        if progress:
+            progress(done, len(paths))
+    return np.asarray([row for _, row in kept], np.float32).reshape(-1, width), [i for i, _ in kept], skipped
 
 
 def apply_graph(
@@ -139,17 +196,12 @@ def apply_graph(
 
     The graph takes any batch size, so a short final batch costs only its own images.
     """
-    outputs, kept, skipped = [], [], []
+    kept: list = []
+    skipped: list = []
     done = 0
     for pixels, ok, why in images.batches(list(paths), size, resize, batch_size):
-        out = np.asarray(infer(pixels))
-        for j in range(len(pixels)):
-            if ok[j]:
-                outputs.append(out[j])
-                kept.append(done + j)
-            else:
-                skipped.append({"path": paths[done + j], "reason": why[j]})
+        _collect(list(np.asarray(infer(pixels))), kept, skipped, paths, done, ok, why)
         done += len(pixels)
         if progress:
             progress(done, len(paths))
-    return np.asarray(outputs, np.float32).reshape(-1, width), kept, skipped
+    return np.asarray([row for _, row in kept], np.float32).reshape(-1, width), [i for i, _ in kept], skipped

@@ -1,4 +1,8 @@
-"""Serializable Keras layers that make a saved model take raw RGB pixels."""
+"""The Keras layers of runs saved before model.keras was built from Keras' own layers (``portable``).
+
+Registered so those runs still load in evaluate, predict, export, adversarial and ideal-image; new
+models do not use them.
+"""
 
 from __future__ import annotations
 
@@ -64,25 +68,3 @@ class UnfoldViews(keras.layers.Layer):
 
     def get_config(self) -> dict:
         return {**super().get_config(), "n_views": self.n_views}
-
-
-def feature_model(backbone, flip_average: bool, n_views: int = 1) -> keras.Model:
-    """Pixels in [0, 255] -> pooled backbone features.
-
-    Takes (size, size, 3) pixels, or (n_views, size, size, 3) for multi-view resize policies whose
-    views' features are concatenated; with ``flip_average`` each view's features are averaged with
-    those of its mirror image.
-    """
-    size = backbone.size
-    shape = (size, size, 3) if n_views == 1 else (n_views, size, size, 3)
-    inputs = keras.Input(shape, name="pixels")
-    pre = Preprocess(backbone.spec.module, name="preprocess")
-
-    pixels = inputs if n_views == 1 else FoldViews(name="fold_views")(inputs)
-    features = backbone.model(pre(pixels))
-    if flip_average:
-        mirrored = backbone.model(pre(HorizontalFlip(name="mirror")(pixels)))
-        features = keras.layers.Average(name="flip_average")([features, mirrored])
-    if n_views > 1:
-        features = UnfoldViews(n_views, name="unfold_views")(features)
-    return keras.Model(inputs, features, name="features")

@@ -1,20 +1,29 @@
-"""A run's model: built from a backbone and a head, or loaded from a run folder."""
+"""A run's model: built from a backbone and a head, or loaded from a run folder (either format)."""
 
 from __future__ import annotations
 
 import os
+from typing import NamedTuple
 
 from tlcli.data import images
 from tlcli.errors import UsageError
 from tlcli.models import backbones
+from tlcli.models.portable import VIEWS_MODEL, features_model, image_model
 from tlcli.store import files, runs
 
 
-def pixels_model(meta: dict, head) -> tuple:
-    """Preprocessing + backbone + ``head`` as one model taking RGB pixels; returns (model, backbone model)."""
-    import keras
+class Built(NamedTuple):
+    """A run's models sharing one set of weights: ``model`` takes one image (what model.keras holds), ``views``
+    takes the image's views as tlcli's loader makes them (what fine-tuning trains), ``backbone`` is inside both."""
 
-    from tlcli.models.layers import feature_model
+    model: object
+    views: object
+    backbone: object
+
+
+def pixels_model(meta: dict, head) -> Built:
+    """Preprocessing + backbone + ``head`` on RGB pixels, from Keras' own layers (``portable``)."""
+    import keras
 
     bb = backbones.build(meta["backbone"], meta.get("alpha"), meta["input_size"], meta["weights"])
     if bb.weights_sha256 != meta.get("weights_sha256"):
@@ -22,16 +31,17 @@ def pixels_model(meta: dict, head) -> tuple:
             f"the {meta['backbone']} weights changed since extraction "
             f"({meta.get('weights_sha256')} -> {bb.weights_sha256}); re-run 'tlcli extract'"
         )
-    features = feature_model(bb, meta.get("flip_average", False), len(images.views(meta["resize"])))
-    pixels = keras.Input(images.pixel_shape(bb.size, meta["resize"]), name="pixels")
-    return keras.Model(pixels, head(features(pixels)), name=f"tlcli_{meta['backbone']}"), bb.model
+    features = features_model(bb, len(images.views(meta["resize"])), meta.get("flip_average", False))
+    views = keras.Model(features.input, head(features.output), name=VIEWS_MODEL)
+    model = image_model(views, bb.size, meta["resize"], f"tlcli_{meta['backbone']}")
+    return Built(model, views, bb.model)
 
 
 def load_run(path: str | os.PathLike):
     """Load a run's inference model and metadata; one-line error when the model file is not a model."""
     import keras
 
-    import tlcli.models.layers  # noqa: F401  (registers the custom layers for deserialisation)
+    import tlcli.models.layers  # noqa: F401  (registers the layers of runs saved before portable models)
 
     run_dir = runs.resolve_run(path)
     meta = files.read_json(run_dir / "meta.json")

@@ -15,7 +15,8 @@ import numpy as np
 from tlcli.errors import UsageError
 from tlcli.store import files, locks, shards
 
-STORE_FORMAT = 1
+STORE_FORMAT = 2
+"""2: views with the geometry of Keras' Resizing layer (whole-pixel crop, padding before resampling)."""
 META = "meta.json"
 EXTRACTOR = "extractor"
 SPLITS = ("train", "val", "test")

@@ -166,9 +166,9 @@ def _new_vectors(
     """Run the backbone over ``todo`` (tracing it, and saving its graph in the store, on first use):
     vectors by content hash, and why the files that did not decode failed."""
     if ex.infer is None:
-        from tlcli.models.layers import feature_model
+        from tlcli.models.portable import features_model
 
-        model = feature_model(ex.backbone, recipe.flip_average, len(images.views(recipe.resize)))
+        model = features_model(ex.backbone, len(images.views(recipe.resize)), recipe.flip_average)
         ex.infer = graph.inference_function(model, images.pixel_shape(ex.size, recipe.resize))
     paths = [str(data / f.rel) for f in todo]
     width = ex.described["feature_dim"]

@@ -114,7 +114,8 @@ def image_dataset(
     seed: int = 0,
     training: bool = False,
 ):
-    """A tf.data pipeline of (float32 pixels, label) batches for a stored split, decoded by ``images.batches``.
+    """A tf.data pipeline of (float32 pixels, label) batches for a stored split, decoded by ``images.batches``
+    (a multi-view split's pixels as a tuple of views, the inputs of ``run.Built.views``).
 
     Training batches are reshuffled every epoch, full-sized (a remainder waits for the next epoch's
     shuffle) and augmented view by view, one batch after another so that a seed gives the same random
@@ -146,7 +147,7 @@ def image_dataset(
         x = tf.cast(x, tf.float32)
         if layer is not None:
             x = tf.reshape(layer(tf.reshape(x, (-1, photos.size, photos.size, 3)), training=True), (-1, *shape))
-        return x, y
+        return (x if len(shape) == 3 else tuple(x[:, i] for i in range(shape[0]))), y
 
     options = tf.data.Options()
     options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.DATA
@@ -155,9 +156,11 @@ def image_dataset(
 
 @dataclass
 class Result:
-    """A fine-tuned model and how it got there; ``best_epoch`` 0 means no epoch beat the starting model."""
+    """A fine-tuned model (one image in, as saved; and the same weights taking views, as trained) and how it got
+    there; ``best_epoch`` 0 means no epoch beat the starting model."""
 
     model: object
+    views: object
     history: dict[str, list[float]]
     unfrozen: list[str]
     start_val_loss: float | None
@@ -171,16 +174,17 @@ class _Steps(NamedTuple):
     test: Callable
 
 
-def _set_up(build: Callable[[], tuple], recipe: FineTuneRecipe, strategy, steps: int) -> tuple:
-    """In ``strategy``'s scope: the model, its unfrozen backbone layers and Adam on a cosine decay over ``steps``."""
+def _set_up(build: Callable, recipe: FineTuneRecipe, strategy, steps: int) -> tuple:
+    """In ``strategy``'s scope: the models (``run.Built``), the unfrozen backbone layers and Adam on a cosine
+    decay over ``steps``."""
     import keras
 
     with strategy.scope():
-        full, backbone = build()
-        unfrozen = unfreeze(backbone, recipe.layers, recipe.from_layer)
+        built = build()
+        unfrozen = unfreeze(built.backbone, recipe.layers, recipe.from_layer)
         optimizer = keras.optimizers.Adam(keras.optimizers.schedules.CosineDecay(recipe.learning_rate, steps))
-        optimizer.build(full.trainable_variables)
-    return full, unfrozen, optimizer
+        optimizer.build(built.views.trainable_variables)
+    return built, unfrozen, optimizer
 
 
 def _batch_steps(full, optimizer, strategy, class_weights: dict[int, float] | None, batch_size: int) -> _Steps:
@@ -268,7 +272,7 @@ def _epochs(
 
 @cluster_failures()
 def fine_tune(
-    build: Callable[[], tuple],
+    build: Callable,
     photos: Photos,
     train: Split,
     val: Split | None,
@@ -281,7 +285,7 @@ def fine_tune(
 ) -> Result:
     """Build the pixels-in model, unfreeze the recipe's backbone layers and train end to end with Adam.
 
-    ``build`` returns (full model, backbone model) with the head already trained on stored features;
+    ``build`` returns the models (``run.Built``) with the head already trained on stored features;
     it is called inside ``strategy``'s scope (a tf.distribute strategy; None trains in this process
     alone). Every worker of a multi-worker strategy runs this same loop. The learning rate (the
     recipe's, ``resolved``) decays to 0 along a cosine over its epochs. With a val split, early
@@ -293,7 +297,8 @@ def fine_tune(
 
     strategy = strategy or tf.distribute.get_strategy()
     batch_size = min(recipe.batch_size, len(train.labels))
-    full, unfrozen, optimizer = _set_up(build, recipe, strategy, recipe.epochs * (len(train.labels) // batch_size))
+    built, unfrozen, optimizer = _set_up(build, recipe, strategy, recipe.epochs * (len(train.labels) // batch_size))
+    full = built.views
     train_ds = strategy.experimental_distribute_dataset(
         image_dataset(photos, train, batch_size, augment=recipe.augment, seed=seed, training=True)
     )
@@ -304,10 +309,10 @@ def fine_tune(
     )
     steps = _batch_steps(full, optimizer, strategy, class_weights, batch_size)
     history, start, best_epoch = _epochs(full, steps, train_ds, val_ds, recipe, progress)
-    return Result(full, history, unfrozen, None if start is None else round(start, 6), best_epoch)
+    return Result(built.model, full, history, unfrozen, None if start is None else round(start, 6), best_epoch)
 
 
 def predict(model, photos: Photos, split: Split, batch_size: int = 32) -> tuple[np.ndarray, np.ndarray]:
-    """Probabilities of a pixels-in model on a stored split's images, with the labels of those it could read."""
+    """Probabilities of a model taking views on a stored split's images, with the labels of those it could read."""
     probs, kept, _ = apply_model(model, photos.paths(split), photos.size, photos.resize, batch_size)
     return probs, np.asarray(split.labels)[kept]

@@ -158,7 +158,7 @@ def _fine_tune(
     """
     import keras
 
-    def build() -> tuple:
+    def build():
         copy = keras.models.clone_model(fitted.head)
         copy.set_weights(fitted.head.get_weights())
         return pixels_model(features.meta, copy)
@@ -217,7 +217,7 @@ def fit(
     )
     fitted = Fitted(None, head, recipe, history, val_probs)
     if fine_tune is None:
-        fitted = dataclasses.replace(fitted, model=pixels_model(features.meta, head)[0])
+        fitted = dataclasses.replace(fitted, model=pixels_model(features.meta, head).model)
     else:
         fitted = _fine_tune(features, fitted, fine_tune.resolved(recipe), strategy=strategy, progress=progress, log=log)
     return dataclasses.replace(fitted, seconds=time.perf_counter() - started)
@@ -244,14 +244,15 @@ class Scores:
 
 
 def _metrics(features: Features, fitted: Fitted, split: Split) -> dict:
-    """Metrics of the model on one split: the head on its stored features, a fine-tuned model on its photos."""
+    """Metrics of the model on one split: the head on its stored features, a fine-tuned model on its photos' views
+    (the pixels its features were extracted from, which the saved model's own views match to 8-bit rounding)."""
     n_classes = len(features.classes)
     if not len(split.labels):
         probs, labels = np.zeros((0, n_classes)), split.labels
     elif fitted.tuned is None:
         probs, labels = fitted.head.predict(split.features, verbose=0, batch_size=256), split.labels
     else:
-        probs, labels = finetune.predict(fitted.model, finetune.Photos.of(features.meta), split)
+        probs, labels = finetune.predict(fitted.tuned.views, finetune.Photos.of(features.meta), split)
     return metrics.metrics(labels, probs, features.classes)
 
 
