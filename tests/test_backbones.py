@@ -5,6 +5,9 @@ Random weights, small inputs.
 
 from __future__ import annotations
 
+import re
+import zipfile
+
 import numpy as np
 import pytest
 
@@ -63,8 +66,11 @@ def test_backbone_builds_extracts_and_trains(name, tiny_dataset, tmp_path):
     if alpha is None or alpha == 1.0:
         assert store.meta["feature_dim"] == sp.feature_dim
     result = trainer.train(tmp_path / "f", tmp_path / "runs", HeadRecipe(epochs=3, patience=3, refit=False))
-    assert (tmp_path / "runs" / "latest" / "model.keras").is_file()
     assert result.epochs_run == 3
+    config = zipfile.ZipFile(tmp_path / "runs" / "latest" / "model.keras").read("config.json").decode()
+    modules = set(re.findall(r'"module": "([^"]+)"', config))
+    assert modules and all(m.startswith("keras") for m in modules), modules  # Keras' own layers: no tlcli needed
+    assert '"registered_name": "tlcli' not in config
 
 
 @pytest.mark.parametrize("name", OTHERS)
