@@ -62,6 +62,23 @@ def test_tflite_holds_its_labels_and_agrees_with_predict(cli, run_dir, tmp_path,
     assert ["blue", "red"][probs.argmax()] == _predicted(cli, run_dir, photo)[0] == "red"
 
 
+def test_onnx_holds_its_labels_and_agrees_with_predict(cli, run_dir, tmp_path):
+    pytest.importorskip("tf2onnx")
+    onnxruntime = pytest.importorskip("onnxruntime")
+    out = tmp_path / "m.onnx"
+    res = cli("export", run_dir, "--out", out, "--format", "onnx", "--json", "--quiet")
+    assert res.exit_code == 0, res.output
+    assert json.loads(res.stdout)["top1_agreement"] >= 0.995
+    session = onnxruntime.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+    assert session.get_modelmeta().custom_metadata_map["labels"].split() == ["blue", "red"]
+    photo = run_dir.resolve().parent.parent / "data" / "blue" / "b0.jpg"
+    import tensorflow as tf
+
+    pixels = tf.io.decode_jpeg(photo.read_bytes(), channels=3).numpy()[None].astype(np.float32)
+    probs = session.run(None, {session.get_inputs()[0].name: pixels})[0][0]
+    assert ["blue", "red"][probs.argmax()] == _predicted(cli, run_dir, photo)[0] == "blue"
+
+
 def _saved_model_cli(model_dir, signature: str, key: str, value: np.ndarray, tmp_path) -> str:
     np.save(tmp_path / "input.npy", value, allow_pickle=True)
     cli = [sys.executable, "-m", "tensorflow.python.tools.saved_model_cli"]

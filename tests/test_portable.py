@@ -17,9 +17,12 @@ PLAIN_KERAS = """
 import json, sys
 sys.modules["tlcli"] = None  # a Python without tlcli
 import keras, numpy as np
-photos = np.load(sys.argv[2])
-model = keras.saving.load_model(sys.argv[1])  # safe_mode on, no custom_objects
-print(json.dumps([model.predict(photos[k][None], verbose=0)[0].tolist() for k in sorted(photos, key=int)]))
+out = []
+for model_file, photos_file in zip(sys.argv[1::2], sys.argv[2::2]):
+    model = keras.saving.load_model(model_file)  # safe_mode on, no custom_objects
+    photos = np.load(photos_file)
+    out.append([model.predict(photos[k][None], verbose=0)[0].tolist() for k in sorted(photos, key=int)])
+print(json.dumps(out))
 """
 
 
@@ -52,25 +55,27 @@ def _photos(run: Path, shared_data: Path) -> list[str]:
     return [str(Path(meta["data_dir"]) / rel) for rel, _ in meta["test_files"]] + samples
 
 
-@pytest.mark.parametrize("resize", ["crop", "crop+pad"])
-def test_plain_keras_loads_the_run_and_predicts_what_tlcli_predicts(real_runs, shared_data, resize, tmp_path):
+def test_plain_keras_loads_the_runs_and_predicts_what_tlcli_predicts(real_runs, shared_data, tmp_path):
+    """A centre-crop run and a crop+pad one, on the pixels tlcli decoded (test photos and imagenet_samples)."""
     from tlcli.data import images
     from tlcli.models.graph import apply_model
     from tlcli.models.run import load_run
 
-    run = real_runs[resize]
-    model, meta, _ = load_run(run)
-    paths = _photos(run, shared_data)
-    tlcli_probs, kept, _ = apply_model(model, paths, meta["input_size"], meta["resize"])
-    assert len(kept) == len(paths) > 20
-    np.savez(tmp_path / "photos.npz", **{str(i): images.photo(p, meta["input_size"]) for i, p in enumerate(paths)})
-    done = subprocess.run(
-        [sys.executable, "-c", PLAIN_KERAS, str(run / "model.keras"), str(tmp_path / "photos.npz")],
-        capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
+    expected, args = [], []
+    for resize, run in real_runs.items():
+        model, meta, _ = load_run(run)
+        paths = _photos(run, shared_data)
+        probs, kept, _ = apply_model(model, paths, meta["input_size"], meta["resize"])
+        assert len(kept) == len(paths) > 20
+        expected.append(probs)
+        photos = {str(i): images.photo(p, meta["input_size"]) for i, p in enumerate(paths)}
+        np.savez(tmp_path / f"{resize}.npz", **photos)
+        args += [str(run / "model.keras"), str(tmp_path / f"{resize}.npz")]
+    done = subprocess.run([sys.executable, "-c", PLAIN_KERAS, *args], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
-    plain = np.asarray(json.loads(done.stdout.strip().splitlines()[-1]))
-    np.testing.assert_allclose(plain, tlcli_probs, atol=1e-4)
+    plain = json.loads(done.stdout.strip().splitlines()[-1])
+    for got, want in zip(plain, expected, strict=True):
+        np.testing.assert_allclose(np.asarray(got), want, atol=1e-4)
 
 
 def test_export_fed_file_bytes_agrees_with_predict_on_real_photos(real_runs, shared_data, tmp_path):
@@ -85,7 +90,7 @@ def test_export_fed_file_bytes_agrees_with_predict_on_real_photos(real_runs, sha
     from tlcli.train import export
 
     run = real_runs["crop+pad"]
-    summary = export.export(run, tmp_path / "sm", "savedmodel")
+    summary = export.export(run, tmp_path / "sm", fmt="savedmodel")
     assert summary["top1_agreement"] == 1.0 and summary["max_probability_difference"] < 1e-4
     model, meta, _ = load_run(run)
     samples = sorted((shared_data / "imagenet_samples").rglob("*.jpg"))

@@ -135,27 +135,26 @@ def test_train_head_writes_a_complete_run(trained):
     Image.open(run / "confusion.png").verify()
 
 
-def test_saved_model_takes_pixels_and_matches_features(trained):
+def test_saved_model_takes_one_photo_and_matches_features(trained):
+    """model.keras (Keras' own layers) takes a decoded photo at its own size; its views model, fed tlcli's views,
+    gives the stored features."""
     import keras
 
-    import tlcli.models.layers  # noqa: F401
+    from tlcli.data import images
+    from tlcli.store import features
 
     summary = trained.trained
     model = keras.saving.load_model(Path(summary["run"]) / "model.keras")
-    from tlcli.data import images
-    from tlcli.models.run import load_run
-    from tlcli.store import features
-
-    _, meta, _ = load_run(summary["run"])
-    store = features.Store.open(trained.features)
-    test = store.split("test")
+    meta = json.loads((Path(summary["run"]) / "meta.json").read_text())
+    test = features.Store.open(trained.features).split("test")
+    photos = [images.photo(Path(meta["data_dir"]) / p, 96).astype("float32") for p in test.paths]
+    probs = np.concatenate([model.predict(x[None], verbose=0) for x in photos])
+    assert probs.shape == (2, 2) and probs.argmax(1).tolist() == test.labels.tolist()
     pixels = np.stack([images.load(Path(meta["data_dir"]) / p, 96, meta["resize"]) for p in test.paths])
     assert pixels.shape == (2, 2, 96, 96, 3)
-    pixels = pixels.astype("float32")
-    probs = model.predict(pixels, verbose=0)
-    assert probs.shape == (2, 2)
-    assert probs.argmax(1).tolist() == test.labels.tolist()
-    feats = model.get_layer("features").predict(pixels, verbose=0)
+    views = model.get_layer("views")
+    joined = keras.Model(views.inputs, views.get_layer("join_views").output)
+    feats = joined.predict([pixels[:, 0].astype("float32"), pixels[:, 1].astype("float32")], verbose=0)
     np.testing.assert_allclose(feats, test.features, rtol=1e-3, atol=1e-3)
 
 

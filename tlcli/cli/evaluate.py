@@ -122,7 +122,9 @@ def predict_cmd(
 def export_cmd(
     run_dir: Annotated[Path, typer.Argument(metavar="RUN", help="Run folder, e.g. runs/pets/latest.")],
     out_path: Annotated[Path, typer.Option("--out", "-o", help="model.tflite file or SavedModel folder.")],
-    fmt: Annotated[str, typer.Option("--format", "-f", help="tflite or savedmodel.")] = "tflite",
+    fmt: Annotated[
+        str, typer.Option("--format", "-f", help="tflite, savedmodel or onnx (needs tlcli[onnx]).")
+    ] = "tflite",
     quantize: Annotated[
         str,
         typer.Option(
@@ -147,7 +149,7 @@ def export_cmd(
 
     use_device(device, quiet or as_json)
     with native_stderr_silenced():
-        summary = export.export(run_dir, out_path, fmt, quantize, check_images)
+        summary = export.export(run_dir, out_path, fmt=fmt, quantize=quantize, check_images=check_images)
     if as_json:
         emit_json(summary)
         return

@@ -1,5 +1,5 @@
-"""Export a run as a TensorFlow SavedModel serving image bytes, or a TFLite file with its labels inside, checked
-against tlcli's own predictions on the run's photos before anything is written."""
+"""Export a run as a TensorFlow SavedModel serving image bytes, or a TFLite or ONNX file with its labels inside,
+checked against tlcli's own predictions on the run's photos before anything is written."""
 
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ from tlcli.models.graph import apply_model
 from tlcli.models.run import load_run
 from tlcli.store import files
 
-FORMATS = ("savedmodel", "tflite")
+FORMATS = ("savedmodel", "tflite", "onnx")
 QUANTIZE = ("none", "dynamic", "float16", "int8")
 MIN_AGREEMENT = {"none": 0.995, "dynamic": 0.995, "float16": 0.995, "int8": 0.97}
 """Top-1 agreement with ``tlcli predict`` below which an export is refused."""
@@ -128,6 +128,31 @@ def _tflite_predict(model_bytes: bytes, photos: list[np.ndarray]) -> np.ndarray:
     return np.stack(results)
 
 
+def _onnx_bytes(model, meta: dict) -> bytes:
+    """The run as ONNX (tf2onnx, opset 18) on images [batch, height, width, 3] of one size, class names in its
+    metadata as ``labels``; views resized without antialiasing, as tf2onnx has no antialiased resize."""
+    import tensorflow as tf
+
+    try:
+        import tf2onnx
+    except ImportError:
+        raise UsageError("--format onnx needs tf2onnx and onnxruntime: pip install 'tlcli[onnx]'") from None
+    signature = [tf.TensorSpec((None, None, None, 3), tf.float32, name="images")]
+    fn = tf.function(serving.image_function(model, meta, antialias=False), input_signature=signature)
+    proto, _ = tf2onnx.convert.from_function(fn, input_signature=signature, opset=18)
+    proto.metadata_props.add(key="labels", value="\n".join(meta["classes"]))
+    return proto.SerializeToString()
+
+
+def _onnx_predict(model_bytes: bytes, photos: list[np.ndarray]) -> np.ndarray:
+    """ONNX Runtime on each decoded photo at its own size."""
+    import onnxruntime
+
+    session = onnxruntime.InferenceSession(model_bytes, providers=["CPUExecutionProvider"])
+    name = session.get_inputs()[0].name
+    return np.concatenate([session.run(None, {name: x})[0] for x in photos]).astype(np.float32)
+
+
 def with_labels(model_bytes: bytes, classes: list[str]) -> bytes:
     """The TFLite file with labels.txt appended as a zip archive, as TFLite Metadata packs associated files:
     the interpreter ignores it, ``zipfile.ZipFile("model.tflite").read("labels.txt")`` reads it."""
@@ -155,22 +180,26 @@ def _check_options(fmt: str, quantize: str, out: Path) -> None:
         raise UsageError(f"unknown --format {fmt!r}; use one of {', '.join(FORMATS)}")
     if quantize not in QUANTIZE:
         raise UsageError(f"unknown --quantize {quantize!r}; use one of {', '.join(QUANTIZE)}")
-    if fmt == "savedmodel" and quantize != "none":
+    if fmt != "tflite" and quantize != "none":
         raise UsageError("--quantize applies to --format tflite only")
-    if out.exists() and fmt == "tflite" and out.is_dir():
+    if out.exists() and fmt != "savedmodel" and out.is_dir():
         raise UsageError(f"--out {out} is a folder; give a file name such as model.tflite")
     if out.exists() and fmt == "savedmodel":
         raise UsageError(f"{out} already exists; remove it or choose another --out")
 
 
-def _write(model, meta: dict, fmt: str, quantize: str, out: Path, photos: list[Path]) -> tuple[list[str], np.ndarray]:
-    """Build the export in a hidden folder beside ``out``, run it on ``photos`` and hand back a writer."""
+def _write(model, meta: dict, fmt: str, quantize: str, out: Path, photos: list[Path]) -> tuple[Path, np.ndarray]:
+    """Build the export in a hidden folder beside ``out`` and run it on ``photos``: (that folder, probabilities)."""
     work = Path(tempfile.mkdtemp(prefix=".export-", dir=out.parent))
     try:
         if fmt == "savedmodel":
             _savedmodel(model, meta, work / "savedmodel")
             return work, _served(work / "savedmodel", photos)
         decoded = _decoded(photos, meta["input_size"])
+        if fmt == "onnx":
+            model_bytes = _onnx_bytes(model, meta)
+            (work / "model.onnx").write_bytes(model_bytes)
+            return work, _onnx_predict(model_bytes, decoded)
         model_bytes = with_labels(_tflite_bytes(model, meta, quantize, decoded[:100], work), list(meta["classes"]))
         (work / "model.tflite").write_bytes(model_bytes)
         return work, _tflite_predict(model_bytes, decoded)
@@ -184,7 +213,7 @@ def _publish(work: Path, fmt: str, out: Path, classes: list[str]) -> list[str]:
     if fmt == "savedmodel":
         os.rename(work / "savedmodel", out)
         return [str(out), str(out / LABELS)]
-    files.write_bytes(out, (work / "model.tflite").read_bytes())
+    files.write_bytes(out, (work / f"model.{fmt}").read_bytes())
     labels = out.with_suffix(".labels.txt")
     files.write_bytes(labels, ("\n".join(classes) + "\n").encode())
     return [str(out), str(labels)]
@@ -193,6 +222,7 @@ def _publish(work: Path, fmt: str, out: Path, classes: list[str]) -> list[str]:
 def export(
     run: str | os.PathLike,
     out: str | os.PathLike,
+    *,
     fmt: str = "tflite",
     quantize: str = "none",
     check_images: int | None = None,
@@ -226,6 +256,6 @@ def export(
         "top1_agreement": round(agreement, 4),
         "max_probability_difference": round(float(np.abs(exported - reference).max()), 6),
         "mean_probability_difference": round(float(np.abs(exported - reference).mean()), 6),
-        "input_shape": [None, None, 3] if fmt == "savedmodel" else [1, None, None, 3],
+        "input_shape": [1, None, None, 3] if fmt == "tflite" else [None, None, None, 3],
         "seconds": round(time.perf_counter() - started, 3),
     }
