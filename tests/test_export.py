@@ -7,29 +7,20 @@ import json
 import subprocess
 import sys
 import zipfile
+from pathlib import Path
 
 import numpy as np
 import pytest
 
-from .test_workflow import FAST
+
+@pytest.fixture()
+def run_dir(colour_run) -> Path:
+    """The session's trained colour run (conftest.colour_run); the tests only read it."""
+    return colour_run.latest
 
 
-@pytest.fixture(scope="module")
-def run_dir(keras_home, tmp_path_factory):
-    from typer.testing import CliRunner
-
-    from tlcli.cli.app import app
-
-    from .conftest import make_photo
-
-    root = tmp_path_factory.mktemp("export")
-    for i in range(12):
-        make_photo(root / "data" / "red" / f"r{i}.jpg", (200, 40, 40), size=(130, 100), seed=i)
-        make_photo(root / "data" / "blue" / f"b{i}.jpg", (40, 40, 200), size=(100, 120), seed=50 + i)
-    runner = CliRunner()
-    assert runner.invoke(app, ["extract", str(root / "data"), "--out", str(root / "f"), *FAST]).exit_code == 0
-    assert runner.invoke(app, ["train-head", str(root / "f"), "--out", str(root / "runs"), "--quiet"]).exit_code == 0
-    return root / "runs" / "latest"
+def _data(run_dir) -> Path:
+    return Path(json.loads((run_dir / "meta.json").read_text())["data_dir"])
 
 
 def _predicted(cli, run, *paths) -> list[str]:
@@ -50,11 +41,11 @@ def test_tflite_holds_its_labels_and_agrees_with_predict(cli, run_dir, tmp_path,
     assert out.read_bytes()[4:8] == b"TFL3"
     assert zipfile.ZipFile(out).read("labels.txt").decode().split() == ["blue", "red"]
     assert out.with_suffix(".labels.txt").read_text().split() == ["blue", "red"]
-    photo = run_dir.resolve().parent.parent / "data" / "red" / "r0.jpg"
+    photo = _data(run_dir) / "red" / "r0.jpg"
     pixels = tf.io.decode_jpeg(photo.read_bytes(), channels=3).numpy()[None].astype(np.float32)
     interpreter = tf.lite.Interpreter(model_path=str(out))
     inp = interpreter.get_input_details()[0]
-    interpreter.resize_tensor_input(inp["index"], pixels.shape)  # the photo at its own size: 130 x 100
+    interpreter.resize_tensor_input(inp["index"], pixels.shape)  # the photo at its own size: 48 x 40
     interpreter.allocate_tensors()
     interpreter.set_tensor(inp["index"], pixels)
     interpreter.invoke()
@@ -71,7 +62,7 @@ def test_onnx_holds_its_labels_and_agrees_with_predict(cli, run_dir, tmp_path):
     assert json.loads(res.stdout)["top1_agreement"] >= 0.995
     session = onnxruntime.InferenceSession(str(out), providers=["CPUExecutionProvider"])
     assert session.get_modelmeta().custom_metadata_map["labels"].split() == ["blue", "red"]
-    photo = run_dir.resolve().parent.parent / "data" / "blue" / "b0.jpg"
+    photo = _data(run_dir) / "blue" / "b0.jpg"
     import tensorflow as tf
 
     pixels = tf.io.decode_jpeg(photo.read_bytes(), channels=3).numpy()[None].astype(np.float32)
@@ -97,7 +88,7 @@ def test_savedmodel_serves_jpeg_bytes_and_pixels(cli, run_dir, tmp_path):
     doc = json.loads(res.stdout)
     assert doc["top1_agreement"] == 1.0 and doc["max_probability_difference"] < 1e-4
     assert (tmp_path / "sm" / "saved_model.pb").is_file() and (tmp_path / "sm" / "labels.txt").is_file()
-    data = run_dir.resolve().parent.parent / "data"
+    data = _data(run_dir)
     photos = [data / "blue" / "b3.jpg", data / "red" / "r5.jpg"]
     expected = _predicted(cli, run_dir, *photos)
     encoded = np.array([p.read_bytes() for p in photos], dtype=object)
@@ -150,7 +141,7 @@ def _old_format(run_dir, dest):
 def test_runs_saved_before_still_work(cli, run_dir, tmp_path):
     old = _old_format(run_dir, tmp_path / "old-run")
     assert "tlcli>Preprocess" in zipfile.ZipFile(old / "model.keras").read("config.json").decode()
-    data = run_dir.resolve().parent.parent / "data"
+    data = _data(run_dir)
     assert _predicted(cli, old, data / "red" / "r1.jpg", data / "blue" / "b1.jpg") == ["red", "blue"]
     evaluated = cli("evaluate", old, data, "--json", "--quiet")
     assert evaluated.exit_code == 0 and json.loads(evaluated.stdout)["accuracy"] == 1.0

@@ -30,7 +30,7 @@ def _moving_stats(model) -> dict[str, list[np.ndarray]]:
     import keras
 
     stats = {}
-    for layer in model.get_layer("features").get_layer("mobilenet_0.25_64").layers:
+    for layer in model.get_layer("views").get_layer("mobilenet_0.25_64").layers:
         if isinstance(layer, keras.layers.BatchNormalization):
             stats[layer.name] = [np.array(layer.moving_mean), np.array(layer.moving_variance)]
     return stats
@@ -66,11 +66,13 @@ def test_fine_tune_cli_saves_a_run_with_both_stages(cli, tiny_store, tmp_path):
     ft = meta["fine_tune"]
     assert ft["layers"] == 2 and ft["augment"] == ["flip", "rotate"] and ft["learning_rate"] == pytest.approx(1e-4)
     assert ft["unfrozen"] == ["conv_dw_13", "conv_pw_13"]
-    assert {layer.name for layer in model.layers} == {"pixels", "features", "head"}  # no augmentation layers
+    views = [f"{policy}_view" for policy in meta["resize"].split("+")]
+    assert {layer.name for layer in model.layers} == {"image", *views, "views"}
+    assert "augment" not in {layer.name for layer in model.get_layer("views").layers}  # augmentation is not saved
     for stats in _moving_stats(model).values():  # --weights none starts every BN at mean 0, variance 1
         np.testing.assert_array_equal(stats[0], 0.0)
         np.testing.assert_array_equal(stats[1], 1.0)
-    pixels = np.random.default_rng(0).uniform(0, 255, (3, *model.input_shape[1:])).astype("float32")
+    pixels = np.random.default_rng(0).uniform(0, 255, (3, 70, 90, 3)).astype("float32")
     np.testing.assert_allclose(model(pixels, training=False), model(pixels, training=False))
     evaluated = cli("evaluate", run, "--json", "--quiet")
     assert evaluated.exit_code == 0, evaluated.output
@@ -374,7 +376,7 @@ def test_fine_tuning_beats_head_only_on_held_out_photos(cli, keras_home, shared_
     assert len(runs) == 2 * len(FT_SEEDS)
     for run in runs:
         model, meta, _ = load_run(run)
-        saved = _batchnorm(model.get_layer("features").get_layer(backbone.name))
+        saved = _batchnorm(model.get_layer("views").get_layer(backbone.name))
         assert saved.keys() == imagenet.keys()
         for layer, weights in imagenet.items():  # gamma, beta, moving mean, moving variance: all untouched
             for before, after in zip(weights, saved[layer], strict=True):

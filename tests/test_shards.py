@@ -244,7 +244,7 @@ def test_bfloat16_features_and_heads_match_float32(cli, keras_home, shared_data,
             trained = cli("train-head", store, "--out", runs, "--seed", seed, "--json", "--quiet")
             assert trained.exit_code == 0, trained.output
             model, meta, _ = load_run(runs / "latest")
-            heads[precision, seed] = model.get_layer("head")
+            heads[precision, seed] = model.get_layer("views").get_layer("head")
     exact, mixed = vectors["float32"], vectors["mixed_bfloat16"]
     relative = np.linalg.norm(mixed - exact, axis=1) / np.linalg.norm(exact, axis=1)
 
