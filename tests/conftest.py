@@ -19,6 +19,7 @@ SLOW_TIMEOUT = 1200  # seconds before pytest-timeout ends a test marked slow (py
 _KERAS_HOME = Path(tempfile.mkdtemp(prefix="tlcli-keras-home-"))
 os.environ["KERAS_HOME"] = str(_KERAS_HOME)
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+os.environ.setdefault("TLCLI_ENGINE", "keras")  # auto would convert every test's backbone for OpenVINO (seconds each)
 if (SHARED / "weights").is_dir():
     (_KERAS_HOME / "models").mkdir(parents=True, exist_ok=True)
     for f in (SHARED / "weights").iterdir():

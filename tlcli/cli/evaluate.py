@@ -12,7 +12,7 @@ import typer
 from rich.table import Table
 
 from tlcli.cli.console import emit_json, err, handles_errors, native_stderr_silenced, out, progress_bar, use_device
-from tlcli.cli.options import BatchOpt, ConfigOpt, DeviceOpt, JsonOpt, MinAccuracyOpt, QuietOpt
+from tlcli.cli.options import BatchOpt, ConfigOpt, DeviceOpt, EngineOpt, JsonOpt, MinAccuracyOpt, QuietOpt
 from tlcli.errors import GateError, UsageError
 
 
@@ -37,7 +37,13 @@ def evaluate_step(p: dict, progress: Callable[[int, int], None] | None) -> dict:
     from tlcli.train import evaluate
 
     return evaluate.evaluate_run(
-        p["run"], p["data_dir"], top_k=p["top_k"], out=p["out_dir"], batch_size=p["batch_size"], progress=progress
+        p["run"],
+        p["data_dir"],
+        top_k=p["top_k"],
+        out=p["out_dir"],
+        batch_size=p["batch_size"],
+        progress=progress,
+        engine=p["engine"],
     )
 
 
@@ -57,6 +63,7 @@ def evaluate_cmd(
     batch_size: BatchOpt = 32,
     as_json: JsonOpt = False,
     device: DeviceOpt = "auto",
+    engine: EngineOpt = "auto",
     quiet: QuietOpt = False,
     config: ConfigOpt = None,
 ) -> None:
@@ -88,6 +95,7 @@ def predict_cmd(
     batch_size: BatchOpt = 32,
     as_json: JsonOpt = False,
     device: DeviceOpt = "auto",
+    engine: EngineOpt = "auto",
     quiet: QuietOpt = False,
 ) -> None:
     """Classify photos: a top-k table, or one JSON object per line with --json."""
@@ -96,7 +104,7 @@ def predict_cmd(
     use_device(device, quiet or as_json)
     with progress_bar("predicting", quiet or as_json) as bar:
         rows, skipped = predict.predict_paths(
-            run, [str(p) for p in paths], top_k=top_k, batch_size=batch_size, progress=bar
+            run, [str(p) for p in paths], top_k=top_k, batch_size=batch_size, progress=bar, engine=engine
         )
     if as_json:
         for row in rows:

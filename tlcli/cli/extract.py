@@ -10,7 +10,17 @@ from typing import Annotated, Optional
 import typer
 
 from tlcli.cli.console import emit_json, err, handles_errors, out, progress_bar, use_device
-from tlcli.cli.options import BatchOpt, ConfigOpt, DeviceOpt, JsonOpt, QuietOpt, SeedOpt, WaitOpt, _given
+from tlcli.cli.options import (
+    BatchOpt,
+    ConfigOpt,
+    DeviceOpt,
+    EngineOpt,
+    JsonOpt,
+    QuietOpt,
+    SeedOpt,
+    WaitOpt,
+    _given,
+)
 from tlcli.errors import UsageError
 
 DataDirArg = Annotated[Path, typer.Argument(help="Folder of class sub-folders (optionally with split.json).")]
@@ -62,7 +72,9 @@ def extract_step(p: dict, progress: Callable[[int, int], None] | None) -> dict:
 
     recipe = recipes.from_options(recipes.ExtractRecipe, p, fractions=datasets.parse_fractions(p["split"]))
     shard = shards.parse(p["shard"]) if p["shard"] is not None else None
-    return extract.extract(p["data_dir"], p["out_dir"], recipe, shard=shard, progress=progress, wait=p["wait"])
+    return extract.extract(
+        p["data_dir"], p["out_dir"], recipe, shard=shard, progress=progress, wait=p["wait"], engine=p["engine"]
+    )
 
 
 def _merge_step(ctx: typer.Context) -> dict:
@@ -124,6 +136,7 @@ def extract_cmd(
     as_json: JsonOpt = False,
     wait: WaitOpt = False,
     device: DeviceOpt = "auto",
+    engine: EngineOpt = "auto",
     quiet: QuietOpt = False,
     config: ConfigOpt = None,
 ) -> None:

@@ -203,3 +203,14 @@ def _given(ctx: typer.Context, name: str) -> bool:
     """True when an option came from the command line or a --config file rather than its default."""
     source = ctx.get_parameter_source(name)
     return source is not None and source.name != "DEFAULT"
+
+
+EngineOpt = Annotated[
+    str,
+    typer.Option(
+        "--engine",
+        envvar="TLCLI_ENGINE",
+        help="What runs the network: keras (TensorFlow), openvino (pip install 'tlcli[openvino]'; f32, converted "
+        "from the same model) or auto (OpenVINO when installed and on a CPU).",
+    ),
+]

@@ -8,7 +8,8 @@ from collections.abc import Callable, Sequence
 import numpy as np
 
 from tlcli.data import images
-from tlcli.models.portable import takes_image
+from tlcli.models import engines
+from tlcli.models.portable import VIEWS_MODEL, takes_image, view_layer
 
 CONSTANT_WEIGHTS_LIMIT = 1 << 28
 
@@ -66,8 +67,8 @@ def _caller(model) -> Callable:
     return lambda x: [x[:, i] for i in range(n_inputs)]
 
 
-def inference_function(model, shape: tuple[int, ...]):
-    """A graph that maps a uint8 pixel batch [any batch size, *shape] to the model's outputs.
+def inference_function(model, shape: tuple[int, ...], dtype: str = "uint8"):
+    """A graph that maps a pixel batch [any batch size, *shape] (uint8, or ``dtype``) to the model's outputs.
 
     ``shape`` is (size, size, 3) or (views, size, size, 3) for a model taking views, (None, None, 3)
     for one taking whole photos. Weights up to ``CONSTANT_WEIGHTS_LIMIT`` bytes are traced in as
@@ -78,7 +79,7 @@ def inference_function(model, shape: tuple[int, ...]):
     """
     import tensorflow as tf
 
-    spec = tf.TensorSpec((None, *shape), tf.uint8)
+    spec = tf.TensorSpec((None, *shape), tf.as_dtype(dtype))
     enter = _caller(model)
     if sum(int(np.prod(v.shape)) * np.dtype(v.dtype).itemsize for v in model.variables) > CONSTANT_WEIGHTS_LIMIT:
         return tf.function(lambda x: model(enter(tf.cast(x, tf.float32)), training=False), input_signature=[spec])
@@ -131,18 +132,43 @@ def apply_model(
     resize: str,
     batch_size: int = 32,
     progress: Callable[[int, int], None] | None = None,
+    *,
+    engine: str = "keras",
 ) -> tuple[np.ndarray, list[int], list[dict]]:
     """Run a pixels-in model over image files: (outputs of the decodable ones, their indices, skipped files).
 
     A model that takes whole photos (``portable.takes_image``) is fed each decoded photo as it is, as a
-    deployer feeds it; one saved before, or one that takes views, is fed tlcli's views.
+    deployer feeds it; one saved before, or one that takes views, is fed tlcli's views. ``engine`` is an
+    ``engines.resolve`` value.
     """
     width = int(model.output_shape[-1])
+    engine = engines.resolve(engine)
     if takes_image(model):
-        infer = inference_function(model, (None, None, 3))
+        infer = inference_function(model, (None, None, 3)) if engine == "keras" else _openvino_photos(model, resize)
         return apply_photos(infer, width, paths, size, batch_size, progress)
     infer = inference_function(model, images.pixel_shape(size, resize))
+    if engine == "openvino":
+        infer = engines.load(engines.convert(infer))
     return apply_graph(infer, width, paths, size, resize, batch_size, progress)
+
+
+def _openvino_photos(model, resize: str) -> Callable[[np.ndarray], np.ndarray]:
+    """A whole-photo model on OpenVINO: TensorFlow makes the views with the model's own ``Resizing`` geometry
+    (OpenVINO has no antialiased resize), OpenVINO runs the converted views model on them."""
+    import tensorflow as tf
+
+    views_model = model.get_layer(VIEWS_MODEL)
+    size = int(views_model.inputs[0].shape[1])
+    layers = [view_layer(size, policy) for policy in images.views(resize)]
+    shape = images.pixel_shape(size, resize)
+    stack = (lambda v: v[0]) if len(layers) == 1 else (lambda v: tf.stack(v, axis=1))
+
+    @tf.function(input_signature=[tf.TensorSpec((None, None, None, 3), tf.uint8)])
+    def views(photos):
+        return stack([layer(tf.cast(photos, tf.float32), training=False) for layer in layers])
+
+    net = engines.load(engines.convert(inference_function(views_model, shape, dtype="float32")))
+    return lambda photos: net(views(photos).numpy())
 
 
 def _collect(outputs: list, kept: list, skipped: list, paths: Sequence[str], done: int, ok, why) -> None:

@@ -19,6 +19,8 @@ STORE_FORMAT = 2
 """2: views with the geometry of Keras' Resizing layer (whole-pixel crop, padding before resampling)."""
 META = "meta.json"
 EXTRACTOR = "extractor"
+OPENVINO = "openvino"
+"""The entry of meta.json's extractor naming the graph's OpenVINO conversion (``extractor-<hash>.openvino.npz``)."""
 SPLITS = ("train", "val", "test")
 COLUMNS = ("features", "labels", "paths", "hashes", "sizes", "mtimes")
 _DTYPES = {
@@ -69,7 +71,8 @@ class Split:
 @dataclass
 class Store:
     """A feature store folder: meta.json plus one ``<split>-<content hash>.npz`` per split and the
-    traced feature graph ``extractor-<content hash>.pb`` (so a re-run need not rebuild the backbone).
+    traced feature graph ``extractor-<content hash>.pb`` (so a re-run need not rebuild the backbone), and
+    that graph converted for OpenVINO when extract ran on it.
 
     meta.json names these files and is written last, so replacing it is the single step that
     commits a new store: a killed extract leaves the previous store whole.
@@ -175,7 +178,8 @@ def _columns(members: list[Row], dim: int) -> dict[str, np.ndarray]:
 def _drop_unreferenced(root: Path, meta: dict) -> None:
     """Delete split and extractor files the committed meta.json no longer names (the previous store's)."""
     keep = {s["file"] for s in meta["splits"].values() if "file" in s}
-    keep.add(meta.get(EXTRACTOR, {}).get("file"))
+    saved = meta.get(EXTRACTOR, {})
+    keep |= {saved.get("file"), saved.get(OPENVINO, {}).get("file")}
     for path in [*root.glob("*.npz"), *root.glob(f"{EXTRACTOR}-*.pb")]:
         if path.name not in keep and path.stem.split("-")[0] in (*SPLITS, EXTRACTOR):
             path.unlink(missing_ok=True)
@@ -203,9 +207,10 @@ def write(root: Path, rows: list[Row], classes: list[str], meta: dict) -> None:
     _drop_unreferenced(root, meta)
 
 
-def write_extractor(root: Path, data: bytes) -> str:
-    """Write a traced feature graph into the store under a content-addressed name; the file name."""
-    filename = f"{EXTRACTOR}-{hashlib.blake2b(data, digest_size=8).hexdigest()}.pb"
+def write_extractor(root: Path, data: bytes, suffix: str = ".pb") -> str:
+    """Write a traced feature graph (or its OpenVINO conversion) into the store under a content-addressed name;
+    the file name."""
+    filename = f"{EXTRACTOR}-{hashlib.blake2b(data, digest_size=8).hexdigest()}{suffix}"
     files.write_bytes(root / filename, data)
     return filename
 

@@ -50,6 +50,8 @@ def evaluate_run(
     out: str | os.PathLike | None = None,
     batch_size: int = 32,
     progress: Callable[[int, int], None] | None = None,
+    *,
+    engine: str = "keras",
 ) -> dict:
     """Evaluate a saved run on a folder (or its own test split).
 
@@ -60,7 +62,9 @@ def evaluate_run(
     paths, labels, source = labelled_files(meta, data_dir)
     if not paths:
         raise UsageError(f"no images found in {data_dir}")
-    probs, kept, skipped = apply_model(model, paths, meta["input_size"], meta["resize"], batch_size, progress)
+    probs, kept, skipped = apply_model(
+        model, paths, meta["input_size"], meta["resize"], batch_size, progress, engine=engine
+    )
     if not kept:
         raise UsageError(f"none of the {len(paths)} images could be decoded")
     kept_paths = [paths[i] for i in kept]

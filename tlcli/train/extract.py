@@ -17,7 +17,7 @@ import numpy as np
 
 from tlcli.data import datasets, images
 from tlcli.errors import UsageError
-from tlcli.models import backbones, graph
+from tlcli.models import backbones, engines, graph
 from tlcli.store import features, files, locks, runs, shards
 from tlcli.store.features import EXTRACTOR, Row, Store
 from tlcli.train.recipes import EXTRACT, ExtractRecipe, option
@@ -160,21 +160,45 @@ def _files(plan: _Plan, shard: tuple[int, int] | None, stats: dict[str, tuple[in
     return found
 
 
+def _openvino_function(ex: _Extractor, store: Path) -> Callable:
+    """The feature graph on OpenVINO: the store's conversion of it when one of this OpenVINO version is there,
+    else converted now from the saved graph (or the traced one) and saved beside it for the next run."""
+    saved = ex.saved.get(features.OPENVINO) if ex.saved else None
+    if saved and saved.get("version") == engines.version():
+        try:
+            return engines.load((store / saved["file"]).read_bytes())
+        except Exception:  # a damaged or foreign cache file is converted again, never an error
+            pass
+    data = engines.convert((store / ex.saved["file"]).read_bytes() if ex.saved else ex.infer)
+    if ex.saved:
+        written = features.write_extractor(store, data, ".openvino.npz")
+        ex.saved[features.OPENVINO] = {"file": written, "version": engines.version()}
+    return engines.load(data)
+
+
 def _new_vectors(
-    ex: _Extractor, todo: list[_File], recipe: ExtractRecipe, *, data: Path, store: Path, progress: Progress | None
+    ex: _Extractor,
+    todo: list[_File],
+    recipe: ExtractRecipe,
+    *,
+    data: Path,
+    store: Path,
+    progress: Progress | None,
+    engine: str,
 ) -> tuple[dict[str, np.ndarray], dict[str, str]]:
-    """Run the backbone over ``todo`` (tracing it, and saving its graph in the store, on first use):
+    """Run the backbone over ``todo`` on ``engine`` (tracing it, and saving its graph in the store, on first use):
     vectors by content hash, and why the files that did not decode failed."""
     if ex.infer is None:
         from tlcli.models.portable import features_model
 
         model = features_model(ex.backbone, len(images.views(recipe.resize)), recipe.flip_average)
         ex.infer = graph.inference_function(model, images.pixel_shape(ex.size, recipe.resize))
-    paths = [str(data / f.rel) for f in todo]
-    width = ex.described["feature_dim"]
-    feats, kept, failed = graph.apply_graph(ex.infer, width, paths, ex.size, recipe.resize, recipe.batch_size, progress)
     if ex.saved is None:
         ex.saved = _save_graph(store, ex)
+    run = _openvino_function(ex, store) if engine == "openvino" else ex.infer
+    paths = [str(data / f.rel) for f in todo]
+    width = ex.described["feature_dim"]
+    feats, kept, failed = graph.apply_graph(run, width, paths, ex.size, recipe.resize, recipe.batch_size, progress)
     digest_of = {path: f.digest for path, f in zip(paths, todo, strict=True)}
     vectors = {todo[i].digest: row for row, i in zip(feats, kept, strict=True)}
     return vectors, {digest_of[item["path"]]: item["reason"] for item in failed}
@@ -251,16 +275,19 @@ def extract(
     shard: tuple[int, int] | None = None,
     progress: Progress | None = None,
     wait: bool = False,
+    engine: str = "keras",
 ) -> dict:
     """Extract features for every image under ``data_dir`` into the store at ``out``, reusing unchanged ones.
 
     With ``shard=(i, n)`` only the files of shard i go through the backbone, into their own part
     ``out/shards/i-of-n`` (own lock, so n workers can share one ``out``); the split is still
     computed from the whole folder, so every part agrees with the others and with an unsharded run.
-    Returns a summary: counts per split, how many images were extracted or reused, skipped files.
+    ``engine`` runs the backbone (``engines.resolve``). Returns a summary: counts per split, how many images
+    were extracted or reused, skipped files.
     """
     started = time.perf_counter()
     images.views(recipe.resize)
+    engine = engines.resolve(engine)
     plan = _plan(data_dir, recipe.fractions, recipe.seed)
     options = _options(recipe)
     out = Path(out)
@@ -279,11 +306,13 @@ def extract(
         fresh, bad = {}, {}
         if todo:
             unique = list({f.digest: f for f in todo}.values())
-            fresh, bad = _new_vectors(ex, unique, recipe, data=plan.ds.root, store=root, progress=progress)
+            fresh, bad = _new_vectors(
+                ex, unique, recipe, data=plan.ds.root, store=root, progress=progress, engine=engine
+            )
         rows, skipped = _rows(found, plan, {**cache.vectors, **fresh}, {**cache.bad, **bad})
         meta = _meta(ex, recipe, plan, shard, skipped)
         features.write(root, rows, plan.ds.classes, meta)
-        how = {"shard": shards.label(*shard) if shard else None}
+        how = {"shard": shards.label(*shard) if shard else None, "engine": engine}
         reused = len(rows) - len([f for f in todo if f.digest in fresh])
         return _summary(root, meta, plan, rows, how=how, counts=(len(fresh), reused, cache.replaced), started=started)
 

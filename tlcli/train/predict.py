@@ -35,6 +35,8 @@ def predict_paths(
     top_k: int = 3,
     batch_size: int = 32,
     progress: Callable[[int, int], None] | None = None,
+    *,
+    engine: str = "keras",
 ) -> tuple[list[dict], list[dict]]:
     """Top-k classes with probabilities for each readable image, and the files that could not be read."""
 
@@ -42,7 +44,9 @@ def predict_paths(
     files = expand(paths)
     if not files:
         raise UsageError(f"no images found in {', '.join(map(str, paths))}")
-    probs, kept, skipped = apply_model(model, files, meta["input_size"], meta["resize"], batch_size, progress)
+    probs, kept, skipped = apply_model(
+        model, files, meta["input_size"], meta["resize"], batch_size, progress, engine=engine
+    )
     classes = meta["classes"]
     k = min(top_k, len(classes))
     rows = []
