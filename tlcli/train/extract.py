@@ -162,14 +162,15 @@ def _files(plan: _Plan, shard: tuple[int, int] | None, stats: dict[str, tuple[in
 
 def _openvino_function(ex: _Extractor, store: Path) -> Callable:
     """The feature graph on OpenVINO: the store's conversion of it when one of this OpenVINO version is there,
-    else converted now from the saved graph (or the traced one) and saved beside it for the next run."""
+    else converted now (from the graph traced in this run, which converts faster, or the saved one) and saved
+    beside it for the next run."""
     saved = ex.saved.get(features.OPENVINO) if ex.saved else None
     if saved and saved.get("version") == engines.version():
         try:
             return engines.load((store / saved["file"]).read_bytes())
         except Exception:  # a damaged or foreign cache file is converted again, never an error
             pass
-    data = engines.convert((store / ex.saved["file"]).read_bytes() if ex.saved else ex.infer)
+    data = engines.convert(ex.infer if ex.backbone is not None else (store / ex.saved["file"]).read_bytes())
     if ex.saved:
         written = features.write_extractor(store, data, ".openvino.npz")
         ex.saved[features.OPENVINO] = {"file": written, "version": engines.version()}
