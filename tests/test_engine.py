@@ -51,7 +51,8 @@ def _features(store: Path) -> dict[str, np.ndarray]:
 @needs_openvino
 def test_openvino_features_match_keras_and_conversion_is_reused(cli, keras_home, shared_data, tmp_path, monkeypatch):
     """Real photos, MobileNet 0.25 at 64 px, crop+pad: relative L2 of OpenVINO's (f32) features to Keras' measured
-    0 to 1e-7 here (bf16, OpenVINO's default on this avx512_bf16 CPU, gives 4e-3 on MobileNetV2)."""
+    0 to 1e-7 here (bf16, OpenVINO's default on this avx512_bf16 CPU, gives 4e-3 on MobileNetV2). A re-run with
+    new photos loads the stored conversion; a Keras-made store is converted from its saved graph."""
     data = _photos(shared_data, tmp_path / "photos", 8)
     keras = cli("extract", data, "--out", tmp_path / "k", "--engine", "keras", *SMALL)
     ov = cli("extract", data, "--out", tmp_path / "o", "--engine", "openvino", *SMALL)
@@ -59,7 +60,8 @@ def test_openvino_features_match_keras_and_conversion_is_reused(cli, keras_home,
     assert json.loads(ov.stdout)["engine"] == "openvino"
     a, b = _features(tmp_path / "k"), _features(tmp_path / "o")
     assert a.keys() == b.keys() and len(a) == 16
-    ka, kb = np.stack([a[p] for p in sorted(a)]), np.stack([b[p] for p in sorted(a)])
+    ka_paths = sorted(a)
+    ka, kb = np.stack([a[p] for p in ka_paths]), np.stack([b[p] for p in ka_paths])
     assert np.linalg.norm(ka - kb) / np.linalg.norm(ka) < 1e-3
     saved = json.loads((tmp_path / "o" / "meta.json").read_text())["extractor"]["openvino"]
     assert (tmp_path / "o" / saved["file"]).is_file()
@@ -74,6 +76,13 @@ def test_openvino_features_match_keras_and_conversion_is_reused(cli, keras_home,
     assert again.exit_code == 0, again.output
     assert json.loads(again.stdout)["extracted"] == 4
     assert json.loads((tmp_path / "o" / "meta.json").read_text())["extractor"]["openvino"] == saved
+
+    monkeypatch.undo()
+    from_graph = cli("extract", data, "--out", tmp_path / "k", "--engine", "openvino", *SMALL)
+    assert from_graph.exit_code == 0 and json.loads(from_graph.stdout)["extracted"] == 4, from_graph.output
+    a, b = _features(tmp_path / "k"), _features(tmp_path / "o")
+    new = sorted(set(a) - set(ka_paths))
+    assert len(new) == 4 and np.linalg.norm(np.stack([a[p] - b[p] for p in new])) < 1e-3 * np.linalg.norm(a[new[0]])
 
 
 @needs_openvino
