@@ -22,6 +22,15 @@ def test_unknown_engine_is_a_usage_error(cli, colour_dataset, tmp_path):
     assert "unknown --engine 'tpu'" in result.output and "keras" in result.output
 
 
+@needs_openvino
+def test_openvino_refuses_mixed_precision_and_auto_falls_back():
+    from tlcli.errors import UsageError
+
+    assert engines.resolve("AUTO", "mixed_bfloat16") == "keras"
+    with pytest.raises(UsageError, match="float32 only"):
+        engines.resolve("openvino", "mixed_bfloat16")
+
+
 def test_openvino_missing_says_what_to_install(cli, colour_run, colour_dataset, tmp_path, monkeypatch):
     monkeypatch.setattr(engines, "installed", lambda: False)
     assert engines.resolve("auto") == "keras"

@@ -23,19 +23,23 @@ def installed() -> bool:
     return importlib.util.find_spec("openvino") is not None
 
 
-def resolve(engine: str) -> str:
-    """``keras`` or ``openvino`` for an ``--engine`` value; usage error for an unknown one or a missing OpenVINO.
+def resolve(engine: str, precision: str = "float32") -> str:
+    """``keras`` or ``openvino`` for an ``--engine`` value; usage error for an unknown one, a missing OpenVINO,
+    or OpenVINO with Keras mixed precision (its CPU plugin cannot compile a bfloat16 Keras graph).
 
-    ``auto`` is OpenVINO when it is installed and TensorFlow sees no GPU (call after ``devices.select``).
+    ``auto`` is OpenVINO when it is installed, the precision is float32 and TensorFlow sees no GPU (call after
+    ``devices.select``).
     """
     name = (engine or "auto").strip().lower()
     if name not in ENGINES:
         raise UsageError(f"unknown --engine {engine!r}; use {ENGINE_HELP}")
     if name == "openvino" and not installed():
         raise UsageError(f"--engine openvino needs the openvino package: {INSTALL}")
+    if name == "openvino" and precision != "float32":
+        raise UsageError(f"--engine openvino runs float32 only; use --engine keras with --precision {precision}")
     if name != "auto":
         return name
-    if not installed():
+    if not installed() or precision != "float32":
         return "keras"
     import tensorflow as tf
 

@@ -288,7 +288,7 @@ def extract(
     """
     started = time.perf_counter()
     images.views(recipe.resize)
-    engine = engines.resolve(engine)
+    engine = engines.resolve(engine, backbones.check_precision(recipe.precision))
     plan = _plan(data_dir, recipe.fractions, recipe.seed)
     options = _options(recipe)
     out = Path(out)
