@@ -140,7 +140,7 @@ def main() -> None:
     parser.add_argument("--backbones", default="mobilenetv2,resnet50")
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--reps", type=int, default=1, help="Rounds of every case (median taken).")
-    parser.add_argument("--network-reps", type=int, default=5, help="Rounds of the network-alone table.")
+    parser.add_argument("--network-reps", type=int, default=5, help="Rounds of the network-alone table (0: none).")
     parser.add_argument("--network-only", action="store_true", help="Print only the network-alone table.")
     args = parser.parse_args()
     from rich.console import Console
@@ -159,10 +159,11 @@ def main() -> None:
         "bf16 relative L2",
     ):
         net.add_column(col, justify="left" if col == "backbone" else "right")
-    for backbone in args.backbones.split(","):
+    for backbone in args.backbones.split(",") if args.network_reps else []:
         rate = network_alone(backbone, args.batch, args.network_reps)
         net.add_row(backbone, *(f"{v:.1f}" if v > 0.1 else f"{v:.1e}" for v in rate.values()))
-    Console().print(net)
+    if net.rows:
+        Console().print(net)
     if args.network_only:
         return
     work = Path(tempfile.mkdtemp(prefix="tlcli-bench-engine-"))
