@@ -150,14 +150,7 @@ def main() -> None:
         title=f"the network alone, images/s, batches of {args.batch} (load average 1 min at start "
         f"{os.getloadavg()[0]:.1f})"
     )
-    for col in (
-        "backbone",
-        "Keras predict",
-        "traced graph (keras engine)",
-        "OpenVINO f32 (openvino engine)",
-        "OpenVINO default (bf16 here)",
-        "bf16 relative L2",
-    ):
+    for col in ("backbone", "Keras predict", "traced (keras)", "OV f32 (openvino)", "OV default: bf16", "bf16 rel L2"):
         net.add_column(col, justify="left" if col == "backbone" else "right")
     for backbone in args.backbones.split(",") if args.network_reps else []:
         rate = network_alone(backbone, args.batch, args.network_reps)
