@@ -54,6 +54,19 @@ def _need(path: Path, what: str) -> Path:
 
 
 @pytest.fixture(scope="session")
+def chromium() -> str:
+    """A headless-capable Chromium for tests that look at a page as a browser renders it; skipped when absent
+    (a failure under TLCLI_REQUIRE_SHARED=1, which .ci/run sets after installing it)."""
+    found = next(filter(None, map(shutil.which, ("chromium", "chromium-browser", "google-chrome"))), None)
+    if found:
+        return found
+    message = "chromium not found; install it with 'sudo apt-get install -y chromium' (Debian/Ubuntu)"
+    if REQUIRE_SHARED:
+        pytest.fail(f"{message}; TLCLI_REQUIRE_SHARED=1 makes this a failure")
+    pytest.skip(message)
+
+
+@pytest.fixture(scope="session")
 def keras_home() -> Path:
     """A KERAS_HOME seeded with the offline MobileNet v1 0.25 ImageNet weights."""
     _need(SHARED / "weights" / "mobilenet_2_5_224_tf_no_top.h5", "offline ImageNet weights")

@@ -7,14 +7,14 @@ from typing import Annotated
 import typer
 
 from tlcli import __version__, interrupts
-from tlcli.cli import data, evaluate, extract, info, inspect, train, workflow
+from tlcli.cli import data, evaluate, extract, info, inspect, report, train, workflow
 from tlcli.cli.console import out
 
 app = typer.Typer(
     name="tlcli",
     help="Transfer learning from the shell: pre-trained Keras backbones, a small head, your photos.",
     no_args_is_help=True,
-    add_completion=False,
+    add_completion=True,
     pretty_exceptions_enable=False,
     context_settings={"help_option_names": ["-h", "--help"]},
 )
@@ -58,5 +58,6 @@ app.command("features")(inspect.features_cmd)
 app.command("adversarial")(inspect.adversarial_cmd)
 app.command("run")(workflow.run_cmd)
 app.command("runs")(workflow.runs_cmd)
+app.command("report")(report.report_cmd)
 app.command("backbones")(info.backbones_cmd)
 app.command("devices")(info.devices_cmd)

@@ -108,8 +108,10 @@ def log(message: str, quiet: bool) -> None:
         err.print(message)
 
 
-def emit_json(doc) -> None:
-    sys.stdout.write(json.dumps(doc, indent=2, default=str) + "\n")
+def emit_json(doc, *, compact: bool = False) -> None:
+    """One JSON document on stdout: indented, or ``compact`` on one line (for a log a cron job appends to)."""
+    text = json.dumps(doc, default=str, separators=(",", ":")) if compact else json.dumps(doc, indent=2, default=str)
+    sys.stdout.write(text + "\n")
     sys.stdout.flush()
 
 

@@ -52,7 +52,7 @@ def evaluate_cmd(
     top_k: Annotated[int, typer.Option(min=1, help="Also report top-k accuracy.")] = 5,
     out_dir: Annotated[
         Optional[Path],
-        typer.Option("--out", "-o", help="Where to write metrics.json, confusion.png, misclassified.json."),
+        typer.Option("--out", "-o", help="Where to write metrics.json, report.html and the rest."),
     ] = None,
     batch_size: BatchOpt = 32,
     as_json: JsonOpt = False,
@@ -66,13 +66,12 @@ def evaluate_cmd(
         result = evaluate_step(ctx.params, bar)
     gate_failed = passes_gate(result, min_accuracy)
     if as_json:
-        emit_json({k: v for k, v in result.items() if k != "confusion"})
+        emit_json(result)
     else:
         out.print(per_class_table(result))
-        topk = next(k for k in result if k.startswith("top_"))
         out.print(
-            f"accuracy {result['accuracy']:.4f}, {topk.replace('_', '-')} {result[topk]:.4f}, "
-            f"{len(result['misclassified'])} misclassified; files in {result['out']}"
+            f"accuracy {result['accuracy']:.4f}, top-{result['top_k']} {result['top_k_accuracy']:.4f}, "
+            f"{len(result['misclassified'])} misclassified; report {result['report']}"
         )
         for item in result["skipped"]:
             err.print(f"skipped {item['path']}: {item['reason']}", markup=False)

@@ -178,7 +178,7 @@ def cross_validate_cmd(
         result = crossval.cross_validate(features_dir, from_options(HeadRecipe, ctx.params), folds=folds, progress=bar)
     gate_failed = passes_gate(result, min_accuracy)
     if as_json:
-        emit_json({k: v for k, v in result.items() if k != "confusion"})
+        emit_json(result)
     else:
         out.print(per_class_table(result))
         out.print(

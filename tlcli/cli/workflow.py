@@ -152,7 +152,7 @@ def run_cmd(
         steps, bars=lambda description: progress_bar(description, quiet), say=lambda m: err.print(m, markup=False)
     )
     if as_json:
-        emit_json({"config": str(config), **dataclasses.asdict(outcome)})
+        emit_json({"config": str(config), **dataclasses.asdict(outcome)}, compact=True)
     else:
         out.print(_steps_table(config, outcome))
         log(f"run folder {outcome.run}", quiet)

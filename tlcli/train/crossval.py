@@ -74,7 +74,6 @@ def cross_validate(
         if progress:
             progress(i + 1, folds)
     result = metrics.metrics(every.labels, probs, classes)
-    pred = probs.argmax(1)
     result.update(
         source=f"{folds}-fold cross-validation",
         features=str(features_dir),
@@ -83,10 +82,7 @@ def cross_validate(
         seed=seed,
         per_fold=per_fold,
         fold_std=round(float(np.std(per_fold)), 4),
-        misclassified=[
-            {"path": every.paths[i], "label": classes[every.labels[i]], "predicted": classes[pred[i]]}
-            for i in np.flatnonzero(pred != every.labels)
-        ],
+        misclassified=metrics.misclassified(every.paths, every.labels, probs, classes),
         seconds=round(time.perf_counter() - started, 3),
     )
     return result

@@ -13,8 +13,9 @@ from tlcli.errors import UsageError
 from tlcli.models.graph import apply_model
 from tlcli.models.run import load_run
 from tlcli.store import files
-from tlcli.train.metrics import metrics, misclassified
+from tlcli.train.metrics import least_confident, metrics, misclassified
 from tlcli.train.plots import confusion_png
+from tlcli.train.report import write_report
 
 
 def labelled_files(run_meta: dict, data_dir: str | os.PathLike | None) -> tuple[list[str], np.ndarray, str]:
@@ -40,7 +41,8 @@ def labelled_files(run_meta: dict, data_dir: str | os.PathLike | None) -> tuple[
         )
     index = {c: i for i, c in enumerate(classes)}
     labels = np.asarray([index[ds.classes[lab]] for lab in ds.labels], np.int64)
-    return [str(ds.root / f) for f in ds.files], labels, str(ds.root)
+    root = ds.root.resolve()
+    return [str(root / f) for f in ds.files], labels, str(root)
 
 
 def evaluate_run(
@@ -53,7 +55,8 @@ def evaluate_run(
 ) -> dict:
     """Evaluate a saved run on a folder (or its own test split).
 
-    Writes metrics.json, confusion.png and misclassified.json into ``out`` (default: inside the run).
+    Writes metrics.json, confusion.png, misclassified.json, least_confident.json and report.html into ``out``
+    (default: inside the run).
     """
 
     model, meta, run_dir = load_run(run)
@@ -76,7 +79,9 @@ def evaluate_run(
         raise UsageError(f"cannot write evaluation files into {dest}: {exc.strerror}; pass --out DIR") from None
     files.write_json(dest / "metrics.json", {k: v for k, v in result.items() if k != "misclassified"})
     files.write_json(dest / "misclassified.json", wrong)
+    files.write_json(dest / "least_confident.json", least_confident(kept_paths, kept_labels, probs, meta["classes"]))
     confusion_png(
         result["confusion"], meta["classes"], dest / "confusion.png", f"{source}: accuracy {result['accuracy']:.3f}"
     )
+    result["report"] = str(write_report(dest))
     return result

@@ -312,7 +312,9 @@ def fine_tune(
     return Result(built.model, full, history, unfrozen, None if start is None else round(start, 6), best_epoch)
 
 
-def predict(model, photos: Photos, split: Split, batch_size: int = 32) -> tuple[np.ndarray, np.ndarray]:
-    """Probabilities of a model taking views on a stored split's images, with the labels of those it could read."""
-    probs, kept, _ = apply_model(model, photos.paths(split), photos.size, photos.resize, batch_size)
-    return probs, np.asarray(split.labels)[kept]
+def predict(model, photos: Photos, split: Split, batch_size: int = 32) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """Probabilities of a model taking views on a stored split's images, with the labels and paths of those it
+    could read."""
+    paths = photos.paths(split)
+    probs, kept, _ = apply_model(model, paths, photos.size, photos.resize, batch_size)
+    return probs, np.asarray(split.labels)[kept], [paths[i] for i in kept]

@@ -21,7 +21,7 @@ from tlcli.models.run import pixels_model
 from tlcli.store import files, locks, runs
 from tlcli.store.features import Split, Store
 from tlcli.store.locks import LOCK_NAME
-from tlcli.train import distribute, finetune, metrics, plots
+from tlcli.train import distribute, finetune, metrics, plots, report
 from tlcli.train.head import Progress, class_weights, fit_and_refit
 from tlcli.train.recipes import HEAD, FineTuneRecipe, HeadRecipe
 
@@ -41,26 +41,31 @@ class RunLog:
         return "\n".join(self.lines) + "\n"
 
 
-def _epoch_observer(progress: Progress | None, tensorboard: str | os.PathLike | None, log: RunLog) -> Progress:
-    """Per-epoch hook: progress bar, TensorBoard scalars, and a log line every 10 epochs."""
+def _summary_writer(tensorboard: Path | None):
+    """A TensorBoard writer into ``tensorboard`` (the run's own folder there), or None without one."""
+    if not tensorboard:
+        return None
     import tensorflow as tf
 
-    writer = None
-    if tensorboard:
-        try:
-            import tensorboard as _  # noqa: F401  (tf.summary's scalar writer lives in this package)
-        except ImportError:
-            raise UsageError("--tensorboard needs the tensorboard package: pip install 'tlcli[tensorboard]'") from None
-        writer = tf.summary.create_file_writer(str(Path(tensorboard) / runs.timestamp()))
+    try:
+        import tensorboard as _  # noqa: F401  (tf.summary's scalar writer lives in this package)
+    except ImportError:
+        raise UsageError("--tensorboard needs the tensorboard package: pip install 'tlcli[tensorboard]'") from None
+    return tf.summary.create_file_writer(str(tensorboard))
+
+
+def _epoch_observer(progress: Progress | None, writer, log: RunLog, prefix: str = "") -> Progress:
+    """Per-epoch hook: progress bar, TensorBoard scalars (named ``prefix`` + metric), a log line every 10 epochs."""
+    import tensorflow as tf
 
     def on_epoch(done: int, total: int, last: dict) -> None:
         if writer is not None:
             with writer.as_default():
                 for name, value in last.items():
-                    tf.summary.scalar(name, value, step=done)
+                    tf.summary.scalar(prefix + name, value, step=done)
             writer.flush()
         if done % 10 == 0 or done == 1:
-            log(f"epoch {done}: " + ", ".join(f"{k} {v:.4f}" for k, v in last.items()))
+            log(f"{prefix}epoch {done}: " + ", ".join(f"{k} {v:.4f}" for k, v in last.items()))
         if progress:
             progress(done, total, last)
 
@@ -204,14 +209,16 @@ def fit(
     tensorboard: str | os.PathLike | None = None,
     log: RunLog,
 ) -> Fitted:
-    """The head on the stored features, then (with ``fine_tune``) the backbone's top layers with it on the photos."""
+    """The head on the stored features, then (with ``fine_tune``) the backbone's top layers with it on the photos;
+    each epoch's scores go to TensorBoard folder ``tensorboard`` (the fine-tuning's as ``fine_tune_*``)."""
     started = time.perf_counter()
     r = recipe
     log(
         f"head: dropout {r.dropout}, l2 {r.l2}, lr {r.learning_rate}, batch {r.batch_size}, "
         f"epochs <= {r.epochs}, seed {r.seed}"
     )
-    on_epoch = _epoch_observer(progress, tensorboard, log)
+    writer = _summary_writer(tensorboard)
+    on_epoch = _epoch_observer(progress, writer, log)
     head, history, val_probs = fit_and_refit(
         features.train, features.val, len(features.classes), recipe, on_epoch=on_epoch, log=log
     )
@@ -219,17 +226,20 @@ def fit(
     if fine_tune is None:
         fitted = dataclasses.replace(fitted, model=pixels_model(features.meta, head).model)
     else:
-        fitted = _fine_tune(features, fitted, fine_tune.resolved(recipe), strategy=strategy, progress=progress, log=log)
+        tuning = _epoch_observer(progress, writer, log, prefix="fine_tune_")
+        fitted = _fine_tune(features, fitted, fine_tune.resolved(recipe), strategy=strategy, progress=tuning, log=log)
     return dataclasses.replace(fitted, seconds=time.perf_counter() - started)
 
 
 @dataclass(frozen=True)
 class Scores:
-    """Metrics of the fitted model on each split; ``val`` None without val images."""
+    """Metrics of the fitted model on each split; ``val`` None without val images. ``test_photos``: the test
+    photos to look at (``misclassified`` and ``least_confident`` records, each written as a JSON file)."""
 
     train: float
     val: dict | None
     test: dict
+    test_photos: dict[str, list[dict]] = field(default_factory=dict)
 
     @property
     def val_accuracy(self) -> float:
@@ -243,16 +253,20 @@ class Scores:
         return {"train_accuracy": self.train, "val_accuracy": self.val_accuracy, "test_accuracy": self.test_accuracy}
 
 
-def _metrics(features: Features, fitted: Fitted, split: Split) -> dict:
-    """Metrics of the model on one split: the head on its stored features, a fine-tuned model on its photos' views
-    (the pixels its features were extracted from, which the saved model's own views match to 8-bit rounding)."""
-    n_classes = len(features.classes)
+def _predictions(features: Features, fitted: Fitted, split: Split) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """Probabilities, labels and photo paths of one split: the head on its stored features, a fine-tuned model on
+    its photos' views (the pixels its features were extracted from, which the saved model's own views match to
+    8-bit rounding)."""
+    photos = finetune.Photos.of(features.meta)
     if not len(split.labels):
-        probs, labels = np.zeros((0, n_classes)), split.labels
-    elif fitted.tuned is None:
-        probs, labels = fitted.head.predict(split.features, verbose=0, batch_size=256), split.labels
-    else:
-        probs, labels = finetune.predict(fitted.tuned.views, finetune.Photos.of(features.meta), split)
+        return np.zeros((0, len(features.classes))), split.labels, []
+    if fitted.tuned is None:
+        return fitted.head.predict(split.features, verbose=0, batch_size=256), split.labels, photos.paths(split)
+    return finetune.predict(fitted.tuned.views, photos, split)
+
+
+def _metrics(features: Features, fitted: Fitted, split: Split) -> dict:
+    probs, labels, _ = _predictions(features, fitted, split)
     return metrics.metrics(labels, probs, features.classes)
 
 
@@ -261,8 +275,13 @@ def score(features: Features, fitted: Fitted) -> Scores:
     val = metrics.metrics(features.val.labels, fitted.val_probs, features.classes) if features.has_val else None
     if fitted.tuned is not None and features.has_val and not fitted.refit_epochs:
         val = _metrics(features, fitted, features.val)
-    test = _metrics(features, fitted, features.test)
-    return Scores(_metrics(features, fitted, features.train)["accuracy"], val, test)
+    probs, labels, paths = _predictions(features, fitted, features.test)
+    test = metrics.metrics(labels, probs, features.classes)
+    photos = {
+        "misclassified": metrics.misclassified(paths, labels, probs, features.classes),
+        "least_confident": metrics.least_confident(paths, labels, probs, features.classes),
+    }
+    return Scores(_metrics(features, fitted, features.train)["accuracy"], val, test, photos)
 
 
 @dataclass(frozen=True)
@@ -362,8 +381,9 @@ def describe(features: Features, fitted: Fitted, scores: Scores, verdict: Verdic
     }
 
 
-def write_run(runs_root: Path, fitted: Fitted, scores: Scores, run_meta: dict, log: RunLog) -> Path:
-    """Stage the model, history, metrics, plots, meta.json and train.log, then publish them as one new run folder."""
+def write_run(runs_root: Path, fitted: Fitted, scores: Scores, run_meta: dict, log: RunLog, name: str) -> Path:
+    """Stage the model, history, metrics, plots, meta.json, train.log and report.html, then publish them as one new
+    run folder ``name``."""
     files.remove_leftovers(runs_root)
     classes = run_meta["classes"]
     with runs.staging_dir(runs_root) as staging:
@@ -377,7 +397,10 @@ def write_run(runs_root: Path, fitted: Fitted, scores: Scores, run_meta: dict, l
         plots.curves_png(fitted.histories(flat=True), staging / "curves.png", f"{title}, {len(classes)} classes")
         files.write_json(staging / "meta.json", run_meta)
         files.write_bytes(staging / "train.log", log.text().encode())
-        return runs.publish(staging, runs_root)
+        for kind, records in scores.test_photos.items():
+            files.write_json(staging / f"{kind}.json", records)
+        report.write_report(staging, name)
+        return runs.publish(staging, runs_root, name=name)
 
 
 @dataclass(frozen=True)
@@ -469,20 +492,27 @@ def train(
     trained head then goes on top of the backbone, whose top layers are trained end to end with it on
     the store's training images, under ``strategy`` (a tf.distribute strategy; by default the
     recipe's). A multi-worker cluster's other workers train and return without writing anything.
+    Per-epoch scalars go to ``tensorboard/<the run folder's name>``.
     """
-    started, log, out = time.perf_counter(), RunLog(), Path(out)
+    started, log, out, name = time.perf_counter(), RunLog(), Path(out), runs.timestamp()
     if strategy is None and fine_tune is not None and fine_tune.strategy:
         strategy = distribute.distribution(fine_tune.strategy)
     with _writing(out, strategy, wait):
         features = load_features(features_dir, backbone=backbone, size=size, log=log)
         fitted = fit(
-            features, recipe, fine_tune, strategy=strategy, progress=progress, tensorboard=tensorboard, log=log
+            features,
+            recipe,
+            fine_tune,
+            strategy=strategy,
+            progress=progress,
+            tensorboard=Path(tensorboard) / name if tensorboard else None,
+            log=log,
         )
         if not distribute.is_writer(strategy):
             return _outcome(fitted, started, run=None, worker=int(strategy.cluster_resolver.task_id))
         scores = score(features, fitted)
         verdict = judge(out, scores, promote_if_better=promote_if_better, defer_promotion=defer_promotion, log=log)
-        run_dir = write_run(out, fitted, scores, describe(features, fitted, scores, verdict, config), log)
+        run_dir = write_run(out, fitted, scores, describe(features, fitted, scores, verdict, config), log, name)
         if verdict.promoted:
             runs.promote(out, run_dir)
         pruned = runs.prune(out, keep) if keep is not None and not defer_promotion else []
