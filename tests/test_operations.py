@@ -105,12 +105,14 @@ def test_run_pipeline_records_history_and_promotes_only_if_better(cli, tmp_path,
     monkeypatch.chdir(tmp_path)
     first = cli("run", config, "--promote-if-better", "--json")
     assert first.exit_code == 0, first.stderr
+    assert first.stdout.count("\n") == 1, "one line, for a cron job's log"
     doc = json.loads(first.stdout)
     assert [s["step"] for s in doc["steps"]] == ["extract", "train-head", "evaluate", "promote"]
     assert doc["promoted"] and doc["extracted"] == 32
     run = Path(doc["run"])
     assert (tmp_path / "runs" / "colours" / "latest").resolve() == run
     assert is_png(run / "curves.png") and is_png(run / "confusion.png")
+    assert (run / "report.html").is_file() and (run / "evaluations" / "test" / "report.html").is_file()
     log = (run / "train.log").read_text()
     assert "epoch 1:" in log and "refit on train+val" in log
     meta = json.loads((run / "meta.json").read_text())
@@ -198,6 +200,7 @@ def test_same_seed_same_metrics_and_tensorboard(cli, tmp_path, colour_run):
     assert json.loads((c / "metrics.json").read_text())["accuracy"] == 1.0, "another seed still learns the colours"
     assert cli("evaluate", c, "--min-accuracy", "0.9", "-q").exit_code == 0
 
+    assert [p.name for p in (tmp_path / "tb").iterdir()] == [a.name], "the TensorBoard folder is the run's name"
     events = list((tmp_path / "tb").rglob("events.out.tfevents.*"))
     tags = set()
     for record in tf.data.TFRecordDataset([str(e) for e in events]):
@@ -357,6 +360,7 @@ def test_cron_retraining_on_a_growing_folder(cli, keras_home, shared_data, tmp_p
     monkeypatch.chdir(tmp_path)
     first = cli("run", config, "--promote-if-better", "--json")
     assert first.exit_code == 0, first.stderr
+    assert first.stdout.count("\n") == 1, "one line, for a cron job's log"
     doc = json.loads(first.stdout)
     assert doc["extracted"] == 100 and doc["accuracy"] >= 0.8
 
