@@ -25,7 +25,8 @@ color:#1f2328}
 h1{font-size:22px;margin:18px 0 4px}h2{font-size:17px;margin:26px 0 8px;border-bottom:1px solid #d0d7de;
 padding-bottom:4px}.sub{color:#57606a;margin:0 0 10px}
 .cards{display:flex;flex-wrap:wrap;gap:10px}.stat{border:1px solid #d0d7de;border-radius:6px;padding:8px 14px}
-.stat b{display:block;font-size:20px}table{border-collapse:collapse;margin:6px 0}
+.stat b{display:block;font-size:20px}.row{display:flex;flex-wrap:wrap;gap:24px;align-items:flex-start}
+table{border-collapse:collapse;margin:6px 0}
 td,th{border:1px solid #d0d7de;padding:3px 8px;text-align:right}td:first-child,th:first-child{text-align:left}
 img.fig{max-width:100%;height:auto;border:1px solid #eee}
 .grid{display:grid;grid-template-columns:repeat(auto-fill,minmax(176px,1fr));gap:10px}
@@ -72,6 +73,11 @@ def table(header: Sequence[str], rows: Iterable[Sequence[object]]) -> str:
     return f"<table><tr>{head}</tr>{body}</table>"
 
 
+def row(*parts: str) -> str:
+    """Blocks side by side, wrapping on a narrow screen."""
+    return '<div class="row">' + "".join(f"<div>{p}</div>" for p in parts if p) + "</div>"
+
+
 def stats(pairs: Iterable[tuple[str, object]]) -> str:
     """Headline numbers as a row of boxes."""
     boxes = "".join(f'<div class="stat">{escape(k)}<b>{text(v)}</b></div>' for k, v in pairs if v is not None)
@@ -87,7 +93,7 @@ def figure(path: Path, alt: str, max_width: int | None = None) -> str:
     if not path.is_file():
         return ""
     mime = "image/png" if path.suffix.lower() == ".png" else "image/jpeg"
-    width = f' style="width:min(100%,{max_width}px)"' if max_width else ""
+    width = f' style="width:{max_width}px;max-width:100%"' if max_width else ""
     return f'<img class="fig" alt="{escape(alt)}"{width} src="{data_uri(path.read_bytes(), mime)}">'
 
 

@@ -112,18 +112,16 @@ def _recipe(meta: dict) -> str:
     made = {k: meta.get(k) for k in ("backbone", "alpha", "input_size", "resize", "weights", "seed", "data_dir")}
     recipe = {**made, "head": meta.get("head") or {}, "fine_tune": meta.get("fine_tune") or "none"}
     classes = meta.get("classes", [])
+    more = html.details(f"{len(classes)} classes", html.text(", ".join(classes))) + html.details(
+        "versions", html.table(["package", "version"], (meta.get("versions") or {}).items())
+    )
     return html.section(
-        "Recipe and data",
-        data,
-        html.table(["setting", "value"], _flat(recipe)),
-        html.details(f"{len(classes)} classes", html.text(", ".join(classes))),
-        html.details("versions", html.table(["package", "version"], (meta.get("versions") or {}).items())),
-        anchor="recipe",
+        "Recipe and data", html.row(html.table(["setting", "value"], _flat(recipe)), data + more), anchor="recipe"
     )
 
 
 def _confusion(f: Folder) -> str:
-    side = 420 + 18 * len(f.metrics.get("classes", []))
+    side = 380 + 18 * len(f.metrics.get("classes", []))
     picture = html.figure(f.path / "confusion.png", "confusion matrix", max_width=side)
     cm, classes = f.metrics.get("confusion"), f.metrics.get("classes", [])
     if picture or not cm or len(classes) > 40:
@@ -218,11 +216,11 @@ def build(folder: str | os.PathLike, name: str | None = None) -> str:
     sections = [
         _header(f),
         _recipe(f.meta),
-        html.section(
-            "Training curves", html.figure(run / "curves.png", "training curves") if run else "", anchor="curves"
+        html.row(
+            html.section("Training curves", html.figure(run / "curves.png", "training curves", 700) if run else ""),
+            _confusion(f),
+            _per_class(f.metrics),
         ),
-        _confusion(f),
-        _per_class(f.metrics),
         _photos(f),
         _extras(f),
         _evaluations(f),
