@@ -149,7 +149,8 @@ def test_report_of_a_thousand_photo_evaluation_stays_small(cats_run, shared_data
 
 
 def test_report_rebuilds_an_older_run_opens_it_and_refuses_other_folders(cli, colour_run, tmp_path, monkeypatch):
-    """A run saved before reports existed gets one, with its evaluations linked; --open hands it to the browser."""
+    """A run saved before reports existed gets one when evaluated (linking the evaluation) or by 'tlcli report';
+    --open hands it to the browser."""
     import webbrowser
 
     run = Path(colour_run.copy_runs(tmp_path / "runs")) / "latest"
@@ -157,6 +158,7 @@ def test_report_rebuilds_an_older_run_opens_it_and_refuses_other_folders(cli, co
         (run / name).unlink(missing_ok=True)
     evaluated = cli("evaluate", run, "--quiet")
     assert evaluated.exit_code == 0 and "report.html" in evaluated.stdout
+    assert 'href="evaluations/test/report.html"' in (run / "report.html").read_text(), "evaluate links itself"
     opened = []
     monkeypatch.setattr(webbrowser, "open", lambda url: opened.append(url) or True)
     result = cli("report", run, "--open", "--json")

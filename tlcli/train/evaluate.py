@@ -56,7 +56,7 @@ def evaluate_run(
     """Evaluate a saved run on a folder (or its own test split).
 
     Writes metrics.json, confusion.png, misclassified.json, least_confident.json and report.html into ``out``
-    (default: inside the run).
+    (default: inside the run, whose report then links it).
     """
 
     model, meta, run_dir = load_run(run)
@@ -84,4 +84,6 @@ def evaluate_run(
         result["confusion"], meta["classes"], dest / "confusion.png", f"{source}: accuracy {result['accuracy']:.3f}"
     )
     result["report"] = str(write_report(dest))
+    if dest.resolve().parent == run_dir / "evaluations":
+        write_report(run_dir)
     return result
