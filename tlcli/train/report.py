@@ -94,6 +94,7 @@ def _header(f: Folder) -> str:
 
 
 def _flat(doc: dict, prefix: str = "") -> list[tuple[str, object]]:
+    """Nested settings as ``head.dropout``-style rows; long lists (a run's test files) are left out."""
     rows = []
     for key, value in doc.items():
         if isinstance(value, dict):
