@@ -22,7 +22,8 @@ OUTLIER_SPREAD = 3.5
 """An outlier's distance to its nearest class exceeds the median by this many robust standard deviations: on
 cats_vs_dogs (MobileNet 0.25, 224 px) a bike, a banana and a goldfish score 5.3, 6.9 and 3.8, and 8 of the
 1,022 pets over 3.5 (a Santa card, cats and dogs behind wire)."""
-BLOCK = 1024
+BLOCK_ENTRIES = 1 << 22
+"""Similarities computed at once: a block of rows against every photo, about 32 MB a matrix."""
 
 
 def label_issues(labels: np.ndarray, probs: np.ndarray) -> tuple[list[int], np.ndarray, int]:
@@ -74,8 +75,9 @@ def neighbours(vectors: np.ndarray, labels: np.ndarray, similarity: float) -> Ne
     members = [np.flatnonzero(labels == c) for c in np.unique(labels)]
     pairs: list[tuple[int, int, float]] = []
     distance = np.full(len(x), np.inf)
-    for start in range(0, len(x), BLOCK):
-        rows = np.arange(start, min(start + BLOCK, len(x)))
+    block = max(1, BLOCK_ENTRIES // len(x))
+    for start in range(0, len(x), block):
+        rows = np.arange(start, min(start + block, len(x)))
         dots = x[rows] @ x.T
         centred = (dots - to_mean[rows, None] - to_mean[None, :] + mean @ mean) / np.outer(
             centred_norms[rows], centred_norms
