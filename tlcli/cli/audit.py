@@ -64,7 +64,7 @@ def audit_cmd(
     features_dir: Annotated[Path, typer.Argument(help="Feature store written by 'tlcli extract'.")],
     out_dir: Annotated[
         Optional[Path],
-        typer.Option("--out", "-o", help="Folder for audit.json and audit.png [default: FEATURES/audit]."),
+        typer.Option("--out", "-o", help="Folder for audit.json and audit.png (default: FEATURES/audit)."),
     ] = None,
     folds: Annotated[int, typer.Option(min=3, help="Folds of the out-of-fold predictions.")] = 5,
     similarity: Annotated[
@@ -87,8 +87,7 @@ def audit_cmd(
 ) -> None:
     """Find likely label errors, duplicates across splits and outliers from stored features; changes no data.
 
-    Every photo is predicted by a head (train-head's recipe) that did not see it; confident learning ranks
-    the photos whose given label that head finds unlikely. Writes audit.json and audit.png; exit 0.
+    Each photo is scored by a head (train-head's recipe) that did not see it. Writes audit.json and audit.png.
     """
     from tlcli.train import audit
 
