@@ -43,7 +43,7 @@ def _tables(report: dict, top: int) -> list[Table]:
             f"{s['p_label']:.3f}",
             "yes" if s["confident"] else "",
         )
-    dups = Table(title="[bold red]duplicates across splits[/]: test accuracy counts these photos twice")
+    dups = Table(title="[bold red]duplicates across splits[/]: val and test scores count photos training saw")
     for col in ("photo", "split", "duplicate", "split ", "cosine"):
         dups.add_column(col, justify="right" if col == "cosine" else "left", overflow="fold")
     for d in [d for d in report["duplicates"] if d["cross_split"]][:top]:
@@ -107,9 +107,11 @@ def audit_cmd(
         return
     for table in _tables(report, top):
         out.print(table)
+    crossing = f"{report['cross_split_duplicates']} duplicate pairs across splits"
     out.print(
         f"{len(report['label_issues'])} label suspects (about {report['estimated_label_errors']} errors estimated), "
-        f"{report['cross_split_duplicates']} duplicate pairs across splits, {len(report['outliers'])} outliers "
+        + (f"[bold red]{crossing}[/]" if report["cross_split_duplicates"] else crossing)
+        + f", {len(report['outliers'])} outliers "
         f"in {report['n']} photos (held-out accuracy {report['accuracy']:.4f}, {report['seconds']:.1f}s); "
         f"wrote {escape(report['json'])}" + (f" and {escape(report['sheet'])}" if report["sheet"] else "")
     )
