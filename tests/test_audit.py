@@ -21,18 +21,17 @@ import pytest
 from PIL import Image
 
 EXTRACT = ("--alpha", "0.25", "--size", "224", "--resize", "crop", "-q")
-"""224 px: at 96 px (held-out accuracy ~0.83) flipped photos the head would get wrong anyway cap the bar's
-measure at 0.71-0.76; one view costs half of crop+pad and kept the bars (crop+pad, 3 folds: 0.90-0.96)."""
+"""224 px: at 96 px (held-out accuracy ~0.83) flipped photos the head would get wrong anyway held the bar's
+measure to 0.71-0.76; one view (crop) costs half of crop+pad's two and kept the bars (both 0.90-0.96)."""
 FOLDS = "3"
-"""3 folds found as many flipped labels as 5 (0.92-0.96 over seeds 0-3) in half the time."""
+"""3 folds (0.90-0.96 over flip seeds 0-3, crop+pad) found about as many flipped labels as 5 (0.92-0.96) in
+half the time."""
 SUBSET = 1
 """Every SUBSET-th photo of each class: half of them (2) kept 0.85-1.00 of the flipped ones, too little margin."""
 COPIES = 20
 FLIP_FRACTION = 0.05
 FLIP_SEED = 0
 FOREIGN = {"cat": ("n03792782_mountain_bike", "n07753592_banana"), "dog": ("n01443537_goldfish",)}
-NATURAL_DUPLICATES = 2
-"""Near-duplicate pairs cats_vs_dogs itself holds (cat.4575/cat.4126, dog.180/dog.74: the same photo twice)."""
 
 
 def _build_photos(shared_data: Path, root: Path) -> tuple[dict[str, list[str]], set[str]]:
@@ -134,7 +133,8 @@ def test_flipped_labels_lead_the_label_suspects(audited, record_property):
 def test_reencoded_copies_in_test_are_duplicates_across_splits(audited):
     """All 20 re-encoded copies (centred cosine 0.94-0.99 to their originals; different photos at most 0.80)
     are reported as duplicates of their training originals, the identical file as identical, and at most 5
-    other pairs cross splits: seeds 0-3 found 1 (one of the NATURAL_DUPLICATES the split puts apart)."""
+    other pairs cross splits: seeds 0-3 found 1, a real one (cats_vs_dogs holds cat.4575/cat.4126 and
+    dog.180/dog.74, the same photo twice, and the split puts one pair apart)."""
     report, given = audited.report, audited.given
     crossing = [d for d in report["duplicates"] if d["cross_split"]]
     found = {frozenset((d["a"]["path"], d["b"]["path"])) for d in crossing}
