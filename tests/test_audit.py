@@ -173,3 +173,19 @@ def test_audit_prints_tables_and_refuses_a_folder_without_features(cli, colour_r
     refused = cli("audit", tmp_path / "nothing", "-q")
     assert refused.exit_code == 2
     assert "no features" in refused.stderr and "tlcli extract" in refused.stderr
+
+
+def test_audit_takes_every_head_recipe_field_with_its_default():
+    """The held-out heads are train-head's: each HeadRecipe field is an option of audit, defaulting to HEAD's."""
+    import dataclasses
+
+    import typer
+
+    from tlcli.cli.audit import audit_cmd
+    from tlcli.train.recipes import HEAD, HeadRecipe, param
+
+    app = typer.Typer()
+    app.command()(audit_cmd)
+    given = {p.name: p.default for p in typer.main.get_command(app).params}
+    for f in dataclasses.fields(HeadRecipe):
+        assert given[param(HeadRecipe, f.name)] == getattr(HEAD, f.name), f.name
