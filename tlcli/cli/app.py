@@ -7,7 +7,7 @@ from typing import Annotated
 import typer
 
 from tlcli import __version__, interrupts
-from tlcli.cli import data, evaluate, extract, info, inspect, report, train, workflow
+from tlcli.cli import audit, data, evaluate, extract, info, inspect, report, train, workflow
 from tlcli.cli.console import out
 
 app = typer.Typer(
@@ -50,6 +50,7 @@ app.command("fetch-data")(data.fetch_data_cmd)
 app.command("extract")(extract.extract_cmd)
 app.command("train-head")(train.train_head_cmd)
 app.command("cross-validate")(train.cross_validate_cmd)
+app.command("audit")(audit.audit_cmd)
 app.command("evaluate")(evaluate.evaluate_cmd)
 app.command("predict")(evaluate.predict_cmd)
 app.command("export")(evaluate.export_cmd)

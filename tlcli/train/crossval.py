@@ -10,6 +10,7 @@ import dataclasses
 import os
 import time
 from collections.abc import Callable
+from typing import NamedTuple
 
 import numpy as np
 
@@ -31,31 +32,32 @@ def fold_of(labels: np.ndarray, folds: int, seed: int) -> np.ndarray:
     return assigned
 
 
-def cross_validate(
-    features_dir: str | os.PathLike,
-    recipe: HeadRecipe = HEAD,
-    *,
-    folds: int = 10,
-    progress: Callable[[int, int], None] | None = None,
-) -> dict:
+class HeldOut(NamedTuple):
+    """Every stored photo (the splits pooled in store order), the probabilities of the head that did not see
+    it, and each fold's accuracy."""
+
+    every: Split
+    probs: np.ndarray
+    per_fold: list[float]
+
+
+def out_of_fold(
+    store: Store, recipe: HeadRecipe = HEAD, *, folds: int = 10, progress: Callable[[int, int], None] | None = None
+) -> HeldOut:
     """Pool the store's splits, and for each fold train a head on the other folds (one of them as the
     early-stopping val fold, the rest as train, then refit on both) and predict the held-out fold.
 
-    The recipe's seed deals the folds and, with the fold's number, seeds each head. Returns pooled
-    metrics over all photos (as ``evaluate``), per-fold accuracies and the misclassified files.
-    Writes nothing.
+    The recipe's seed deals the folds and, with the fold's number, seeds each head.
     """
-    started = time.perf_counter()
-    store = Store.open(features_dir)
     every = Split.joined([store.split(s) for s in datasets.SPLITS])
     classes = store.meta["classes"]
     n = len(every.labels)
     if folds < 3:
         raise UsageError(f"--folds {folds}: need at least 3 (one held out, one for early stopping, the rest to train)")
     if n < folds:
-        raise UsageError(f"{features_dir} holds {n} images, fewer than --folds {folds}; use fewer folds")
+        raise UsageError(f"{store.root} holds {n} images, fewer than --folds {folds}; use fewer folds")
     if len(np.unique(every.labels)) < 2:
-        raise UsageError(f"{features_dir} holds a single class; a classifier needs at least two")
+        raise UsageError(f"{store.root} holds a single class; a classifier needs at least two")
     seed = recipe.seed
     assigned = fold_of(every.labels, folds, seed)
     probs = np.zeros((n, len(classes)), np.float32)
@@ -73,13 +75,31 @@ def cross_validate(
         per_fold.append(round(float((probs[rows].argmax(1) == every.labels[rows]).mean()), 4))
         if progress:
             progress(i + 1, folds)
+    return HeldOut(every, probs, per_fold)
+
+
+def cross_validate(
+    features_dir: str | os.PathLike,
+    recipe: HeadRecipe = HEAD,
+    *,
+    folds: int = 10,
+    progress: Callable[[int, int], None] | None = None,
+) -> dict:
+    """Accuracy of the recipe on every stored photo, each predicted by the head that did not see it
+    (``out_of_fold``). Returns pooled metrics over all photos (as ``evaluate``), per-fold accuracies and
+    the misclassified files. Writes nothing.
+    """
+    started = time.perf_counter()
+    store = Store.open(features_dir)
+    classes = store.meta["classes"]
+    every, probs, per_fold = out_of_fold(store, recipe, folds=folds, progress=progress)
     result = metrics.metrics(every.labels, probs, classes)
     result.update(
         source=f"{folds}-fold cross-validation",
         features=str(features_dir),
         features_key=store.meta["key"],
         folds=folds,
-        seed=seed,
+        seed=recipe.seed,
         per_fold=per_fold,
         fold_std=round(float(np.std(per_fold)), 4),
         misclassified=metrics.misclassified(every.paths, every.labels, probs, classes),
