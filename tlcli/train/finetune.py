@@ -110,7 +110,7 @@ def image_dataset(
     split: Split,
     batch_size: int,
     *,
-    augment: tuple[str, ...] = (),
+    augment=None,
     seed: int = 0,
     training: bool = False,
 ):
@@ -118,9 +118,10 @@ def image_dataset(
     (a multi-view split's pixels as a tuple of views, the inputs of ``run.Built.views``).
 
     Training batches are reshuffled every epoch, full-sized (a remainder waits for the next epoch's
-    shuffle) and augmented view by view, one batch after another so that a seed gives the same random
-    transforms every time. Files gone since extraction are a usage error rather than a silently
-    smaller split; a file that no longer decodes is left out rather than trained on as a blank.
+    shuffle) and augmented (by ``augment``, a layer from ``augmenter``) view by view, one batch after another
+    so that a seed gives the same random transforms every time. Files gone since extraction are a usage error
+    rather than a silently smaller split; a file that no longer decodes is left out rather than trained on as a
+    blank.
     """
     import tensorflow as tf
 
@@ -141,7 +142,7 @@ def image_dataset(
     if training:
         ds = ds.shuffle(len(paths), seed=seed, reshuffle_each_iteration=True)
     ds = ds.batch(batch_size, drop_remainder=training)
-    layer = augmenter(augment, seed) if training and augment else None
+    layer = augment if training else None
 
     def prepare(x, y):
         x = tf.cast(x, tf.float32)
@@ -255,14 +256,18 @@ class _Saver:
     checkpoint: object
     full: object
     optimizer: object
+    augment: object = None
+
+    def _variables(self) -> dict[str, list]:
+        """The model's variables (random seeds too), the optimizer's, and the augmentation's random seeds."""
+        augment = self.augment.variables if self.augment is not None else []
+        return {"model": self.full.variables, "optimizer": self.optimizer.variables, "augment": augment}
 
     def save(self, state: _State) -> None:
         record = {k: getattr(state, k) for k in ("history", "start", "best_epoch", "waited", "epoch")}
         record["best"] = None if np.isinf(state.best) else state.best
-        variables = {"model": self.full.variables, "optimizer": self.optimizer.variables}
-        self.checkpoint.save(
-            record, {**{k: [np.array(v) for v in vs] for k, vs in variables.items()}, "best": state.best_weights}
-        )
+        arrays = {k: [np.array(v) for v in vs] for k, vs in self._variables().items()}
+        self.checkpoint.save(record, {**arrays, "best": state.best_weights})
 
     def restore(self) -> _State | None:
         """The saved state, its weights and optimizer slots put back; None when there is none that fits."""
@@ -270,8 +275,8 @@ class _Saver:
         if loaded is None:
             return None
         record, groups = loaded
-        variables = [*self.full.variables, *self.optimizer.variables]
-        values = [*groups.get("model", []), *groups.get("optimizer", [])]
+        variables = [v for vs in self._variables().values() for v in vs]
+        values = [a for name in self._variables() for a in groups.get(name, [])]
         fits = len(values) == len(variables) and len(groups.get("best", [])) == len(self.full.weights)
         if not fits or any(tuple(v.shape) != a.shape for v, a in zip(variables, values, strict=True)):
             return None
@@ -361,8 +366,9 @@ def fine_tune(
     batch_size = min(recipe.batch_size, len(train.labels))
     built, unfrozen, optimizer = _set_up(build, recipe, strategy, recipe.epochs * (len(train.labels) // batch_size))
     full = built.views
+    augment = augmenter(recipe.augment, seed) if recipe.augment else None
     train_ds = strategy.experimental_distribute_dataset(
-        image_dataset(photos, train, batch_size, augment=recipe.augment, seed=seed, training=True)
+        image_dataset(photos, train, batch_size, augment=augment, seed=seed, training=True)
     )
     val_ds = (
         strategy.experimental_distribute_dataset(image_dataset(photos, val, batch_size))
@@ -370,7 +376,7 @@ def fine_tune(
         else None
     )
     steps = _batch_steps(full, optimizer, strategy, class_weights, batch_size)
-    saver = _Saver(checkpoint, full, optimizer) if checkpoint is not None else None
+    saver = _Saver(checkpoint, full, optimizer, augment) if checkpoint is not None else None
     state = _epochs(full, steps, train_ds, val_ds, recipe, progress, saver)
     start = None if state.start is None else round(state.start, 6)
     return Result(built.model, full, state.history, unfrozen, start, state.best_epoch, state.resumed_from)
