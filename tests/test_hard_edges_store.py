@@ -91,6 +91,7 @@ def test_a_filesystem_without_locks_is_one_line_unless_no_lock(cli, tmp_path, mo
 
     monkeypatch.setattr(fcntl, "flock", no_locks)
     _one_line(cli("runs", runs, "--keep", "1"), f"the filesystem of {runs} does not support file locks", "--no-lock")
+    assert list(runs.iterdir()) == []
     assert cli("runs", runs, "--keep", "1", "--no-lock").exit_code == 0
 
 

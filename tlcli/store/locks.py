@@ -74,6 +74,7 @@ def _try_lock(path: Path) -> int | None:
         except OSError as exc:
             os.close(fd)
             if exc.errno in _NO_LOCKS:
+                path.unlink(missing_ok=True)
                 raise UsageError(
                     f"the filesystem of {path.parent} does not support file locks ({exc.strerror}); write on one "
                     "that does (see README, Locks), or pass --no-lock if no other tlcli writes there"
@@ -110,15 +111,22 @@ def lock(path: str | os.PathLike, what: str, wait: bool = False, poll: float = 0
         yield
         return
     made_folder = not path.parent.exists()
-    while (fd := _try_lock(path)) is None:
-        if not wait:
-            raise UsageError(f"another tlcli {what} ({_describe(path)}); wait for it, or re-run with --wait")
-        interrupts.check()
-        time.sleep(poll)
+    try:
+        while (fd := _try_lock(path)) is None:
+            if not wait:
+                raise UsageError(f"another tlcli {what} ({_describe(path)}); wait for it, or re-run with --wait")
+            interrupts.check()
+            time.sleep(poll)
+    except BaseException:
+        if made_folder:
+            with contextlib.suppress(OSError):
+                path.parent.rmdir()
+        raise
     token = _held[key] = object()
     try:
-        os.ftruncate(fd, 0)
-        os.write(fd, _holder())
+        with contextlib.suppress(OSError):  # a full disk: the lock holds all the same, only unnamed
+            os.ftruncate(fd, 0)
+            os.write(fd, _holder())
         yield
     finally:
         if _held.get(key) is token:
