@@ -182,8 +182,8 @@ def test_a_fine_tuning_killed_after_epoch_k_resumes_there_and_ends_as_an_uninter
 ):
     """The re-run of the killed command runs 4 - k epochs and scores as the uninterrupted run with its seed
     (within one photo of each split), its per-epoch losses too: shuffle, augmentation and dropout pick up where
-    they were. Measured (5 runs): k = 1 each time; accuracies identical (train 0.967, val 0.75, test 0.8) and
-    losses identical to 6 digits; about 24 s of CPU, most of it the killed child starting TensorFlow."""
+    they were. Measured (5 runs, the machine under load): k = 1 where printed; accuracies identical (train
+    0.967, val 0.75, test 0.8), losses identical to 6 digits; about 23 s of CPU, a third of it the killed child."""
     whole = cli("train-head", cats_store, "--out", tmp_path / "whole", *TUNE)
     assert whole.exit_code == 0, whole.output
     runs = tmp_path / "runs"
