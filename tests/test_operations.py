@@ -223,6 +223,7 @@ def test_full_disk_leaves_no_partial_run(cli, tmp_path, colour_run, monkeypatch)
     monkeypatch.undo()
     assert result.exit_code == 1
     assert "No space left on device" in result.stderr and len(result.stderr.strip().splitlines()) == 1
+    assert f"({runs}/" in result.stderr  # the folder of the full disk, as os.fsync does not name one
     assert sorted(p.name for p in runs.iterdir()) == before and (runs / "latest").resolve() == latest
     assert leftovers(runs) == []
 

@@ -10,7 +10,18 @@ from typing import Annotated, Optional
 import typer
 
 from tlcli.cli.console import emit_json, err, handles_errors, out, progress_bar, use_device
-from tlcli.cli.options import BatchOpt, ConfigOpt, DeviceOpt, JsonOpt, QuietOpt, SeedOpt, WaitOpt, _given
+from tlcli.cli.options import (
+    BatchOpt,
+    ConfigOpt,
+    DeviceOpt,
+    JsonOpt,
+    NoLockOpt,
+    QuietOpt,
+    SeedOpt,
+    WaitOpt,
+    _given,
+    locking,
+)
 from tlcli.errors import UsageError
 
 DataDirArg = Annotated[Path, typer.Argument(help="Folder of class sub-folders (optionally with split.json).")]
@@ -123,6 +134,7 @@ def extract_cmd(
     merge_shards: MergeShardsOpt = False,
     as_json: JsonOpt = False,
     wait: WaitOpt = False,
+    no_lock: NoLockOpt = False,
     device: DeviceOpt = "auto",
     quiet: QuietOpt = False,
     config: ConfigOpt = None,
@@ -130,6 +142,7 @@ def extract_cmd(
     """Run a frozen pre-trained backbone over every image and store one feature vector each (incremental)."""
     from tlcli.store import shards
 
+    locking(no_lock)
     if merge_shards:
         summary = _merge_step(ctx)
     else:

@@ -122,6 +122,23 @@ MinAccuracyOpt = Annotated[
 WaitOpt = Annotated[bool, typer.Option("--wait", help="If another tlcli is writing the output folder, wait for it.")]
 
 
+NoLockOpt = Annotated[
+    bool,
+    typer.Option(
+        "--no-lock",
+        help="Write without locking the output folder: only on a filesystem without file locks, "
+        "where no other tlcli writes at the same time.",
+    ),
+]
+
+
+def locking(no_lock: bool) -> None:
+    """Apply --no-lock to this process's locks (set on every call, so one command's choice never outlives it)."""
+    from tlcli.store import locks
+
+    locks.set_enabled(not no_lock)
+
+
 KeepOpt = Annotated[
     Optional[int],
     typer.Option(min=1, help="Afterwards delete never-promoted runs older than the newest KEEP (promoted ones stay)."),
@@ -190,6 +207,16 @@ StrategyOpt = Annotated[
     typer.Option(
         help="Distribute fine-tuning: mirrored (all local GPUs) or multiworker (the cluster in TF_CONFIG; "
         "run the same command on every worker, the chief saves the run)."
+    ),
+]
+
+
+ResumeOpt = Annotated[
+    bool,
+    typer.Option(
+        "--resume/--no-resume",
+        help="Resume an interrupted fine-tuning of the same command from its last finished epoch "
+        "(--no-resume starts over).",
     ),
 ]
 

@@ -29,13 +29,16 @@ from tlcli.cli.options import (
     L2Opt,
     LrOpt,
     MinAccuracyOpt,
+    NoLockOpt,
     PatienceOpt,
     QuietOpt,
     RefitOpt,
+    ResumeOpt,
     SeedOpt,
     StrategyOpt,
     TensorboardOpt,
     WaitOpt,
+    locking,
 )
 from tlcli.errors import EXIT_GATE, GateError
 from tlcli.train.recipes import HEAD, HeadRecipe, fine_tune_from_options, from_options
@@ -60,6 +63,7 @@ def train_step(p: dict, progress: Callable[[int, int, dict], None] | None, **ext
         tensorboard=p["tensorboard"],
         progress=progress,
         wait=p["wait"],
+        resume=p["resume"],
         **extra,
     )
 
@@ -122,14 +126,17 @@ def train_head_cmd(
     fine_tune_batch_size: FineTuneBatchOpt = None,
     augment: AugmentOpt = None,
     strategy: StrategyOpt = None,
+    resume: ResumeOpt = True,
     seed: SeedOpt = HEAD.seed,
     as_json: JsonOpt = False,
     wait: WaitOpt = False,
+    no_lock: NoLockOpt = False,
     device: DeviceOpt = "auto",
     quiet: QuietOpt = False,
     config: ConfigOpt = None,
 ) -> None:
     """Train a softmax head on stored features, optionally fine-tune the backbone; save one pixels-in model."""
+    locking(no_lock)
     fine_tune = fine_tune_from_options(ctx.params)
     info = use_device(device, quiet or as_json, fine_tune.strategy if fine_tune else None)
     with progress_bar(

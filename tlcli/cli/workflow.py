@@ -18,9 +18,11 @@ from tlcli.cli.options import (
     DeviceOpt,
     JsonOpt,
     KeepOpt,
+    NoLockOpt,
     QuietOpt,
     TensorboardOpt,
     WaitOpt,
+    locking,
     read_config,
     section_defaults,
 )
@@ -127,6 +129,7 @@ def run_cmd(
     tensorboard: TensorboardOpt = None,
     as_json: JsonOpt = False,
     wait: WaitOpt = False,
+    no_lock: NoLockOpt = False,
     device: DeviceOpt = "auto",
     quiet: QuietOpt = False,
 ) -> None:
@@ -146,6 +149,7 @@ def run_cmd(
         tensorboard=tensorboard,
         wait=wait,
     )
+    locking(no_lock)
     quiet = quiet or as_json
     use_device(device, quiet)
     outcome = pipeline.run(
@@ -166,11 +170,13 @@ def runs_cmd(
     runs_root: Annotated[Path, typer.Argument(help="Runs folder, e.g. runs/pets.")],
     keep: KeepOpt = None,
     wait: WaitOpt = False,
+    no_lock: NoLockOpt = False,
     as_json: JsonOpt = False,
 ) -> None:
     """List the runs of a runs folder: date, data counts, accuracy, promoted or not, which is latest."""
     from tlcli.store import locks
 
+    locking(no_lock)
     if not runs_root.is_dir():
         raise UsageError(f"{runs_root} is not a runs folder; train one with 'tlcli train-head --out {runs_root}'")
     pruned = []

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import hashlib
+import json
 import os
 import time
 from collections.abc import Callable, Iterator
@@ -155,7 +157,14 @@ class Fitted:
 
 
 def _fine_tune(
-    features: Features, fitted: Fitted, recipe: FineTuneRecipe, *, strategy, progress: Progress | None, log: RunLog
+    features: Features,
+    fitted: Fitted,
+    recipe: FineTuneRecipe,
+    *,
+    strategy,
+    progress: Progress | None,
+    log: RunLog,
+    checkpoint: runs.Checkpoint | None = None,
 ) -> Fitted:
     """Put the trained head on the backbone and train the recipe's top layers with it, end to end on the photos.
 
@@ -185,7 +194,10 @@ def _fine_tune(
         seed=fitted.recipe.seed,
         strategy=strategy,
         progress=progress,
+        checkpoint=checkpoint,
     )
+    if tuned.resumed_from:
+        log(f"resumed fine-tuning after epoch {tuned.resumed_from} from {checkpoint.path}")
     log(
         f"fine-tuned {len(tuned.unfrozen)} layers on {len(tune_on.labels)} images for {len(tuned.history['loss'])} "
         f"epochs at lr {recipe.learning_rate:g} (cosine decay); "
@@ -208,6 +220,7 @@ def fit(
     progress: Progress | None = None,
     tensorboard: str | os.PathLike | None = None,
     log: RunLog,
+    checkpoint: runs.Checkpoint | None = None,
 ) -> Fitted:
     """The head on the stored features, then (with ``fine_tune``) the backbone's top layers with it on the photos;
     each epoch's scores go to TensorBoard folder ``tensorboard`` (the fine-tuning's as ``fine_tune_*``)."""
@@ -227,7 +240,15 @@ def fit(
         fitted = dataclasses.replace(fitted, model=pixels_model(features.meta, head).model)
     else:
         tuning = _epoch_observer(progress, writer, log, prefix="fine_tune_")
-        fitted = _fine_tune(features, fitted, fine_tune.resolved(recipe), strategy=strategy, progress=tuning, log=log)
+        fitted = _fine_tune(
+            features,
+            fitted,
+            fine_tune.resolved(recipe),
+            strategy=strategy,
+            progress=tuning,
+            log=log,
+            checkpoint=checkpoint,
+        )
     return dataclasses.replace(fitted, seconds=time.perf_counter() - started)
 
 
@@ -422,6 +443,7 @@ class Trained:
     refit_epochs: int | None = None
     fine_tune_epochs_run: int | None = None
     fine_tune_best_epoch: int | None = None
+    fine_tune_resumed_from: int | None = None
     fit_seconds: float = 0.0
     seconds: float = 0.0
     worker: int | None = None
@@ -448,10 +470,33 @@ def _outcome(fitted: Fitted, started: float, **saved) -> Trained:
         refit_epochs=fitted.refit_epochs,
         fine_tune_epochs_run=len(tuned.history["loss"]) if tuned else None,
         fine_tune_best_epoch=tuned.best_epoch if tuned else None,
+        fine_tune_resumed_from=tuned.resumed_from if tuned else None,
         fit_seconds=round(fitted.seconds, 3),
         seconds=round(time.perf_counter() - started, 3),
         **saved,
     )
+
+
+def _checkpoint(
+    out: Path, features: Features, recipe: HeadRecipe, fine_tune: FineTuneRecipe | None, strategy, resume: bool
+) -> runs.Checkpoint | None:
+    """Where fine-tuning saves every finished epoch, keyed by all that shapes it, for an identical command to
+    resume (``resume`` False starts over). Not under a multi-worker cluster, whose workers would disagree."""
+    import tensorflow as tf
+
+    if fine_tune is None or isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy):
+        return None
+    shaped_by = {
+        "store": features.meta["key"],
+        "splits": {name: split.get("file") for name, split in features.meta["splits"].items()},
+        "head": dataclasses.asdict(recipe),
+        "fine_tune": dataclasses.asdict(fine_tune),
+    }
+    key = hashlib.blake2b(json.dumps(shaped_by, sort_keys=True, default=str).encode(), digest_size=8).hexdigest()
+    checkpoint = runs.Checkpoint(out, key)
+    if not resume:
+        checkpoint.clear()
+    return checkpoint
 
 
 @contextlib.contextmanager
@@ -483,6 +528,7 @@ def train(
     tensorboard: str | os.PathLike | None = None,
     wait: bool = False,
     strategy=None,
+    resume: bool = True,
 ) -> Trained:
     """Train a head on the store at ``features_dir`` and save a full run under ``out``.
 
@@ -492,13 +538,16 @@ def train(
     trained head then goes on top of the backbone, whose top layers are trained end to end with it on
     the store's training images, under ``strategy`` (a tf.distribute strategy; by default the
     recipe's). A multi-worker cluster's other workers train and return without writing anything.
-    Per-epoch scalars go to ``tensorboard/<the run folder's name>``.
+    Per-epoch scalars go to ``tensorboard/<the run folder's name>``. Fine-tuning saves every finished epoch
+    under ``out`` and an identical command resumes it, unless not ``resume``; the checkpoint is removed once
+    the run is published.
     """
     started, log, out, name = time.perf_counter(), RunLog(), Path(out), runs.timestamp()
     if strategy is None and fine_tune is not None and fine_tune.strategy:
         strategy = distribute.distribution(fine_tune.strategy)
     with _writing(out, strategy, wait):
         features = load_features(features_dir, backbone=backbone, size=size, log=log)
+        checkpoint = _checkpoint(out, features, recipe, fine_tune, strategy, resume)
         fitted = fit(
             features,
             recipe,
@@ -507,12 +556,15 @@ def train(
             progress=progress,
             tensorboard=Path(tensorboard) / name if tensorboard else None,
             log=log,
+            checkpoint=checkpoint,
         )
         if not distribute.is_writer(strategy):
             return _outcome(fitted, started, run=None, worker=int(strategy.cluster_resolver.task_id))
         scores = score(features, fitted)
         verdict = judge(out, scores, promote_if_better=promote_if_better, defer_promotion=defer_promotion, log=log)
         run_dir = write_run(out, fitted, scores, describe(features, fitted, scores, verdict, config), log, name)
+        if checkpoint is not None:
+            checkpoint.clear()
         if verdict.promoted:
             runs.promote(out, run_dir)
         pruned = runs.prune(out, keep) if keep is not None and not defer_promotion else []
