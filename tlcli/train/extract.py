@@ -66,7 +66,7 @@ def _plan(data_dir: str | os.PathLike, fractions, seed: int) -> _Plan:
     """Scan the whole folder and split it (a shard too, so every part agrees with an unsharded run)."""
     ds = datasets.scan(data_dir)
     assignment, source = datasets.assign_splits(ds, fractions, seed)
-    manifest = hashlib.sha256("\n".join(f"{r}\t{assignment[r]}" for r in sorted(ds.files)).encode()).hexdigest()
+    manifest = hashlib.sha256(os.fsencode("\n".join(f"{r}\t{assignment[r]}" for r in sorted(ds.files)))).hexdigest()
     return _Plan(ds, assignment, source, manifest)
 
 
