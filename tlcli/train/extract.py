@@ -281,6 +281,12 @@ def extract(
             unique = list({f.digest: f for f in todo}.values())
             fresh, bad = _new_vectors(ex, unique, recipe, data=plan.ds.root, store=root, progress=progress)
         rows, skipped = _rows(found, plan, {**cache.vectors, **fresh}, {**cache.bad, **bad})
+        if skipped and not rows and shard is None:
+            first = skipped[0]
+            raise UsageError(
+                f"no images in {data_dir}: none of its {len(skipped)} image files decodes (e.g. {first['path']}: "
+                f"{first['reason']}); no features were stored"
+            )
         meta = _meta(ex, recipe, plan, shard, skipped)
         features.write(root, rows, plan.ds.classes, meta)
         how = {"shard": shards.label(*shard) if shard else None}
