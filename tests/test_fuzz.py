@@ -661,8 +661,9 @@ def _link_escapes(parts: tuple[str, ...], target: str, hard: bool) -> bool:
 def expected_extraction(fmt: str, entries: list[Member], dest: Path) -> dict[str, bytes] | str:
     """What a correct safe extractor must do: REFUSED, UNSURE (edge cases only checked for safety), or the files.
 
-    Refused: an absolute or '..' name, a link leading outside, a device, fifo or unknown type, a declared
-    or real size past the cap, a name the file system cannot hold, or a file where a folder must go.
+    Refused: an absolute or '..' name, a link leading outside, a tar hard link to anything but a file
+    unpacked before it (which becomes a copy), a device, fifo or unknown type, a declared or real size
+    past the cap, a name the file system cannot hold, or a file where a folder must go.
     """
     is_zip = fmt.startswith("zip")
     files: dict[str, bytes] = {}
@@ -682,8 +683,16 @@ def expected_extraction(fmt: str, entries: list[Member], dest: Path) -> dict[str
         if kind in LINK_KINDS:
             if parts is None:
                 return UNSURE
-            refused |= _link_escapes(parts, m.target, kind == "hardlink")
-            continue
+            if _link_escapes(parts, m.target, kind == "hardlink"):
+                refused = True
+                continue
+            if kind == "symlink":
+                continue
+            source = _clean_path(m.target)
+            if not isinstance(source, tuple) or "/".join(source) not in files:
+                refused = True
+                continue
+            kind, m = "file", Member("file", m.name, files["/".join(source)])
         if parts is None:
             continue
         if kind in SPECIAL_KINDS:

@@ -17,7 +17,7 @@ from tlcli.data.fetch.clean import clean
 from tlcli.data.fetch.registry import remote_url
 from tlcli.data.fetch.request import Plan
 from tlcli.data.fetch.sizes import Progress, folder_bytes, need_space
-from tlcli.data.fetch.unpack import MAX_FILES, MAX_UNPACKED_BYTES, extract_archive
+from tlcli.data.fetch.unpack import MAX_FILES, MAX_UNPACKED_BYTES, extract_archive, unpacked_size
 from tlcli.errors import UsageError
 from tlcli.store.files import write_json
 
@@ -52,7 +52,7 @@ def _unpack(job: Job, archives: list[Path]) -> Path:
     """Unpack every archive into ``staging/raw``; a refused download is deleted from the cache."""
     raw = job.staging / "raw"
     for archive in archives:
-        need_space(job.data_dir, archive.stat().st_size, f"unpacking {archive.name}")
+        need_space(job.data_dir, unpacked_size(archive), f"unpacking {archive.name}")
         try:
             extract_archive(archive, raw, max_bytes=job.max_bytes, max_files=job.max_files, progress=job.progress)
         except UsageError:
