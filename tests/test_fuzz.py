@@ -995,7 +995,7 @@ def _reachable(data: Path) -> tuple[set[tuple[int, int]], bool]:
     return files, cycle
 
 
-@fuzz(150)
+@fuzz(100)
 @given(ops=folder_ops())
 @example(ops=[("file", "cat/x.jpg"), ("file", "dog/x.jpg"), ("symlink", "cat/loop", ".")])
 @example(ops=[("file", "cat/x.jpg"), ("file", "dog/x.jpg"), ("symlink", "cat/dogs", "../dog"), ("symlink", "a", "cat")])
