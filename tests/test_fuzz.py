@@ -928,7 +928,8 @@ FOLDER_LINKS = [".", "..", "../..", "../../..", "../dog", "../cat/sub", "cat", "
 @st.composite
 def folder_ops(draw) -> list[tuple]:
     """Steps that build a data folder: folders, files, links (loops, siblings, outside, dangling), hard links,
-    fifos and permission changes, at paths one to three names deep."""
+    fifos and permission changes, at paths one to three names deep (three levels down in the sandbox, so
+    '../../..' stays inside it)."""
     paths = st.lists(st.sampled_from(FOLDER_NAMES), min_size=1, max_size=3).map("/".join)
     step = st.one_of(
         st.tuples(st.just("dir"), paths),
@@ -1004,9 +1005,7 @@ def test_folder_scan_lists_each_real_file_once_or_refuses_a_loop(ops: list[tuple
     """Class folders with odd names, links (loops, into other classes, outside, dangling), hard links, fifos and
     unreadable entries: scan ends, lists every reachable image file exactly once under its class, or says in
     one line why not (a link that loops, a folder it cannot read, fewer than two classes)."""
-    with sandbox() as (root, _):
-        data = root / "data"
-        data.mkdir()
+    with sandbox() as (root, data):
         (root / "outside" / "far.jpg").write_bytes(b"far")
         try:
             _build_folder(data, root / "outside", ops)
