@@ -148,10 +148,13 @@ def keep_native_logs_off_terminal() -> None:
     mentions attribute ...' ignore TF_CPP_MIN_LOG_LEVEL), so only Python's writes, tlcli's messages
     among them, reach the terminal. TLCLI_DEBUG=1 leaves descriptor 2 alone.
     """
-    if os.environ.get("TLCLI_DEBUG"):
+    if os.environ.get("TLCLI_DEBUG") or sys.stderr is None:
         return
     sys.stderr.flush()
-    terminal = os.dup(2)
+    try:
+        terminal = os.dup(2)
+    except OSError:  # stderr closed (2>&-): nothing to keep clean
+        return
     devnull = os.open(os.devnull, os.O_WRONLY)
     os.dup2(devnull, 2)
     os.close(devnull)
