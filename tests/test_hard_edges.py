@@ -6,16 +6,20 @@ from __future__ import annotations
 import io
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tarfile
 import zipfile
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
 from tlcli.data import datasets
 from tlcli.data.fetch import unpack
+from tlcli.data.fetch.dataset import fetch
+from tlcli.data.fetch.request import FetchRequest
 from tlcli.data.fetch.unpack import extract_archive
 from tlcli.errors import UsageError
 
@@ -106,13 +110,18 @@ def _zip(entries: dict[str, bytes], level: int = 1) -> bytes:
 def test_zip_bombs_are_refused_before_anything_is_written(tmp_path, monkeypatch):
     """A zip holding 64 MiB of zeros in 64 kB (1000-fold) is refused from its directory, nothing unpacked;
     so is one whose total is past 100 times its size (here with the small-archive allowance lowered
-    to 1 MB: 20 entries of 2 MB zeros, each under the per-entry check, from a ~40 kB archive)."""
+    to 1 MB: 20 entries of 2 MB zeros, each under the per-entry check, from a ~40 kB archive). fetch-data
+    on a full disk once said the bomb needed its compressed size of free space; now it refuses the bomb."""
     photo = make_photo(tmp_path / "p.jpg", (200, 40, 40), size=(16, 16)).read_bytes()
     bomb = tmp_path / "bomb.zip"
     bomb.write_bytes(_zip({"pack/red/r.jpg": photo, "pack/red/zeros.jpg": bytes(64 << 20)}, level=9))
     with pytest.raises(UsageError, match=r"expands \d+-fold .*possible zip bomb"):
         extract_archive(bomb, tmp_path / "out")
     assert list((tmp_path / "out").iterdir()) == []
+    monkeypatch.setattr(shutil, "disk_usage", lambda _: SimpleNamespace(total=10**9, used=10**9 - 10**6, free=10**6))
+    with pytest.raises(UsageError, match="possible zip bomb"):  # on a full disk, too: not a free-space error
+        fetch(FetchRequest(str(bomb), name="bomb"), data_dir=tmp_path / "data")
+    assert sorted(p.name for p in (tmp_path / "data").iterdir()) in ([], ["bomb.lock"])
 
     monkeypatch.setattr(unpack, "SMALL_ARCHIVE_ALLOWANCE", 10**6)
     many = tmp_path / "many.zip"

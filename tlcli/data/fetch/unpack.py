@@ -8,7 +8,6 @@ every error becomes a one-line UsageError.
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import lzma
 import os
@@ -234,15 +233,16 @@ def unpacked_cap(archive: Path, max_bytes: int = MAX_UNPACKED_BYTES) -> int:
     return min(max_bytes, max(archive.stat().st_size * MAX_RATIO, SMALL_ARCHIVE_ALLOWANCE))
 
 
-def unpacked_size(archive: Path) -> int:
-    """The bytes ``archive`` declares it unpacks to (a zip's directory says; a tar's size stands in for its own),
-    to check for free space before unpacking; never more than its cap."""
-    size = archive.stat().st_size
-    with contextlib.suppress(zipfile.BadZipFile, OSError, ValueError):
-        if zipfile.is_zipfile(archive):
-            with zipfile.ZipFile(archive) as zf:
-                size = sum(info.file_size for info in zf.infolist() if not info.is_dir())
-    return min(size, unpacked_cap(archive))
+def unpacked_size(archive: Path, max_bytes: int = MAX_UNPACKED_BYTES) -> int:
+    """The bytes ``archive`` unpacks to, to check for free space first: a zip's directory says (a zip bomb is
+    refused here, before anything is written); a tar's own size stands in."""
+    try:
+        with zipfile.ZipFile(archive) as zf:
+            infos = zf.infolist()
+    except Exception:  # not a readable zip: extract_archive says what it is
+        return archive.stat().st_size
+    _check_zip_sizes(infos, _Budget(archive.name, unpacked_cap(archive, max_bytes), MAX_FILES))
+    return sum(info.file_size for info in infos if not info.is_dir())
 
 
 def extract_archive(
