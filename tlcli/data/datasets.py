@@ -43,7 +43,7 @@ def _entries(folder: str, root: Path) -> list[str]:
         ) from None
 
 
-def walk_files(folder: str | os.PathLike, root: Path, seen: set[tuple[int, int]], above: tuple = ()) -> Iterator[str]:
+def _walk_files(folder: str | os.PathLike, root: Path, seen: set[tuple[int, int]], above: tuple = ()) -> Iterator[str]:
     """Every visible file under ``folder`` once, as a path relative to ``root``.
 
     ``seen`` holds the (device, inode) of the folders (``folder`` included) and files already listed,
@@ -96,12 +96,12 @@ def _class_folders(root: Path) -> dict[str, tuple[int, int] | None]:
 def class_files(root: Path) -> dict[str, list[str]]:
     """Each visible sub-folder of ``root`` with its files (relative to ``root``, sorted), every real file once.
 
-    A second link to a class folder gets no files; a link that loops is a usage error (``walk_files``).
+    A second link to a class folder gets no files; a link that loops is a usage error (``_walk_files``).
     """
     folders = _class_folders(root)
     top = (_key(root.stat()),)
     seen = {*top, *(k for k in folders.values() if k)}
-    return {name: sorted(walk_files(root / name, root, seen, top)) if key else [] for name, key in folders.items()}
+    return {name: sorted(_walk_files(root / name, root, seen, top)) if key else [] for name, key in folders.items()}
 
 
 def scan(root: str | os.PathLike, min_classes: int = 2) -> Dataset:
