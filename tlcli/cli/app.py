@@ -8,7 +8,7 @@ import typer
 
 from tlcli import __version__, interrupts
 from tlcli.cli import audit, data, evaluate, extract, info, inspect, report, train, workflow
-from tlcli.cli.console import out
+from tlcli.cli.console import keep_native_logs_off_terminal, out
 
 app = typer.Typer(
     name="tlcli",
@@ -41,8 +41,10 @@ def main(
 
 
 def run() -> None:
-    """Console-script entry point: SIGTERM (cron timeouts, docker stop, kill) stops like Ctrl-C, exit 130."""
+    """Console-script entry point: SIGTERM (cron timeouts, docker stop, kill) stops like Ctrl-C, exit 130;
+    TensorFlow's C++ log lines never reach the terminal."""
     interrupts.install()
+    keep_native_logs_off_terminal()
     app()
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -79,6 +79,20 @@ def evaluate_cmd(
         raise GateError(f"accuracy {result['accuracy']:.4f} is below --min-accuracy {min_accuracy}")
 
 
+def _stream_json(batches: Iterator[tuple[list[dict], list[dict]]]) -> None:
+    """One JSON line per image, written as each batch is scored: its results, then the files it could not read."""
+    scored = 0
+    for rows, skipped in batches:
+        for row in rows:
+            sys.stdout.write(json.dumps(row) + "\n")
+        for item in skipped:
+            sys.stdout.write(json.dumps({"path": item["path"], "error": item["reason"]}) + "\n")
+        sys.stdout.flush()
+        scored += len(rows)
+    if not scored:
+        raise UsageError("no image could be read; check the paths")
+
+
 @handles_errors
 def predict_cmd(
     run: Annotated[Path, typer.Argument(help="Run folder, e.g. runs/pets/latest.")],
@@ -93,26 +107,22 @@ def predict_cmd(
     from tlcli.train import predict
 
     use_device(device, quiet or as_json)
-    with progress_bar("predicting", quiet or as_json) as bar:
+    if as_json:
+        _stream_json(predict.predict_batches(run, [str(p) for p in paths], top_k=top_k, batch_size=batch_size))
+        return
+    with progress_bar("predicting", quiet) as bar:
         rows, skipped = predict.predict_paths(
             run, [str(p) for p in paths], top_k=top_k, batch_size=batch_size, progress=bar
         )
-    if as_json:
-        for row in rows:
-            sys.stdout.write(json.dumps(row) + "\n")
-        for item in skipped:
-            sys.stdout.write(json.dumps({"path": item["path"], "error": item["reason"]}) + "\n")
-        sys.stdout.flush()
-    else:
-        table = Table()
-        table.add_column("file")
-        for i in range(min(top_k, len(rows[0]["top"]) if rows else top_k)):
-            table.add_column(f"#{i + 1}")
-        for row in rows:
-            table.add_row(row["path"], *[f"{t['class']} {t['probability']:.3f}" for t in row["top"]])
-        out.print(table)
-        for item in skipped:
-            err.print(f"skipped {item['path']}: {item['reason']}", markup=False)
+    table = Table()
+    table.add_column("file")
+    for i in range(min(top_k, len(rows[0]["top"]) if rows else top_k)):
+        table.add_column(f"#{i + 1}")
+    for row in rows:
+        table.add_row(row["path"], *[f"{t['class']} {t['probability']:.3f}" for t in row["top"]])
+    out.print(table)
+    for item in skipped:
+        err.print(f"skipped {item['path']}: {item['reason']}", markup=False)
     if not rows:
         raise UsageError("no image could be read; check the paths")
 

@@ -124,6 +124,19 @@ def load_graph(data: bytes, input_name: str, output_name: str):
     return lambda pixels: run(tf.constant(pixels))
 
 
+def scorer(model, size: int, resize: str) -> Callable[..., tuple[np.ndarray, list[int], list[dict]]]:
+    """``apply_model`` with the model traced once: call it with (paths, batch_size, progress) as often as needed,
+    so a caller can score files a batch at a time (predict prints each batch's lines as they come)."""
+    width = int(model.output_shape[-1])
+    if takes_image(model):
+        infer = inference_function(model, (None, None, 3))
+        return lambda paths, batch_size=32, progress=None: apply_photos(infer, width, paths, size, batch_size, progress)
+    infer = inference_function(model, images.pixel_shape(size, resize))
+    return lambda paths, batch_size=32, progress=None: apply_graph(
+        infer, width, paths, size, resize, batch_size, progress
+    )
+
+
 def apply_model(
     model,
     paths: Sequence[str],
@@ -137,12 +150,7 @@ def apply_model(
     A model that takes whole photos (``portable.takes_image``) is fed each decoded photo as it is, as a
     deployer feeds it; one saved before, or one that takes views, is fed tlcli's views.
     """
-    width = int(model.output_shape[-1])
-    if takes_image(model):
-        infer = inference_function(model, (None, None, 3))
-        return apply_photos(infer, width, paths, size, batch_size, progress)
-    infer = inference_function(model, images.pixel_shape(size, resize))
-    return apply_graph(infer, width, paths, size, resize, batch_size, progress)
+    return scorer(model, size, resize)(paths, batch_size, progress)
 
 
 def _collect(outputs: list, kept: list, skipped: list, paths: Sequence[str], done: int, ok, why) -> None:
