@@ -64,7 +64,7 @@ def load_config(ctx: typer.Context, param, value: Optional[Path]) -> Optional[Pa
     return value
 
 
-PATH_OPTIONS = {"data_dir", "out_dir", "features_dir", "run", "tensorboard"}
+PATH_OPTIONS = {"data_dir", "out_dir", "features_dir", "run", "tensorboard", "unknowns"}
 
 
 ConfigOpt = Annotated[
@@ -137,6 +137,39 @@ def locking(no_lock: bool) -> None:
     from tlcli.store import locks
 
     locks.set_enabled(not no_lock)
+
+
+def _on_off(value: str) -> str:
+    if value not in ("on", "off"):
+        raise typer.BadParameter(f"{value!r} is neither on nor off")
+    return value
+
+
+UnknownOpt = Annotated[
+    str,
+    typer.Option(
+        callback=_on_off,
+        help="on: report each photo's unknown score and call it unknown above the run's threshold; off: skip it.",
+    ),
+]
+PromoteMinGainOpt = Annotated[
+    Optional[float],
+    typer.Option(
+        min=0.0,
+        max=1.0,
+        help="With --promote-if-better: promote only if accuracy on the shared photos beats latest's by more "
+        "than this (default 0: any gain).",
+    ),
+]
+PromoteMaxPOpt = Annotated[
+    Optional[float],
+    typer.Option(
+        min=0.0,
+        max=1.0,
+        help="With --promote-if-better: promote only if McNemar's p-value of the gain is at most this, e.g. 0.05 "
+        "(default 1: no test).",
+    ),
+]
 
 
 KeepOpt = Annotated[

@@ -19,6 +19,8 @@ from tlcli.cli.options import (
     JsonOpt,
     KeepOpt,
     NoLockOpt,
+    PromoteMaxPOpt,
+    PromoteMinGainOpt,
     QuietOpt,
     TensorboardOpt,
     WaitOpt,
@@ -76,6 +78,7 @@ def plan(
     keep: int | None,
     tensorboard: Path | None,
     wait: bool,
+    promote_rule: dict | None = None,
 ) -> pipeline.Plan:
     """The pipeline of a workflow config: each step's function with its table parsed as its command would,
     and the options of 'tlcli run' itself over them."""
@@ -88,7 +91,8 @@ def plan(
     ep = parse_step("extract", doc, config, {**common, **({"data_dir": "."} if data_from_fetch else {})})
     if ep["shard"] is not None or ep["merge_shards"]:
         raise UsageError(f"config {config} [extract]: tlcli run extracts the whole folder; drop shard/merge_shards")
-    given = {k: v for k, v in {"keep": keep, "tensorboard": tensorboard}.items() if v is not None}
+    options = {"keep": keep, "tensorboard": tensorboard, **(promote_rule or {})}
+    given = {k: v for k, v in options.items() if v is not None}
     tp = parse_step(
         "train-head",
         doc,
@@ -122,8 +126,11 @@ def run_cmd(
     *,
     config: Annotated[Path, typer.Argument(help="Workflow TOML (configs/*.toml) with [extract], [train-head], ...")],
     promote_if_better: Annotated[
-        bool, typer.Option(help="Promote only if val accuracy beats the current latest (else exit 3).")
+        bool,
+        typer.Option(help="Promote only if better than latest on the same photos (val photos it never trained on)."),
     ] = False,
+    promote_min_gain: PromoteMinGainOpt = None,
+    promote_max_p: PromoteMaxPOpt = None,
     seed: Annotated[Optional[int], typer.Option(help="Seed for every step (default: each step's config).")] = None,
     keep: KeepOpt = None,
     tensorboard: TensorboardOpt = None,
@@ -137,7 +144,7 @@ def run_cmd(
 
     Each step is the same code as its subcommand, with options from the config's [fetch-data],
     [extract], [train-head] and [evaluate] tables. The new run becomes latest only if it passes
-    [evaluate] min_accuracy and, with --promote-if-better, beats latest on val accuracy; otherwise
+    [evaluate] min_accuracy and, with --promote-if-better, beats latest on the same val photos; otherwise
     it is kept but not promoted and the exit code is 3. Cron: `tlcli run CONFIG --promote-if-better --json`.
     """
     steps = plan(
@@ -148,6 +155,7 @@ def run_cmd(
         keep=keep,
         tensorboard=tensorboard,
         wait=wait,
+        promote_rule={"promote_min_gain": promote_min_gain, "promote_max_p": promote_max_p},
     )
     locking(no_lock)
     quiet = quiet or as_json
