@@ -573,6 +573,8 @@ class Trained:
         c = self.comparison
         if c is None:
             return f"val {self.val_accuracy:.4f} does not beat latest {self.previous_val_accuracy:.4f}"
+        if not c["photos"]:
+            return "every val photo was in latest's training set (has the data grown?): nothing to compare on"
         rule = f"gain > {c['min_gain']:g}" + (f", p <= {c['max_p']:g}" if c["max_p"] < 1 else "")
         return (
             f"on the same {c['photos']} {c['on']}, new {c['new_accuracy']:.4f} vs latest "
