@@ -42,6 +42,14 @@ def fit_temperature(probs: np.ndarray, labels: np.ndarray) -> float:
     return round(float(np.exp((lo + hi) / 2)), 4)
 
 
+def fitted_or_none(probs: np.ndarray | None, labels: np.ndarray) -> float | None:
+    """The val temperature, or None where one would be noise (under MIN_IMAGES photos) or would only sharpen
+    (no mistakes on val)."""
+    if probs is None or len(labels) < MIN_IMAGES or np.all(probs.argmax(axis=1) == labels):
+        return None
+    return fit_temperature(probs, labels)
+
+
 def reliability(probs: np.ndarray, labels: np.ndarray, bins: int = BINS) -> dict:
     """Expected calibration error (the images-weighted mean gap between confidence and accuracy over equal-width
     confidence bins), the negative log-likelihood, and each bin's count, mean confidence and accuracy, for a

@@ -17,7 +17,7 @@ import numpy as np
 from tlcli.data import datasets
 from tlcli.errors import UsageError
 from tlcli.store.features import Split, Store
-from tlcli.train import head, metrics
+from tlcli.train import calibrate, head, metrics
 from tlcli.train.recipes import HEAD, HeadRecipe
 
 
@@ -34,11 +34,14 @@ def fold_of(labels: np.ndarray, folds: int, seed: int) -> np.ndarray:
 
 class HeldOut(NamedTuple):
     """Every stored photo (the splits pooled in store order), the probabilities of the head that did not see
-    it, and each fold's accuracy."""
+    it, the same after each fold's val temperature (as train-head calibrates a run), each fold's accuracy and
+    temperature (None where train-head would leave it uncalibrated)."""
 
     every: Split
     probs: np.ndarray
     per_fold: list[float]
+    calibrated: np.ndarray
+    temperatures: list[float | None]
 
 
 def out_of_fold(
@@ -61,21 +64,27 @@ def out_of_fold(
     seed = recipe.seed
     assigned = fold_of(every.labels, folds, seed)
     probs = np.zeros((n, len(classes)), np.float32)
-    per_fold = []
+    calibrated = np.zeros_like(probs)
+    per_fold, temperatures = [], []
     for i in range(folds):
         held, val_fold = assigned == i, assigned == (i + 1) % folds
-        trained, _, _ = head.fit_and_refit(
+        val = every.take(np.flatnonzero(val_fold))
+        trained, _, val_probs = head.fit_and_refit(
             every.take(np.flatnonzero(~held & ~val_fold)),
-            every.take(np.flatnonzero(val_fold)),
+            val,
             len(classes),
             dataclasses.replace(recipe, seed=seed * folds + i),
         )
         rows = np.flatnonzero(held)
         probs[rows] = np.asarray(trained(every.features[rows], training=False))
+        temperatures.append(calibrate.fitted_or_none(val_probs, val.labels))
+        calibrated[rows] = (
+            probs[rows] if temperatures[-1] is None else calibrate.rescaled(probs[rows], temperatures[-1])
+        )
         per_fold.append(round(float((probs[rows].argmax(1) == every.labels[rows]).mean()), 4))
         if progress:
             progress(i + 1, folds)
-    return HeldOut(every, probs, per_fold)
+    return HeldOut(every, probs, per_fold, calibrated, temperatures)
 
 
 def cross_validate(
@@ -92,8 +101,9 @@ def cross_validate(
     started = time.perf_counter()
     store = Store.open(features_dir)
     classes = store.meta["classes"]
-    every, probs, per_fold = out_of_fold(store, recipe, folds=folds, progress=progress)
+    every, probs, per_fold, calibrated, temperatures = out_of_fold(store, recipe, folds=folds, progress=progress)
     result = metrics.metrics(every.labels, probs, classes)
+    before, after = (calibrate.reliability(p, every.labels) for p in (probs, calibrated))
     result.update(
         source=f"{folds}-fold cross-validation",
         features=str(features_dir),
@@ -102,6 +112,13 @@ def cross_validate(
         seed=recipe.seed,
         per_fold=per_fold,
         fold_std=round(float(np.std(per_fold)), 4),
+        calibration={
+            "temperatures": temperatures,
+            "ece_before_temperature": before["ece"],
+            "ece": after["ece"],
+            "nll_before_temperature": before["nll"],
+            "nll": after["nll"],
+        },
         misclassified=metrics.misclassified(every.paths, every.labels, probs, classes),
         seconds=round(time.perf_counter() - started, 3),
     )

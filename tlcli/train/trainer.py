@@ -339,13 +339,13 @@ def score(features: Features, fitted: Fitted) -> Scores:
 def calibrated(fitted: Fitted, scores: Scores, log: RunLog) -> dict | None:
     """Fit a temperature on the held-out val predictions and fold it into the model's head (None without val)."""
     found = scores.held_out
-    if found is None or len(found.labels) < calibrate.MIN_IMAGES:
-        log(f"fewer than {calibrate.MIN_IMAGES} val images: probabilities left uncalibrated")
+    temperature = None if found is None else calibrate.fitted_or_none(found.probs, found.labels)
+    if temperature is None:
+        log(
+            f"val has fewer than {calibrate.MIN_IMAGES} images or no mistakes (a temperature would be noise or "
+            "only sharpen): probabilities left uncalibrated"
+        )
         return None
-    if np.all(found.probs.argmax(axis=1) == found.labels):
-        log("no mistakes on val, where a temperature would only sharpen: probabilities left uncalibrated")
-        return None
-    temperature = calibrate.fit_temperature(found.probs, found.labels)
     before = calibrate.reliability(found.probs, found.labels)["ece"]
     after = calibrate.reliability(calibrate.rescaled(found.probs, temperature), found.labels)["ece"]
     portable.fold_temperature(fitted.model, temperature)
