@@ -293,7 +293,7 @@ def test_multiworker_chief_stops_with_one_line_when_a_worker_dies(tiny_store, tm
         "error: the cluster lost a worker during fine-tuning (/job:worker/replica:0/task:1); nothing was saved: "
         "start every worker of TF_CONFIG again with the same command"
     ]
-    assert list(runs.iterdir()) == []
+    assert not runs.exists()  # the folder the lock made goes with it
 
 
 def test_mirrored_strategy_fine_tunes_in_this_process(cli, tiny_store, tmp_path):
