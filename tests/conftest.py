@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -49,6 +50,19 @@ def _need(path: Path, what: str) -> Path:
     if path.exists():
         return path
     message = f"{what} not found at {path} (the team's ../shared folder beside the checkout)"
+    if REQUIRE_SHARED:
+        pytest.fail(f"{message}; TLCLI_REQUIRE_SHARED=1 makes this a failure")
+    pytest.skip(message)
+
+
+@pytest.fixture(scope="session")
+def chromium() -> str:
+    """A headless-capable Chromium for tests that look at a page as a browser renders it; skipped when absent
+    (a failure under TLCLI_REQUIRE_SHARED=1, which .ci/run sets after installing it)."""
+    found = next(filter(None, map(shutil.which, ("chromium", "chromium-browser", "google-chrome"))), None)
+    if found:
+        return found
+    message = "chromium not found; install it with 'sudo apt-get install -y chromium' (Debian/Ubuntu)"
     if REQUIRE_SHARED:
         pytest.fail(f"{message}; TLCLI_REQUIRE_SHARED=1 makes this a failure")
     pytest.skip(message)
@@ -149,3 +163,30 @@ def colour_run(runner, keras_home, tmp_path_factory) -> ColourRun:
     extracted = invoke("extract", data, "--out", store, *COLOUR_EXTRACT, "--json")
     trained = invoke("train-head", store, "--out", runs, "--json", "--quiet")
     return ColourRun(data, store, runs, extracted, trained)
+
+
+HOLD_LOCK = """
+import sys
+from tlcli.store import locks
+with locks.lock(sys.argv[1], "test is holding " + sys.argv[1]):
+    print("held", flush=True)
+    sys.stdin.read()
+"""
+
+
+@contextlib.contextmanager
+def lock_held(path: Path, *prefix: str):
+    """Another process (run under ``prefix``, e.g. ``unshare ...``) holds the kernel lock of ``path`` until
+    the block ends; yields that process."""
+    import subprocess
+    import sys
+
+    holder = subprocess.Popen(
+        [*prefix, sys.executable, "-c", HOLD_LOCK, str(path)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert holder.stdout.readline() == "held\n", "the lock holder did not start"
+        yield holder
+    finally:
+        holder.stdin.close()
+        holder.wait(timeout=60)

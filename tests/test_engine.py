@@ -24,9 +24,12 @@ def test_unknown_engine_is_a_usage_error(cli, colour_dataset, tmp_path):
 
 @needs_openvino
 def test_openvino_refuses_mixed_precision_and_auto_falls_back():
+    """auto is OpenVINO only where its conversion is cached (extract's store), else Keras."""
     from tlcli.errors import UsageError
 
-    assert engines.resolve("AUTO", "mixed_bfloat16") == "keras"
+    assert engines.resolve("auto", cached=True) == "openvino"
+    assert engines.resolve("auto") == "keras"
+    assert engines.resolve("AUTO", "mixed_bfloat16", cached=True) == "keras"
     with pytest.raises(UsageError, match="float32 only"):
         engines.resolve("openvino", "mixed_bfloat16")
 
@@ -98,7 +101,8 @@ def test_openvino_features_match_keras_and_conversion_is_reused(cli, keras_home,
 def test_evaluate_and_predict_on_openvino_agree_with_keras(cli, colour_run, tmp_path):
     """The colour run's model, converted: the same top-1 class for each photo, probabilities within 1e-4 of Keras'
     (measured 1e-7 on real photos at 64 px: TensorFlow makes the views with the model's Resizing layers, OpenVINO
-    runs the network), and evaluate's accuracy equals that of Keras' predictions."""
+    runs the network), the same unknown verdicts and scores within 1e-3, and evaluate's accuracy equals that of
+    Keras' predictions."""
     rows = {}
     for engine in ("keras", "openvino"):
         result = cli("predict", colour_run.latest, colour_run.data, "--json", "--quiet", "--engine", engine)
@@ -108,6 +112,7 @@ def test_evaluate_and_predict_on_openvino_agree_with_keras(cli, colour_run, tmp_
     for k, o in zip(rows["keras"], rows["openvino"], strict=True):
         assert k["top"][0]["class"] == o["top"][0]["class"]
         assert abs(k["top"][0]["probability"] - o["top"][0]["probability"]) <= 1e-4
+        assert k["unknown"] == o["unknown"] and abs(k["unknown_score"] - o["unknown_score"]) <= 1e-3
     right = np.mean([Path(r["path"]).parent.name == r["top"][0]["class"] for r in rows["keras"]])
     args = ("evaluate", colour_run.latest, colour_run.data, "--out", tmp_path / "eval", "--quiet", "--json")
     result = cli(*args, "--engine", "openvino")

@@ -32,7 +32,7 @@ from tlcli.data.fetch.dataset import fetch
 from tlcli.data.fetch.request import FetchRequest
 from tlcli.errors import UsageError
 
-from .conftest import ROOT, make_photo
+from .conftest import ROOT, lock_held, make_photo
 
 CAT, DOG = (210, 70, 40), (40, 70, 210)
 MS_ZIP = "kagglecatsanddogs_5340.zip"
@@ -519,7 +519,7 @@ def test_killed_mid_extraction_then_rerun_gives_a_complete_dataset(cli, server, 
     proc.wait()
     assert partial[0].stat().st_size < PADDING, "killed after the archive was fully unpacked"
     assert not (data / "big").exists()
-    assert (data / "big.lock").read_text().strip() == str(proc.pid)
+    assert json.loads((data / "big.lock").read_text())["pid"] == proc.pid  # its kernel lock died with it
     assert (data / ".downloads").is_dir() and list(data.glob(".big.staging-*"))
 
     s = _fetch(cli, url, "--name", "big", "--sha256", sha, "--data-dir", data)
@@ -537,9 +537,7 @@ def test_concurrent_fetch_gets_the_lock_message_then_waits(cli, server, monkeypa
     _register(monkeypatch, server, archives)
     data = tmp_path / "data"
     data.mkdir()
-    holder = subprocess.Popen(["sleep", "60"])
-    try:
-        (data / "cats-vs-dogs.lock").write_text(f"{holder.pid}\n")
+    with lock_held(data / "cats-vs-dogs.lock") as holder:
         busy = cli("fetch-data", "cats-vs-dogs", "--data-dir", data)
         assert busy.exit_code == 2
         assert f"already fetching cats-vs-dogs (pid {holder.pid}" in busy.stderr and "--wait" in busy.stderr
@@ -552,9 +550,6 @@ def test_concurrent_fetch_gets_the_lock_message_then_waits(cli, server, monkeypa
         waiter.start()
         time.sleep(1.0)
         assert waiter.is_alive() and server.requests == []
-    finally:
-        holder.kill()
-        holder.wait()
     waiter.join(timeout=60)
     assert not waiter.is_alive() and done["images"] == 17 and (data / "cats-vs-dogs" / "dataset.json").is_file()
     _no_leftovers(data, "cats-vs-dogs")

@@ -79,14 +79,23 @@ def test_fine_tune_cli_saves_a_run_with_both_stages(cli, tiny_store, tmp_path):
     assert json.loads(evaluated.stdout)["accuracy"] == meta["test_accuracy"]
 
 
+def _tensorboard_tags(folder: Path) -> set[str]:
+    import tensorflow as tf
+
+    events = [str(e) for e in folder.rglob("events.out.tfevents.*")]
+    records = tf.data.TFRecordDataset(events) if events else []
+    return {v.tag for r in records for v in tf.compat.v1.Event.FromString(r.numpy()).summary.value}
+
+
 def test_fine_tuning_with_refit_trains_on_train_and_val_for_every_epoch(cli, tiny_store, tmp_path):
     """--refit (the default), as for the head: fine-tuning then runs every epoch on train+val and keeps the
-    last weights; the run's val accuracy is the early-stopped head's, taken before anything trained on val."""
+    last weights; the run's val accuracy is the early-stopped head's, taken before anything trained on val.
+    TensorBoard gets the fine-tuning's epochs too, in the run's own folder."""
     from tlcli.models.run import load_run
     from tlcli.store.features import Store
 
     args = ("--fine-tune-layers", "2", "--fine-tune-epochs", "3", "--fine-tune-patience", "1", "--json", "--quiet")
-    result = cli("train-head", tiny_store, "--out", tmp_path / "runs", *args)
+    result = cli("train-head", tiny_store, "--out", tmp_path / "runs", *args, "--tensorboard", tmp_path / "tb")
     assert result.exit_code == 0, result.output
     summary = json.loads(result.stdout)
     assert summary["fine_tune_epochs_run"] == summary["fine_tune_best_epoch"] == 3 and summary["refit_epochs"] >= 1
@@ -97,6 +106,7 @@ def test_fine_tuning_with_refit_trains_on_train_and_val_for_every_epoch(cli, tin
     store = Store.open(tiny_store)
     n = len(store.split("train").labels) + len(store.split("val").labels)
     assert f"fine-tuned 2 layers on {n} images for 3 epochs" in (run / "train.log").read_text()
+    assert {"loss", "fine_tune_loss", "fine_tune_accuracy"} <= _tensorboard_tags(tmp_path / "tb" / run.name)
     head_only = cli("train-head", tiny_store, "--out", tmp_path / "head", "--json", "--quiet")
     assert json.loads(head_only.stdout)["val_accuracy"] == summary["val_accuracy"]
 
@@ -283,7 +293,7 @@ def test_multiworker_chief_stops_with_one_line_when_a_worker_dies(tiny_store, tm
         "error: the cluster lost a worker during fine-tuning (/job:worker/replica:0/task:1); nothing was saved: "
         "start every worker of TF_CONFIG again with the same command"
     ]
-    assert list(runs.iterdir()) == []
+    assert not runs.exists()  # the folder the lock made goes with it
 
 
 def test_mirrored_strategy_fine_tunes_in_this_process(cli, tiny_store, tmp_path):

@@ -38,7 +38,7 @@ from hypothesis import HealthCheck, event, example, given, reject, settings
 from hypothesis import strategies as st
 from PIL import Image, features
 
-from tlcli.data import images
+from tlcli.data import datasets, images
 from tlcli.data.fetch.dataset import fetch
 from tlcli.data.fetch.request import FetchRequest
 from tlcli.data.fetch.unpack import extract_archive
@@ -661,8 +661,9 @@ def _link_escapes(parts: tuple[str, ...], target: str, hard: bool) -> bool:
 def expected_extraction(fmt: str, entries: list[Member], dest: Path) -> dict[str, bytes] | str:
     """What a correct safe extractor must do: REFUSED, UNSURE (edge cases only checked for safety), or the files.
 
-    Refused: an absolute or '..' name, a link leading outside, a device, fifo or unknown type, a declared
-    or real size past the cap, a name the file system cannot hold, or a file where a folder must go.
+    Refused: an absolute or '..' name, a link leading outside, a tar hard link to anything but a file
+    unpacked before it (which becomes a copy), a device, fifo or unknown type, a declared or real size
+    past the cap, a name the file system cannot hold, or a file where a folder must go.
     """
     is_zip = fmt.startswith("zip")
     files: dict[str, bytes] = {}
@@ -682,8 +683,16 @@ def expected_extraction(fmt: str, entries: list[Member], dest: Path) -> dict[str
         if kind in LINK_KINDS:
             if parts is None:
                 return UNSURE
-            refused |= _link_escapes(parts, m.target, kind == "hardlink")
-            continue
+            if _link_escapes(parts, m.target, kind == "hardlink"):
+                refused = True
+                continue
+            if kind == "symlink":
+                continue
+            source = _clean_path(m.target)
+            if not isinstance(source, tuple) or "/".join(source) not in files:
+                refused = True
+                continue
+            kind, m = "file", Member("file", m.name, files["/".join(source)])
         if parts is None:
             continue
         if kind in SPECIAL_KINDS:
@@ -907,3 +916,122 @@ def test_fetch_publishes_a_whole_dataset_or_nothing(fmt: str, entries: list[Memb
             assert {"blue", "red"} <= set(outcome["classes"]), outcome["classes"]
         for rel in listed:
             images.decode(built / rel)
+
+
+# --- folder scanning ---------------------------------------------------------------------------
+
+FOLDER_NAMES = ["cat", "dog", "a", "sub", ".hidden", "x.jpg", "y.PNG", ".h.jpg", "é.jpg", "a b.jpeg", "猫.png"]
+FOLDER_NAMES += [os.fsdecode(b"odd\xff.jpg"), os.fsdecode(b"\xfe\xfd"), "x" * 251 + ".jpg", "notes.txt"]
+FOLDER_LINKS = [".", "..", "../..", "../../..", "../dog", "../cat/sub", "cat", "x.jpg", "nowhere.jpg", "{outside}"]
+
+
+@st.composite
+def folder_ops(draw) -> list[tuple]:
+    """Steps that build a data folder: folders, files, links (loops, siblings, outside, dangling), hard links,
+    fifos and permission changes, at paths one to three names deep (three levels down in the sandbox, so
+    '../../..' stays inside it)."""
+    paths = st.lists(st.sampled_from(FOLDER_NAMES), min_size=1, max_size=3).map("/".join)
+    step = st.one_of(
+        st.tuples(st.just("dir"), paths),
+        st.tuples(st.just("file"), paths),
+        st.tuples(st.just("file"), paths),
+        st.tuples(st.just("symlink"), paths, st.sampled_from(FOLDER_LINKS)),
+        st.tuples(st.just("hardlink"), paths, paths),
+        st.tuples(st.just("fifo"), paths),
+        st.tuples(st.just("chmod"), paths, st.sampled_from([0o000, 0o311, 0o644])),
+    )
+    base = [("file", "cat/x.jpg"), ("file", "dog/x.jpg")]
+    return base + draw(st.lists(step, max_size=10))
+
+
+def _build_folder(data: Path, outside: Path, ops: list[tuple]) -> None:
+    for kind, rel, *arg in ops:
+        path = data / rel
+        with contextlib.suppress(OSError):
+            path.parent.mkdir(parents=True, exist_ok=True)
+            if kind == "dir":
+                path.mkdir(exist_ok=True)
+            elif kind == "file":
+                fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NONBLOCK)  # a fifo: ENXIO, no hang
+                os.write(fd, rel.encode("utf-8", "surrogateescape"))
+                os.close(fd)
+            elif kind == "symlink":
+                path.symlink_to(str(outside) if arg[0] == ESCAPE else arg[0])
+            elif kind == "hardlink":
+                os.link(data / arg[0], path)
+            elif kind == "fifo":
+                os.mkfifo(path)
+            elif not path.is_symlink():
+                os.chmod(path, arg[0])
+
+
+def _reachable(data: Path) -> tuple[set[tuple[int, int]], bool]:
+    """What a scan must list, found another way: the (device, inode) of every regular image-named file reached
+    from the class folders through visible names (links followed), and whether the folders form a cycle."""
+    files: set[tuple[int, int]] = set()
+    state: dict[str, str] = {}
+    cycle = False
+
+    def visit(folder: str) -> None:
+        nonlocal cycle
+        real = os.path.realpath(folder)
+        if state.get(real) == "open":
+            cycle = True
+        if real in state:
+            return
+        state[real] = "open"
+        with contextlib.suppress(OSError):
+            for entry in sorted(os.scandir(folder), key=lambda e: e.name):
+                if entry.name.startswith("."):
+                    continue
+                with contextlib.suppress(OSError):
+                    st_ = os.stat(entry.path)
+                    if stat.S_ISDIR(st_.st_mode):
+                        visit(entry.path)
+                    elif stat.S_ISREG(st_.st_mode) and images.is_image_name(entry.name) and folder != str(data):
+                        files.add((st_.st_dev, st_.st_ino))
+        state[real] = "done"
+
+    visit(str(data))
+    return files, cycle
+
+
+@fuzz(100)
+@given(ops=folder_ops())
+@example(ops=[("file", "cat/x.jpg"), ("file", "dog/x.jpg"), ("symlink", "cat/loop", ".")])
+@example(ops=[("file", "cat/x.jpg"), ("file", "dog/x.jpg"), ("symlink", "cat/dogs", "../dog"), ("symlink", "a", "cat")])
+@example(ops=[("file", "cat/x.jpg"), ("file", "dog/x.jpg"), ("file", os.fsdecode(b"cat/odd\xff.jpg"))])
+def test_folder_scan_lists_each_real_file_once_or_refuses_a_loop(ops: list[tuple]):
+    """Class folders with odd names, links (loops, into other classes, outside, dangling), hard links, fifos and
+    unreadable entries: scan ends, lists every reachable image file exactly once under its class, or says in
+    one line why not (a link that loops, a folder it cannot read, fewer than two classes)."""
+    with sandbox() as (root, data):
+        (root / "outside" / "far.jpg").write_bytes(b"far")
+        try:
+            _build_folder(data, root / "outside", ops)
+            with bounded(memory=None):
+                try:
+                    outcome = datasets.scan(data)
+                except UsageError as exc:
+                    outcome = exc
+            expected, cycle = _reachable(data)
+            event(type(outcome).__name__ + (" with a cycle" if cycle else ""))
+            if isinstance(outcome, UsageError):
+                message = str(outcome)
+                assert message and "\n" not in message, "a UsageError must be one line"
+                assert ("links back" in message and cycle) or "cannot read" in message or "class" in message, message
+                return
+            keys = []
+            for rel, label in zip(outcome.files, outcome.labels, strict=True):
+                assert rel.split("/")[0] == outcome.classes[label] and images.is_image_name(rel)
+                with contextlib.suppress(FileNotFoundError):
+                    st_ = os.stat(data / rel)
+                    keys.append((st_.st_dev, st_.st_ino))
+            assert len(keys) == len(set(keys)), "a real file was listed twice"
+            assert set(keys) == expected, "a reachable image file was left out, or an unreachable one listed"
+        finally:
+            for dirpath, dirnames, _ in os.walk(root):
+                for name in dirnames:
+                    with contextlib.suppress(OSError):
+                        if not os.path.islink(os.path.join(dirpath, name)):
+                            os.chmod(os.path.join(dirpath, name), 0o755)

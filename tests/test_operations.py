@@ -105,12 +105,14 @@ def test_run_pipeline_records_history_and_promotes_only_if_better(cli, tmp_path,
     monkeypatch.chdir(tmp_path)
     first = cli("run", config, "--promote-if-better", "--json")
     assert first.exit_code == 0, first.stderr
+    assert first.stdout.count("\n") == 1, "one line, for a cron job's log"
     doc = json.loads(first.stdout)
     assert [s["step"] for s in doc["steps"]] == ["extract", "train-head", "evaluate", "promote"]
     assert doc["promoted"] and doc["extracted"] == 32
     run = Path(doc["run"])
     assert (tmp_path / "runs" / "colours" / "latest").resolve() == run
     assert is_png(run / "curves.png") and is_png(run / "confusion.png")
+    assert (run / "report.html").is_file() and (run / "evaluations" / "test" / "report.html").is_file()
     log = (run / "train.log").read_text()
     assert "epoch 1:" in log and "refit on train+val" in log
     meta = json.loads((run / "meta.json").read_text())
@@ -198,6 +200,7 @@ def test_same_seed_same_metrics_and_tensorboard(cli, tmp_path, colour_run):
     assert json.loads((c / "metrics.json").read_text())["accuracy"] == 1.0, "another seed still learns the colours"
     assert cli("evaluate", c, "--min-accuracy", "0.9", "-q").exit_code == 0
 
+    assert [p.name for p in (tmp_path / "tb").iterdir()] == [a.name], "the TensorBoard folder is the run's name"
     events = list((tmp_path / "tb").rglob("events.out.tfevents.*"))
     tags = set()
     for record in tf.data.TFRecordDataset([str(e) for e in events]):
@@ -220,6 +223,7 @@ def test_full_disk_leaves_no_partial_run(cli, tmp_path, colour_run, monkeypatch)
     monkeypatch.undo()
     assert result.exit_code == 1
     assert "No space left on device" in result.stderr and len(result.stderr.strip().splitlines()) == 1
+    assert f"({runs}/" in result.stderr  # the folder of the full disk, as os.fsync does not name one
     assert sorted(p.name for p in runs.iterdir()) == before and (runs / "latest").resolve() == latest
     assert leftovers(runs) == []
 
@@ -357,6 +361,7 @@ def test_cron_retraining_on_a_growing_folder(cli, keras_home, shared_data, tmp_p
     monkeypatch.chdir(tmp_path)
     first = cli("run", config, "--promote-if-better", "--json")
     assert first.exit_code == 0, first.stderr
+    assert first.stdout.count("\n") == 1, "one line, for a cron job's log"
     doc = json.loads(first.stdout)
     assert doc["extracted"] == 100 and doc["accuracy"] >= 0.8
 
@@ -369,7 +374,9 @@ def test_cron_retraining_on_a_growing_folder(cli, keras_home, shared_data, tmp_p
     train = next(s for s in doc2["steps"] if s["step"] == "train-head")["did"]
     history = json.loads(cli("runs", "runs/colours", "--json").stdout)["runs"]
     assert len(history) == 2 and history[1]["counts"]["train"] > history[0]["counts"]["train"]
-    better = history[1]["val_accuracy"] > history[0]["val_accuracy"]
+    comparison = json.loads((Path(doc2["run"]) / "meta.json").read_text())["promotion"]
+    assert comparison == doc2["comparison"] and comparison["photos"] == len(comparison["compared"])
+    better = comparison["better"]  # decided on the same photos for both runs (tests/test_trust.py)
     assert doc2["promoted"] == better and second.exit_code == (0 if better else 3), train
     assert history[1]["latest"] == better and history[1]["promoted"] == better
 

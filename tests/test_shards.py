@@ -6,7 +6,6 @@ import json
 import os
 import random
 import shutil
-import subprocess
 import time
 
 import numpy as np
@@ -14,7 +13,7 @@ import pytest
 
 from tlcli.store import shards
 
-from .conftest import make_photo
+from .conftest import lock_held, make_photo
 
 TINY = ("--weights", "none", "--alpha", "0.25", "--size", "64", "--resize", "crop", "--quiet")
 
@@ -135,19 +134,13 @@ def test_merge_refuses_missing_and_mismatched_parts(cli, colour_dataset, tmp_pat
 def test_workers_lock_only_their_own_part(cli, colour_dataset, tmp_path):
     out = tmp_path / "f"
     (out / "shards" / "1-of-2").mkdir(parents=True)
-    holder = subprocess.Popen(["sleep", "60"])
-    try:
-        (out / "shards" / "1-of-2" / ".tlcli.lock").write_text(f"{holder.pid}\n")
+    with lock_held(out / "shards" / "1-of-2" / ".tlcli.lock") as holder:
         busy = cli("extract", colour_dataset, "--out", out, *TINY, "--shard", "1/2")
         _one_error_line(busy, f"(pid {holder.pid}")
         _extract(cli, colour_dataset, out, "--shard", "2/2")
-        (out / ".tlcli.lock").write_text(f"{os.getpid()}\n")
-        _extract(cli, colour_dataset, out, "--shard", "2/2")  # a merge holding OUT does not stop the workers
-        (out / ".tlcli.lock").unlink()
+        with lock_held(out / ".tlcli.lock"):
+            _extract(cli, colour_dataset, out, "--shard", "2/2")  # a merge holding OUT does not stop the workers
         _one_error_line(_merge(cli, colour_dataset, out), f"(pid {holder.pid}", "1-of-2")
-    finally:
-        holder.kill()
-        holder.wait()
     _extract(cli, colour_dataset, out, "--shard", "1/2")
     assert _merge(cli, colour_dataset, out).exit_code == 0
 

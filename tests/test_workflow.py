@@ -14,7 +14,7 @@ from PIL import Image
 from tlcli.store.features import Store
 
 from .conftest import COLOUR_EXTRACT as FAST
-from .conftest import make_photo
+from .conftest import lock_held, make_photo
 
 
 def _extract(cli, data, out, *extra):
@@ -166,7 +166,8 @@ def test_evaluate_json_gate_and_files(cli, trained, tmp_path):
     doc = json.loads(result.stdout)
     assert doc["accuracy"] == 1.0 and doc["n"] == 24 and doc["per_class"]["red"]["recall"] == 1.0
     assert doc["misclassified"] == [] and doc["passed"]
-    assert {p.name for p in (tmp / "ev").iterdir()} == {"metrics.json", "confusion.png", "misclassified.json"}
+    written = {"metrics.json", "confusion.png", "misclassified.json", "least_confident.json", "report.html"}
+    assert {p.name for p in (tmp / "ev").iterdir()} == written | {"reliability.png"}
     default = cli("evaluate", latest, "--quiet")
     assert default.exit_code == 0 and "test split" in default.stdout
     flipped = tmp / "flipped"
@@ -314,32 +315,21 @@ def test_a_changed_weights_file_re_extracts_everything(cli, keras_home, colour_d
 
 
 def test_a_second_writer_is_refused_and_a_dead_ones_lock_is_taken_over(cli, keras_home, colour_dataset, tmp_path):
-    import subprocess
-
     out = tmp_path / "f"
     out.mkdir()
-    holder = subprocess.Popen(["sleep", "60"])
-    try:
-        (out / ".tlcli.lock").write_text(f"{holder.pid}\n")
+    with lock_held(out / ".tlcli.lock") as holder:
         busy = cli("extract", colour_dataset, "--out", out, *FAST)
         assert busy.exit_code == 2
         assert f"another tlcli extract is writing {out} (pid {holder.pid}" in busy.stderr and "--wait" in busy.stderr
         assert not (out / "meta.json").exists()
-    finally:
-        holder.kill()
-        holder.wait()
-    taken = cli("extract", colour_dataset, "--out", out, *FAST)  # the holder is dead: its lock is stale
+        holder.kill()  # the kernel lets go of a killed holder's lock; its file stays behind
+    taken = cli("extract", colour_dataset, "--out", out, *FAST)
     assert taken.exit_code == 0, taken.output
     assert (out / "meta.json").is_file() and not (out / ".tlcli.lock").exists()
     runs = tmp_path / "runs"
     runs.mkdir()
-    holder = subprocess.Popen(["sleep", "60"])
-    try:
-        (runs / ".tlcli.lock").write_text(f"{holder.pid}\n")  # a live process holds the runs folder
+    with lock_held(runs / ".tlcli.lock"):  # a live process holds the runs folder
         refused = cli("train-head", out, "--out", runs, "--quiet")
-    finally:
-        holder.kill()
-        holder.wait()
     assert refused.exit_code == 2 and "another tlcli train-head is writing" in refused.stderr
     assert not (runs / "latest").exists()
 

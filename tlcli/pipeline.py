@@ -54,7 +54,8 @@ class Plan:
 
 @dataclass(frozen=True)
 class Outcome:
-    """What a pipeline run did: the run it trained, whether it was promoted and why, and each step's time."""
+    """What a pipeline run did: the run it trained, whether it was promoted and why, each step's time, and (with
+    promote_if_better and a latest) the comparison with latest on the same photos."""
 
     run: str
     promoted: bool
@@ -63,6 +64,7 @@ class Outcome:
     extracted: int
     seconds: float
     steps: list[dict]
+    comparison: dict | None = None
 
 
 def record_config(path: str | Path, doc: dict, **command_line: Any) -> dict:
@@ -116,10 +118,14 @@ def _describe_extract(s: dict) -> str:
 def _describe_train(trained) -> str:
     test = f", test {trained.test_accuracy:.4f}" if trained.test_accuracy is not None else ""
     prev = trained.previous_val_accuracy
-    return (
-        f"run {Path(trained.run).name}: val {trained.val_accuracy:.4f}{test} after {trained.epochs_run} epochs; "
-        f"latest had {'-' if prev is None else f'{prev:.4f}'}"
+    c = trained.comparison
+    versus = (
+        f"on the same {c['photos']} val photos {c['new_accuracy']:.4f} vs latest {c['latest_accuracy']:.4f}"
+        if c
+        else f"latest had {'-' if prev is None else f'{prev:.4f}'}"
     )
+    run = Path(trained.run).name
+    return f"run {run}: val {trained.val_accuracy:.4f}{test} after {trained.epochs_run} epochs; {versus}"
 
 
 def _describe_evaluate(s: dict) -> str:
@@ -132,7 +138,7 @@ def decide(trained, evaluated: dict, min_accuracy: float | None, promote_if_bett
     if not passed_gate:
         return False, f"accuracy {evaluated['accuracy']:.4f} is below min_accuracy {min_accuracy}"
     if promote_if_better and not trained.better:
-        return False, f"val {trained.val_accuracy:.4f} does not beat latest {trained.previous_val_accuracy:.4f}"
+        return False, trained.not_better()
     return True, (
         "passed"
         + (f" min_accuracy {min_accuracy}" if min_accuracy is not None else "")
@@ -219,4 +225,5 @@ def run(plan: Plan, *, bars: Callable[[str], AbstractContextManager[Progress]], 
         extracted["extracted"],
         round(time.perf_counter() - started, 3),
         log.steps,
+        trained.comparison,
     )

@@ -7,14 +7,14 @@ from typing import Annotated
 import typer
 
 from tlcli import __version__, interrupts
-from tlcli.cli import data, evaluate, extract, info, inspect, train, workflow
-from tlcli.cli.console import out
+from tlcli.cli import audit, data, evaluate, extract, info, inspect, report, train, workflow
+from tlcli.cli.console import keep_native_logs_off_terminal, out
 
 app = typer.Typer(
     name="tlcli",
     help="Transfer learning from the shell: pre-trained Keras backbones, a small head, your photos.",
     no_args_is_help=True,
-    add_completion=False,
+    add_completion=True,
     pretty_exceptions_enable=False,
     context_settings={"help_option_names": ["-h", "--help"]},
 )
@@ -41,8 +41,10 @@ def main(
 
 
 def run() -> None:
-    """Console-script entry point: SIGTERM (cron timeouts, docker stop, kill) stops like Ctrl-C, exit 130."""
+    """Console-script entry point: SIGTERM (cron timeouts, docker stop, kill) stops like Ctrl-C, exit 130;
+    TensorFlow's C++ log lines never reach the terminal."""
     interrupts.install()
+    keep_native_logs_off_terminal()
     app()
 
 
@@ -50,6 +52,7 @@ app.command("fetch-data")(data.fetch_data_cmd)
 app.command("extract")(extract.extract_cmd)
 app.command("train-head")(train.train_head_cmd)
 app.command("cross-validate")(train.cross_validate_cmd)
+app.command("audit")(audit.audit_cmd)
 app.command("evaluate")(evaluate.evaluate_cmd)
 app.command("predict")(evaluate.predict_cmd)
 app.command("export")(evaluate.export_cmd)
@@ -58,5 +61,6 @@ app.command("features")(inspect.features_cmd)
 app.command("adversarial")(inspect.adversarial_cmd)
 app.command("run")(workflow.run_cmd)
 app.command("runs")(workflow.runs_cmd)
+app.command("report")(report.report_cmd)
 app.command("backbones")(info.backbones_cmd)
 app.command("devices")(info.devices_cmd)

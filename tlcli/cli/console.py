@@ -15,7 +15,7 @@ from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from tlcli import interrupts
-from tlcli.errors import EXIT_FAILURE, EXIT_INTERRUPTED, TlcliError
+from tlcli.errors import EXIT_FAILURE, EXIT_INTERRUPTED, EXIT_OK, TlcliError
 
 err = Console(stderr=True, highlight=False, soft_wrap=True)
 
@@ -26,6 +26,14 @@ out = Console(highlight=False, soft_wrap=True)
 def _fail(message: str, code: int) -> None:
     err.print(f"[bold red]error:[/] {escape(message)}", markup=True, highlight=False)
     raise typer.Exit(code)
+
+
+def _stdout_gone() -> None:
+    """The reader of stdout went away (``| head``): point stdout at /dev/null so nothing fails writing to it again."""
+    with contextlib.suppress(OSError, ValueError, AttributeError):
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
 
 
 def handles_errors(fn: Callable) -> Callable:
@@ -39,6 +47,9 @@ def handles_errors(fn: Callable) -> Callable:
             return result
         except typer.Exit:
             raise
+        except BrokenPipeError:
+            _stdout_gone()
+            raise typer.Exit(EXIT_OK) from None
         except TlcliError as exc:
             _fail(str(exc), exc.exit_code)
         except KeyboardInterrupt:
@@ -108,24 +119,45 @@ def log(message: str, quiet: bool) -> None:
         err.print(message)
 
 
-def emit_json(doc) -> None:
-    sys.stdout.write(json.dumps(doc, indent=2, default=str) + "\n")
+def emit_json(doc, *, compact: bool = False) -> None:
+    """One JSON document on stdout: indented, or ``compact`` on one line (for a log a cron job appends to)."""
+    text = json.dumps(doc, default=str, separators=(",", ":")) if compact else json.dumps(doc, indent=2, default=str)
+    sys.stdout.write(text + "\n")
     sys.stdout.flush()
 
 
 @contextlib.contextmanager
 def native_stderr_silenced() -> Iterator[None]:
-    """Hide TensorFlow's C++ start-up chatter (it ignores TF_CPP_MIN_LOG_LEVEL before absl is initialised)."""
+    """Hide everything written to stderr meanwhile, by Python and by TensorFlow's C++ (start-up, converter logs)."""
     if os.environ.get("TLCLI_DEBUG"):
         yield
         return
     sys.stderr.flush()
     saved = os.dup(2)
+    with open(os.devnull, "w") as devnull, contextlib.redirect_stderr(devnull):
+        os.dup2(devnull.fileno(), 2)
+        try:
+            yield
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+
+
+def keep_native_logs_off_terminal() -> None:
+    """For the process's life, send file descriptor 2 to /dev/null and Python's stderr to the real one.
+
+    TensorFlow's C++ code logs to descriptor 2 whenever it likes (absl lines such as 'E0000 ... NodeDef
+    mentions attribute ...' ignore TF_CPP_MIN_LOG_LEVEL), so only Python's writes, tlcli's messages
+    among them, reach the terminal. TLCLI_DEBUG=1 leaves descriptor 2 alone.
+    """
+    if os.environ.get("TLCLI_DEBUG") or sys.stderr is None:
+        return
+    sys.stderr.flush()
+    try:
+        terminal = os.dup(2)
+    except OSError:  # stderr closed (2>&-): nothing to keep clean
+        return
     devnull = os.open(os.devnull, os.O_WRONLY)
     os.dup2(devnull, 2)
-    try:
-        yield
-    finally:
-        os.dup2(saved, 2)
-        os.close(saved)
-        os.close(devnull)
+    os.close(devnull)
+    sys.stderr = open(terminal, "w", buffering=1, encoding=sys.stderr.encoding, errors=sys.stderr.errors)

@@ -24,7 +24,7 @@ from rich.text import Text
 
 from tlcli import interrupts
 from tlcli.cli.console import emit_json, err, handles_errors, out
-from tlcli.cli.options import JsonOpt, QuietOpt, SeedOpt
+from tlcli.cli.options import JsonOpt, NoLockOpt, QuietOpt, SeedOpt, locking
 from tlcli.errors import UsageError
 
 
@@ -163,6 +163,7 @@ def fetch_data_cmd(
     ] = Path("data"),
     force: Annotated[bool, typer.Option("--force", help="Download and rebuild even if already there.")] = False,
     wait: Annotated[bool, typer.Option("--wait", help="Wait for a concurrent fetch of the same dataset.")] = False,
+    no_lock: NoLockOpt = False,
     as_json: JsonOpt = False,
     quiet: QuietOpt = False,
 ) -> None:
@@ -171,6 +172,7 @@ def fetch_data_cmd(
     Writes DATA_DIR/NAME/<class>/<image> plus split.json, dataset.json and cleaning.json; re-running
     on a complete dataset does nothing. TLCLI_DATASET_MIRROR=URL fetches known datasets from a mirror.
     """
+    locking(no_lock)
     if list_known:
         _list_known(as_json)
         return

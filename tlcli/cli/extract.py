@@ -16,10 +16,12 @@ from tlcli.cli.options import (
     DeviceOpt,
     EngineOpt,
     JsonOpt,
+    NoLockOpt,
     QuietOpt,
     SeedOpt,
     WaitOpt,
     _given,
+    locking,
 )
 from tlcli.errors import UsageError
 
@@ -135,6 +137,7 @@ def extract_cmd(
     merge_shards: MergeShardsOpt = False,
     as_json: JsonOpt = False,
     wait: WaitOpt = False,
+    no_lock: NoLockOpt = False,
     device: DeviceOpt = "auto",
     engine: EngineOpt = "auto",
     quiet: QuietOpt = False,
@@ -143,6 +146,7 @@ def extract_cmd(
     """Run a frozen pre-trained backbone over every image and store one feature vector each (incremental)."""
     from tlcli.store import shards
 
+    locking(no_lock)
     if merge_shards:
         summary = _merge_step(ctx)
     else:

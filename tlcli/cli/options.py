@@ -64,7 +64,7 @@ def load_config(ctx: typer.Context, param, value: Optional[Path]) -> Optional[Pa
     return value
 
 
-PATH_OPTIONS = {"data_dir", "out_dir", "features_dir", "run", "tensorboard"}
+PATH_OPTIONS = {"data_dir", "out_dir", "features_dir", "run", "tensorboard", "unknowns"}
 
 
 ConfigOpt = Annotated[
@@ -120,6 +120,56 @@ MinAccuracyOpt = Annotated[
 
 
 WaitOpt = Annotated[bool, typer.Option("--wait", help="If another tlcli is writing the output folder, wait for it.")]
+
+
+NoLockOpt = Annotated[
+    bool,
+    typer.Option(
+        "--no-lock",
+        help="Write without locking the output folder: only on a filesystem without file locks, "
+        "where no other tlcli writes at the same time.",
+    ),
+]
+
+
+def locking(no_lock: bool) -> None:
+    """Apply --no-lock to this process's locks (set on every call, so one command's choice never outlives it)."""
+    from tlcli.store import locks
+
+    locks.set_enabled(not no_lock)
+
+
+def _on_off(value: str) -> str:
+    if value not in ("on", "off"):
+        raise typer.BadParameter(f"{value!r} is neither on nor off")
+    return value
+
+
+UnknownOpt = Annotated[
+    str,
+    typer.Option(
+        callback=_on_off,
+        help="on: report each photo's unknown score and call it unknown above the run's threshold; off: skip it.",
+    ),
+]
+PromoteMinGainOpt = Annotated[
+    Optional[float],
+    typer.Option(
+        min=0.0,
+        max=1.0,
+        help="With --promote-if-better: promote only if accuracy on the shared photos beats latest's by more "
+        "than this (default 0: any gain).",
+    ),
+]
+PromoteMaxPOpt = Annotated[
+    Optional[float],
+    typer.Option(
+        min=0.0,
+        max=1.0,
+        help="With --promote-if-better: promote only if McNemar's p-value of the gain is at most this, e.g. 0.05 "
+        "(default 1: no test).",
+    ),
+]
 
 
 KeepOpt = Annotated[
@@ -194,6 +244,16 @@ StrategyOpt = Annotated[
 ]
 
 
+ResumeOpt = Annotated[
+    bool,
+    typer.Option(
+        "--resume/--no-resume",
+        help="Resume an interrupted fine-tuning of the same command from its last finished epoch "
+        "(--no-resume starts over).",
+    ),
+]
+
+
 DeviceOpt = Annotated[
     str, typer.Option("--device", help="auto (a GPU if TensorFlow sees one, else CPU), cpu, gpu (all) or gpu:N.")
 ]
@@ -211,6 +271,7 @@ EngineOpt = Annotated[
         "--engine",
         envvar="TLCLI_ENGINE",
         help="What runs the network: keras (TensorFlow), openvino (pip install 'tlcli[openvino]'; f32, converted "
-        "from the same model) or auto (OpenVINO when installed and on a CPU).",
+        "from the same model) or auto (extract: OpenVINO when installed and on a CPU, its conversion kept in the "
+        "store; evaluate and predict: keras).",
     ),
 ]

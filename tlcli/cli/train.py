@@ -29,13 +29,18 @@ from tlcli.cli.options import (
     L2Opt,
     LrOpt,
     MinAccuracyOpt,
+    NoLockOpt,
     PatienceOpt,
+    PromoteMaxPOpt,
+    PromoteMinGainOpt,
     QuietOpt,
     RefitOpt,
+    ResumeOpt,
     SeedOpt,
     StrategyOpt,
     TensorboardOpt,
     WaitOpt,
+    locking,
 )
 from tlcli.errors import EXIT_GATE, GateError
 from tlcli.train.recipes import HEAD, HeadRecipe, fine_tune_from_options, from_options
@@ -46,20 +51,23 @@ if TYPE_CHECKING:
 
 def train_step(p: dict, progress: Callable[[int, int, dict], None] | None, **extra) -> Trained:
     """The train-head step from parsed options (shared by 'tlcli train-head' and 'tlcli run')."""
-    from tlcli.train import trainer
+    from tlcli.train import promotion, trainer
 
+    rule = promotion.Rule(p["promote_min_gain"] or 0.0, 1.0 if p["promote_max_p"] is None else p["promote_max_p"])
     return trainer.train(
         p["features_dir"],
         p["out_dir"],
         from_options(HeadRecipe, p),
         fine_tune=fine_tune_from_options(p),
         promote_if_better=p["promote_if_better"],
+        promote_rule=rule,
         backbone=p["backbone"],
         size=p["size"],
         keep=p["keep"],
         tensorboard=p["tensorboard"],
         progress=progress,
         wait=p["wait"],
+        resume=p["resume"],
         **extra,
     )
 
@@ -81,11 +89,9 @@ def _print_trained(trained: Trained) -> None:
             f"fine-tuning never beat the head-only start on val loss in {ran} epoch{'s' if ran != 1 else ''}; "
             "the run keeps the head-only weights (try another --fine-tune-lr or more --fine-tune-patience)"
         )
-    out.print(
-        f"promoted to {trained.latest}"
-        if trained.promoted
-        else f"not promoted: val {trained.val_accuracy:.4f} does not beat latest {trained.previous_val_accuracy:.4f}"
-    )
+    c = trained.comparison
+    shared = f" (on the same {c['photos']} photos: {c['new_accuracy']:.4f} vs {c['latest_accuracy']:.4f})" if c else ""
+    out.print(f"promoted to {trained.latest}{shared}" if trained.promoted else f"not promoted: {trained.not_better()}")
     if trained.pruned:
         out.print(f"pruned {len(trained.pruned)} old never-promoted run(s): {', '.join(trained.pruned)}")
 
@@ -108,8 +114,14 @@ def train_head_cmd(
     refit: RefitOpt = HEAD.refit,
     balance: BalanceOpt = HEAD.class_weights,
     promote_if_better: Annotated[
-        bool, typer.Option(help="Promote to latest only if val accuracy beats it (else exit 3).")
+        bool,
+        typer.Option(
+            help="Promote to latest only if better on the same photos: val photos latest did not train on (else "
+            "exit 3)."
+        ),
     ] = False,
+    promote_min_gain: PromoteMinGainOpt = None,
+    promote_max_p: PromoteMaxPOpt = None,
     backbone: Annotated[Optional[str], typer.Option(help="Refuse features not made by this backbone.")] = None,
     size: Annotated[Optional[int], typer.Option(help="Refuse features not made at this input size.")] = None,
     keep: KeepOpt = None,
@@ -122,14 +134,17 @@ def train_head_cmd(
     fine_tune_batch_size: FineTuneBatchOpt = None,
     augment: AugmentOpt = None,
     strategy: StrategyOpt = None,
+    resume: ResumeOpt = True,
     seed: SeedOpt = HEAD.seed,
     as_json: JsonOpt = False,
     wait: WaitOpt = False,
+    no_lock: NoLockOpt = False,
     device: DeviceOpt = "auto",
     quiet: QuietOpt = False,
     config: ConfigOpt = None,
 ) -> None:
     """Train a softmax head on stored features, optionally fine-tune the backbone; save one pixels-in model."""
+    locking(no_lock)
     fine_tune = fine_tune_from_options(ctx.params)
     info = use_device(device, quiet or as_json, fine_tune.strategy if fine_tune else None)
     with progress_bar(
@@ -178,7 +193,7 @@ def cross_validate_cmd(
         result = crossval.cross_validate(features_dir, from_options(HeadRecipe, ctx.params), folds=folds, progress=bar)
     gate_failed = passes_gate(result, min_accuracy)
     if as_json:
-        emit_json({k: v for k, v in result.items() if k != "confusion"})
+        emit_json(result)
     else:
         out.print(per_class_table(result))
         out.print(

@@ -18,9 +18,13 @@ from tlcli.cli.options import (
     DeviceOpt,
     JsonOpt,
     KeepOpt,
+    NoLockOpt,
+    PromoteMaxPOpt,
+    PromoteMinGainOpt,
     QuietOpt,
     TensorboardOpt,
     WaitOpt,
+    locking,
     read_config,
     section_defaults,
 )
@@ -74,6 +78,7 @@ def plan(
     keep: int | None,
     tensorboard: Path | None,
     wait: bool,
+    promote_rule: dict | None = None,
 ) -> pipeline.Plan:
     """The pipeline of a workflow config: each step's function with its table parsed as its command would,
     and the options of 'tlcli run' itself over them."""
@@ -86,7 +91,8 @@ def plan(
     ep = parse_step("extract", doc, config, {**common, **({"data_dir": "."} if data_from_fetch else {})})
     if ep["shard"] is not None or ep["merge_shards"]:
         raise UsageError(f"config {config} [extract]: tlcli run extracts the whole folder; drop shard/merge_shards")
-    given = {k: v for k, v in {"keep": keep, "tensorboard": tensorboard}.items() if v is not None}
+    options = {"keep": keep, "tensorboard": tensorboard, **(promote_rule or {})}
+    given = {k: v for k, v in options.items() if v is not None}
     tp = parse_step(
         "train-head",
         doc,
@@ -120,13 +126,17 @@ def run_cmd(
     *,
     config: Annotated[Path, typer.Argument(help="Workflow TOML (configs/*.toml) with [extract], [train-head], ...")],
     promote_if_better: Annotated[
-        bool, typer.Option(help="Promote only if val accuracy beats the current latest (else exit 3).")
+        bool,
+        typer.Option(help="Promote only if better than latest on the same photos (val photos it never trained on)."),
     ] = False,
+    promote_min_gain: PromoteMinGainOpt = None,
+    promote_max_p: PromoteMaxPOpt = None,
     seed: Annotated[Optional[int], typer.Option(help="Seed for every step (default: each step's config).")] = None,
     keep: KeepOpt = None,
     tensorboard: TensorboardOpt = None,
     as_json: JsonOpt = False,
     wait: WaitOpt = False,
+    no_lock: NoLockOpt = False,
     device: DeviceOpt = "auto",
     quiet: QuietOpt = False,
 ) -> None:
@@ -134,7 +144,7 @@ def run_cmd(
 
     Each step is the same code as its subcommand, with options from the config's [fetch-data],
     [extract], [train-head] and [evaluate] tables. The new run becomes latest only if it passes
-    [evaluate] min_accuracy and, with --promote-if-better, beats latest on val accuracy; otherwise
+    [evaluate] min_accuracy and, with --promote-if-better, beats latest on the same val photos; otherwise
     it is kept but not promoted and the exit code is 3. Cron: `tlcli run CONFIG --promote-if-better --json`.
     """
     steps = plan(
@@ -145,14 +155,16 @@ def run_cmd(
         keep=keep,
         tensorboard=tensorboard,
         wait=wait,
+        promote_rule={"promote_min_gain": promote_min_gain, "promote_max_p": promote_max_p},
     )
+    locking(no_lock)
     quiet = quiet or as_json
     use_device(device, quiet)
     outcome = pipeline.run(
         steps, bars=lambda description: progress_bar(description, quiet), say=lambda m: err.print(m, markup=False)
     )
     if as_json:
-        emit_json({"config": str(config), **dataclasses.asdict(outcome)})
+        emit_json({"config": str(config), **dataclasses.asdict(outcome)}, compact=True)
     else:
         out.print(_steps_table(config, outcome))
         log(f"run folder {outcome.run}", quiet)
@@ -166,11 +178,13 @@ def runs_cmd(
     runs_root: Annotated[Path, typer.Argument(help="Runs folder, e.g. runs/pets.")],
     keep: KeepOpt = None,
     wait: WaitOpt = False,
+    no_lock: NoLockOpt = False,
     as_json: JsonOpt = False,
 ) -> None:
     """List the runs of a runs folder: date, data counts, accuracy, promoted or not, which is latest."""
     from tlcli.store import locks
 
+    locking(no_lock)
     if not runs_root.is_dir():
         raise UsageError(f"{runs_root} is not a runs folder; train one with 'tlcli train-head --out {runs_root}'")
     pruned = []

@@ -5,6 +5,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import stat
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,25 +28,97 @@ class Dataset:
     empty_classes: list[str]
 
 
+def _key(st: os.stat_result) -> tuple[int, int]:
+    return st.st_dev, st.st_ino
+
+
+def _entries(folder: str, root: Path) -> list[str]:
+    """The paths of ``folder``'s visible entries in name order; an unreadable folder is a usage error, not a gap."""
+    try:
+        with os.scandir(folder) as it:
+            return sorted(e.path for e in it if not e.name.startswith("."))
+    except OSError as exc:
+        raise UsageError(
+            f"cannot read {folder} ({exc.strerror}); fix its permissions or move it out of {root}"
+        ) from None
+
+
+def _walk_files(folder: str | os.PathLike, root: Path, seen: set[tuple[int, int]], above: tuple = ()) -> Iterator[str]:
+    """Every visible file under ``folder`` once, as a path relative to ``root``.
+
+    ``seen`` holds the (device, inode) of the folders (``folder`` included) and files already listed,
+    so a folder reached through links is walked once; a link back to a folder above (``above`` holds
+    the keys of ``folder``'s parents) is a usage error, as the folder would never end. Links that lead
+    nowhere are listed (reading them says why they fail); fifos, sockets and devices are not.
+    """
+    stack: list[tuple[tuple, Iterator[str]]] = []
+    above, pending = (*above, _key(os.stat(folder))), iter(_entries(os.fspath(folder), root))
+    while True:
+        path = next(pending, None)
+        if path is None:
+            if not stack:
+                return
+            above, pending = stack.pop()
+            continue
+        try:
+            st = os.stat(path)
+        except OSError:
+            yield os.path.relpath(path, root)
+            continue
+        key = _key(st)
+        if stat.S_ISDIR(st.st_mode) and key in above:
+            raise UsageError(
+                f"{path} links back to {os.path.realpath(path)}, so the folder never ends; remove or replace that link"
+            )
+        if key in seen or not (stat.S_ISDIR(st.st_mode) or stat.S_ISREG(st.st_mode)):
+            continue
+        seen.add(key)
+        if stat.S_ISREG(st.st_mode):
+            yield os.path.relpath(path, root)
+            continue
+        stack.append((above, pending))
+        above, pending = (*above, key), iter(_entries(path, root))
+
+
+def _class_folders(root: Path) -> dict[str, tuple[int, int] | None]:
+    """Each visible sub-folder's (device, inode); None for a second name of a folder already listed."""
+    top = _key(root.stat())
+    found: dict[str, tuple[int, int] | None] = {}
+    for path in _entries(os.fspath(root), root):
+        if os.path.isdir(path):
+            key = _key(os.stat(path))
+            if key == top:
+                raise UsageError(f"{path} links back to {root}, so the folder never ends; remove or replace that link")
+            found[os.path.basename(path)] = None if key in found.values() else key
+    return found
+
+
+def class_files(root: Path) -> dict[str, list[str]]:
+    """Each visible sub-folder of ``root`` with its files (relative to ``root``, sorted), every real file once.
+
+    A second link to a class folder gets no files; a link that loops is a usage error (``_walk_files``).
+    """
+    folders = _class_folders(root)
+    top = (_key(root.stat()),)
+    seen = {*top, *(k for k in folders.values() if k)}
+    return {name: sorted(_walk_files(root / name, root, seen, top)) if key else [] for name, key in folders.items()}
+
+
 def scan(root: str | os.PathLike, min_classes: int = 2) -> Dataset:
-    """List ``root/<class>/<file>`` images; classes are the sub-folder names in sorted order."""
+    """List ``root/<class>/<file>`` images, each real file once; classes are the sub-folder names in sorted order."""
     root = Path(root)
     if not root.exists():
         raise UsageError(f"{root} does not exist; give a folder of class sub-folders (e.g. data/pets/cat/*.jpg)")
     if not root.is_dir():
         raise UsageError(f"{root} is not a folder; give a folder of class sub-folders")
     classes, files, labels, empty = [], [], [], []
-    subdirs = sorted(d.name for d in os.scandir(root) if d.is_dir() and not d.name.startswith("."))
-    for name in subdirs:
-        found = []
-        for dirpath, dirnames, filenames in os.walk(root / name, followlinks=True):
-            dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-            found += [os.path.relpath(os.path.join(dirpath, f), root) for f in filenames if is_image_name(f)]
+    for name, listed in class_files(root).items():
+        found = [rel for rel in listed if is_image_name(rel)]
         if not found:
             empty.append(name)
             continue
         classes.append(name)
-        files += sorted(found)
+        files += found
         labels += [len(classes) - 1] * len(found)
     if len(classes) < min_classes:
         what = "no class sub-folders with images" if not classes else f"only one class ({classes[0]})"
@@ -66,7 +140,7 @@ def parse_fractions(text: str) -> tuple[float, float, float]:
 
 
 def _rank(seed: int, rel: str) -> str:
-    return hashlib.sha256(f"{seed}:{rel}".encode()).hexdigest()
+    return hashlib.sha256(f"{seed}:".encode() + os.fsencode(rel)).hexdigest()
 
 
 def assign_splits(ds: Dataset, fractions=DEFAULT_FRACTIONS, seed: int = 0) -> tuple[dict[str, str], str]:

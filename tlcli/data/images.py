@@ -96,7 +96,7 @@ def decode(path: str | Path, size: int | None = None) -> Image.Image:
     except ImageError:
         raise
     except (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError) as exc:
-        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        reason = str(exc).splitlines()[0].replace(f" {os.fspath(path)!r}", "") if str(exc) else type(exc).__name__
         if os.path.exists(path) and os.path.getsize(path) == 0:
             reason = "empty file"
         raise ImageError(reason) from exc

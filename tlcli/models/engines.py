@@ -11,7 +11,7 @@ import numpy as np
 from tlcli.errors import UsageError
 
 ENGINES = ("keras", "openvino", "auto")
-ENGINE_HELP = "keras (TensorFlow), openvino (needs tlcli[openvino]) or auto (OpenVINO when installed and on a CPU)"
+ENGINE_HELP = "keras (TensorFlow), openvino (needs tlcli[openvino]) or auto"
 INSTALL = "pip install 'tlcli[openvino]'"
 CPU_CONFIG = {"INFERENCE_PRECISION_HINT": "f32", "PERFORMANCE_HINT": "LATENCY", "ENABLE_CPU_PINNING": False}
 """f32 throughout: OpenVINO's CPU plugin otherwise runs bf16 on CPUs with avx512_bf16 or AMX (4e-3 relative error
@@ -24,12 +24,13 @@ def installed() -> bool:
     return importlib.util.find_spec("openvino") is not None
 
 
-def resolve(engine: str, precision: str = "float32") -> str:
+def resolve(engine: str, precision: str = "float32", *, cached: bool = False) -> str:
     """``keras`` or ``openvino`` for an ``--engine`` value; usage error for an unknown one, a missing OpenVINO,
     or OpenVINO with Keras mixed precision (its CPU plugin cannot compile a bfloat16 Keras graph).
 
-    ``auto`` is OpenVINO when it is installed, the precision is float32 and TensorFlow sees no GPU (call after
-    ``devices.select``).
+    ``auto`` is OpenVINO only where its conversion is ``cached`` (extract keeps it in the store), when it is
+    installed, the precision is float32 and TensorFlow sees no GPU (call after ``devices.select``); elsewhere
+    Keras, as converting costs seconds a run for a few percent in float32.
     """
     name = (engine or "auto").strip().lower()
     if name not in ENGINES:
@@ -40,7 +41,7 @@ def resolve(engine: str, precision: str = "float32") -> str:
         raise UsageError(f"--engine openvino runs float32 only; use --engine keras with --precision {precision}")
     if name != "auto":
         return name
-    if not installed() or precision != "float32":
+    if not cached or not installed() or precision != "float32":
         return "keras"
     import tensorflow as tf
 

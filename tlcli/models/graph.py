@@ -125,6 +125,25 @@ def load_graph(data: bytes, input_name: str, output_name: str):
     return lambda pixels: run(tf.constant(pixels))
 
 
+def scorer(
+    model, size: int, resize: str, *, engine: str = "keras"
+) -> Callable[..., tuple[np.ndarray, list[int], list[dict]]]:
+    """``apply_model`` with the model traced once (and converted, on OpenVINO): call it with (paths, batch_size,
+    progress) as often as needed, so a caller can score files a batch at a time (predict prints each batch's lines
+    as they come). ``engine`` is an ``engines.resolve`` value."""
+    width = int(model.output_shape[-1])
+    engine = engines.resolve(engine)
+    if takes_image(model):
+        infer = inference_function(model, (None, None, 3)) if engine == "keras" else _openvino_photos(model, resize)
+        return lambda paths, batch_size=32, progress=None: apply_photos(infer, width, paths, size, batch_size, progress)
+    infer = inference_function(model, images.pixel_shape(size, resize))
+    if engine == "openvino":
+        infer = engines.load(engines.convert(infer))
+    return lambda paths, batch_size=32, progress=None: apply_graph(
+        infer, width, paths, size, resize, batch_size, progress
+    )
+
+
 def apply_model(
     model,
     paths: Sequence[str],
@@ -141,15 +160,7 @@ def apply_model(
     deployer feeds it; one saved before, or one that takes views, is fed tlcli's views. ``engine`` is an
     ``engines.resolve`` value.
     """
-    width = int(model.output_shape[-1])
-    engine = engines.resolve(engine)
-    if takes_image(model):
-        infer = inference_function(model, (None, None, 3)) if engine == "keras" else _openvino_photos(model, resize)
-        return apply_photos(infer, width, paths, size, batch_size, progress)
-    infer = inference_function(model, images.pixel_shape(size, resize))
-    if engine == "openvino":
-        infer = engines.load(engines.convert(infer))
-    return apply_graph(infer, width, paths, size, resize, batch_size, progress)
+    return scorer(model, size, resize, engine=engine)(paths, batch_size, progress)
 
 
 def _openvino_photos(model, resize: str) -> Callable[[np.ndarray], np.ndarray]:

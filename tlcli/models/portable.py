@@ -122,3 +122,30 @@ def image_model(views_model, size: int, policy: str, name: str):
 def takes_image(model) -> bool:
     """True for a model taking one image of any size; False for one taking views (as runs saved before did)."""
     return len(model.inputs) == 1 and model.inputs[0].shape[1] is None
+
+
+def _head(model):
+    """The head inside a run's model (one taking an image, or its views model)."""
+    return next(layer for layer in model._flatten_layers(include_self=True) if layer.name == "head")
+
+
+def fold_temperature(model, temperature: float) -> None:
+    """Divide the head's final ``Dense`` logits by ``temperature`` in place (kernel and bias), so the softmax it
+    ends with gives temperature-scaled probabilities with nothing but the layers already there."""
+    dense = _head(model).get_layer("predictions")
+    dense.set_weights([w / np.float32(temperature) for w in dense.get_weights()])
+
+
+def with_features(model):
+    """``model`` with the features its head reads put after the probabilities, in one output (batch, classes +
+    features), so the one graph that runs a model over files also yields what the unknown score needs."""
+    import keras
+
+    views = next((layer for layer in model.layers if layer.name == VIEWS_MODEL), model)
+    features = _head(views)._inbound_nodes[-1].input_tensors[0]
+    joined = keras.Model(
+        views.inputs, keras.layers.Concatenate(name="probs_and_features")([views.output, features]), name=VIEWS_MODEL
+    )
+    if views is model:
+        return joined
+    return keras.models.clone_model(model, clone_function=lambda layer: joined if layer is views else layer)

@@ -6,6 +6,7 @@ import contextlib
 import hashlib
 import io
 import os
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple
@@ -32,6 +33,33 @@ _DTYPES = {
     "mtimes": np.int64,
 }
 _ROW_ORDER = ("paths", "labels", "hashes", "sizes", "mtimes", "features")
+_UNREADABLE = (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile)
+"""What reading a damaged split file raises (a truncated .npz is a BadZipFile, or an EOFError in a column)."""
+_SHAPE = {
+    "key": str,
+    "backbone": str,
+    "input_size": int,
+    "resize": str,
+    "feature_dim": int,
+    "data_dir": str,
+    "classes": list,
+    "split_hash": str,
+    "splits": dict,
+}
+"""The fields of meta.json every reader relies on, and their JSON types."""
+
+
+def _shape_problem(meta) -> str | None:
+    """What makes ``meta`` not a store's meta.json (wrong JSON shape), or None."""
+    if not isinstance(meta, dict):
+        return f"a JSON {type(meta).__name__}, not an object"
+    wrong = [k for k, kind in _SHAPE.items() if not isinstance(meta.get(k), kind)]
+    if wrong:
+        return f"{', '.join(wrong)} missing or of the wrong type"
+    splits = meta["splits"]
+    if not all(isinstance(s, dict) and isinstance(s.get("n", 0), int) for s in splits.values()):
+        return "splits is not a table of {n, file} per split"
+    return None
 
 
 class Row(NamedTuple):
@@ -93,8 +121,14 @@ class Store:
                 )
             raise UsageError(f"{root} holds no features (no {META}); run 'tlcli extract DATA_DIR --out {root}' first")
         meta = files.read_json(root / META)
-        if meta.get("format") != STORE_FORMAT:
+        if isinstance(meta, dict) and meta.get("format") != STORE_FORMAT:
             raise UsageError(f"{root} was written by another tlcli version; re-run 'tlcli extract'")
+        problem = _shape_problem(meta)
+        if problem:
+            raise UsageError(
+                f"{root / META} is not a feature store's meta.json ({problem}); "
+                f"rebuild the store with 'tlcli extract DATA_DIR --out {root}'"
+            )
         return cls(root, meta)
 
     def split_path(self, name: str) -> Path:
@@ -110,8 +144,10 @@ class Store:
         try:
             with np.load(path, allow_pickle=False) as z:
                 arrays = {k: z[k] for k in COLUMNS}
-        except (OSError, ValueError, KeyError) as exc:
-            raise UsageError(f"{path} is unreadable ({exc}); re-run 'tlcli extract' to rebuild the store") from None
+        except _UNREADABLE as exc:
+            raise UsageError(
+                f"{path} is unreadable ({type(exc).__name__}: {exc}); re-run 'tlcli extract' to rebuild it"
+            ) from None
         if len(arrays["paths"]) != self.meta["splits"][name]["n"]:
             raise UsageError(f"{path} does not match {META} (interrupted extract?); re-run 'tlcli extract'")
         return arrays
@@ -144,7 +180,7 @@ class Store:
                     ):
                         vectors[str(h)] = v
                         stats[str(p)] = (int(s), int(m), str(h))
-            except (OSError, ValueError, KeyError):
+            except _UNREADABLE:
                 continue
         return vectors, stats
 

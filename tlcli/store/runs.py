@@ -3,17 +3,22 @@
 from __future__ import annotations
 
 import contextlib
+import io
+import json
 import os
 import platform
 import shutil
 import tempfile
+import zipfile
 from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 
+import numpy as np
+
 from tlcli import interrupts
 from tlcli.errors import UsageError
-from tlcli.store.files import read_json, umask
+from tlcli.store.files import read_json, umask, write_bytes
 
 
 def versions() -> dict:
@@ -174,3 +179,39 @@ def history(runs_root: str | os.PathLike) -> list[dict]:
             }
         )
     return rows
+
+
+class Checkpoint:
+    """Where a run's training state after its last finished epoch waits, in ``RUNS/.resume-<key>/``, for the
+    same command to resume it; removed once the run is published (or by ``--no-resume``).
+
+    ``key`` names everything that shapes the training, so only an identical command resumes it. One .npz
+    holds groups of arrays (weights, optimizer state, ...) and a JSON state, replaced atomically each epoch.
+    """
+
+    def __init__(self, runs_root: str | os.PathLike, key: str) -> None:
+        self.folder = Path(runs_root) / f".resume-{key}"
+        self.path = self.folder / "checkpoint.npz"
+
+    def save(self, state: dict, groups: dict[str, list[np.ndarray]]) -> None:
+        """Replace the checkpoint with ``state`` (JSON) and the arrays of each group, in order."""
+        arrays = {f"{name}.{i}": a for name, group in groups.items() for i, a in enumerate(group)}
+        buf = io.BytesIO()
+        np.savez(buf, state=np.asarray(json.dumps(state)), **arrays)
+        write_bytes(self.path, buf.getvalue())
+
+    def load(self) -> tuple[dict, dict[str, list[np.ndarray]]] | None:
+        """The saved state and array groups, or None when there is none or it does not read."""
+        try:
+            with np.load(self.path, allow_pickle=False) as z:
+                state = json.loads(str(z["state"]))
+                groups: dict[str, list[np.ndarray]] = {}
+                for key in sorted((k for k in z.files if k != "state"), key=lambda k: int(k.rsplit(".", 1)[1])):
+                    groups.setdefault(key.rsplit(".", 1)[0], []).append(z[key])
+        except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile):
+            return None
+        return state, groups
+
+    def clear(self) -> None:
+        """Forget the checkpoint (the run is published, or the command asked to start over)."""
+        shutil.rmtree(self.folder, ignore_errors=True)

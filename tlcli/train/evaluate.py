@@ -10,11 +10,13 @@ import numpy as np
 
 from tlcli.data import datasets
 from tlcli.errors import UsageError
-from tlcli.models.graph import apply_model
 from tlcli.models.run import load_run
 from tlcli.store import files
-from tlcli.train.metrics import metrics, misclassified
+from tlcli.train import trust
+from tlcli.train.metrics import least_confident, metrics, misclassified
 from tlcli.train.plots import confusion_png
+from tlcli.train.predict import classifier, expand
+from tlcli.train.report import write_report
 
 
 def labelled_files(run_meta: dict, data_dir: str | os.PathLike | None) -> tuple[list[str], np.ndarray, str]:
@@ -40,7 +42,8 @@ def labelled_files(run_meta: dict, data_dir: str | os.PathLike | None) -> tuple[
         )
     index = {c: i for i, c in enumerate(classes)}
     labels = np.asarray([index[ds.classes[lab]] for lab in ds.labels], np.int64)
-    return [str(ds.root / f) for f in ds.files], labels, str(ds.root)
+    root = ds.root.resolve()
+    return [str(root / f) for f in ds.files], labels, str(root)
 
 
 def evaluate_run(
@@ -51,24 +54,32 @@ def evaluate_run(
     batch_size: int = 32,
     progress: Callable[[int, int], None] | None = None,
     *,
+    unknowns: str | os.PathLike | None = None,
     engine: str = "keras",
 ) -> dict:
-    """Evaluate a saved run on a folder (or its own test split).
+    """Evaluate a saved run on a folder (or its own test split), and its unknown score on ``unknowns``, photos of
+    no known class, if given.
 
-    Writes metrics.json, confusion.png and misclassified.json into ``out`` (default: inside the run).
+    Writes metrics.json, confusion.png, reliability.png, misclassified.json, least_confident.json and report.html
+    into ``out`` (default: inside the run, whose report then links it).
     """
 
-    model, meta, run_dir = load_run(run)
+    loaded = load_run(run)
+    _, meta, run_dir = loaded
     paths, labels, source = labelled_files(meta, data_dir)
     if not paths:
         raise UsageError(f"no images found in {data_dir}")
-    probs, kept, skipped = apply_model(
-        model, paths, meta["input_size"], meta["resize"], batch_size, progress, engine=engine
-    )
-    if not kept:
+    if unknowns is not None and not meta.get("unknown"):
+        raise UsageError("this run has no unknown score (trained before tlcli kept one); retrain with train-head")
+    others = expand([str(unknowns)]) if unknowns is not None else []
+    probs, scores, kept, skipped = classifier(loaded, engine=engine)(paths + others, batch_size, progress)
+    known = np.asarray(kept, np.int64) < len(paths)
+    if not known.any():
         raise UsageError(f"none of the {len(paths)} images could be decoded")
+    kept = [i for i in kept if i < len(paths)]
     kept_paths = [paths[i] for i in kept]
     kept_labels = labels[kept]
+    probs = probs[known]
     result = metrics(kept_labels, probs, meta["classes"], top_k)
     wrong = misclassified(kept_paths, kept_labels, probs, meta["classes"])
     name = "test" if data_dir is None else Path(data_dir).resolve().name
@@ -78,9 +89,16 @@ def evaluate_run(
         dest.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise UsageError(f"cannot write evaluation files into {dest}: {exc.strerror}; pass --out DIR") from None
+    result["calibration"] = trust.calibration(meta, probs, kept_labels, dest / "reliability.png", source)
+    if scores is not None:
+        result["unknown"] = trust.unknown_rates(meta, scores[known], scores[~known] if others else None)
     files.write_json(dest / "metrics.json", {k: v for k, v in result.items() if k != "misclassified"})
     files.write_json(dest / "misclassified.json", wrong)
+    files.write_json(dest / "least_confident.json", least_confident(kept_paths, kept_labels, probs, meta["classes"]))
     confusion_png(
         result["confusion"], meta["classes"], dest / "confusion.png", f"{source}: accuracy {result['accuracy']:.3f}"
     )
+    result["report"] = str(write_report(dest))
+    if dest.resolve().parent == run_dir / "evaluations":
+        write_report(run_dir)
     return result

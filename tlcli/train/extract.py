@@ -66,7 +66,7 @@ def _plan(data_dir: str | os.PathLike, fractions, seed: int) -> _Plan:
     """Scan the whole folder and split it (a shard too, so every part agrees with an unsharded run)."""
     ds = datasets.scan(data_dir)
     assignment, source = datasets.assign_splits(ds, fractions, seed)
-    manifest = hashlib.sha256("\n".join(f"{r}\t{assignment[r]}" for r in sorted(ds.files)).encode()).hexdigest()
+    manifest = hashlib.sha256(os.fsencode("\n".join(f"{r}\t{assignment[r]}" for r in sorted(ds.files)))).hexdigest()
     return _Plan(ds, assignment, source, manifest)
 
 
@@ -288,7 +288,7 @@ def extract(
     """
     started = time.perf_counter()
     images.views(recipe.resize)
-    engine = engines.resolve(engine, backbones.check_precision(recipe.precision))
+    engine = engines.resolve(engine, backbones.check_precision(recipe.precision), cached=True)
     plan = _plan(data_dir, recipe.fractions, recipe.seed)
     options = _options(recipe)
     out = Path(out)
@@ -311,6 +311,12 @@ def extract(
                 ex, unique, recipe, data=plan.ds.root, store=root, progress=progress, engine=engine
             )
         rows, skipped = _rows(found, plan, {**cache.vectors, **fresh}, {**cache.bad, **bad})
+        if skipped and not rows and shard is None:
+            first = skipped[0]
+            raise UsageError(
+                f"no images in {data_dir}: none of its {len(skipped)} image files decodes (e.g. {first['path']}: "
+                f"{first['reason']}); no features were stored"
+            )
         meta = _meta(ex, recipe, plan, shard, skipped)
         features.write(root, rows, plan.ds.classes, meta)
         how = {"shard": shards.label(*shard) if shard else None, "engine": engine}

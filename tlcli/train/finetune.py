@@ -110,7 +110,7 @@ def image_dataset(
     split: Split,
     batch_size: int,
     *,
-    augment: tuple[str, ...] = (),
+    augment=None,
     seed: int = 0,
     training: bool = False,
 ):
@@ -118,9 +118,10 @@ def image_dataset(
     (a multi-view split's pixels as a tuple of views, the inputs of ``run.Built.views``).
 
     Training batches are reshuffled every epoch, full-sized (a remainder waits for the next epoch's
-    shuffle) and augmented view by view, one batch after another so that a seed gives the same random
-    transforms every time. Files gone since extraction are a usage error rather than a silently
-    smaller split; a file that no longer decodes is left out rather than trained on as a blank.
+    shuffle) and augmented (by ``augment``, a layer from ``augmenter``) view by view, one batch after another
+    so that a seed gives the same random transforms every time. Files gone since extraction are a usage error
+    rather than a silently smaller split; a file that no longer decodes is left out rather than trained on as a
+    blank.
     """
     import tensorflow as tf
 
@@ -141,7 +142,7 @@ def image_dataset(
     if training:
         ds = ds.shuffle(len(paths), seed=seed, reshuffle_each_iteration=True)
     ds = ds.batch(batch_size, drop_remainder=training)
-    layer = augmenter(augment, seed) if training and augment else None
+    layer = augment if training else None
 
     def prepare(x, y):
         x = tf.cast(x, tf.float32)
@@ -165,6 +166,7 @@ class Result:
     unfrozen: list[str]
     start_val_loss: float | None
     best_epoch: int
+    resumed_from: int = 0
 
 
 class _Steps(NamedTuple):
@@ -233,20 +235,82 @@ def _mean(step: Callable, dataset) -> tuple[float, float]:
     return total[0] / max(total[2], 1.0), total[1] / max(total[2], 1.0)
 
 
-def _epochs(
-    full, steps: _Steps, train_ds, val_ds, recipe: FineTuneRecipe, progress: Callable | None
-) -> tuple[dict[str, list[float]], float | None, int]:
-    """Train epoch by epoch; with val, stop early on its loss (the start counting as epoch 0) and keep the best.
+@dataclass
+class _State:
+    """Where training stands after ``epoch`` finished epochs: the history and early stopping's best and patience."""
 
-    Returns the history, the starting val loss and the epoch whose weights the model holds.
-    """
+    history: dict[str, list[float]]
+    start: float | None
+    best: float
+    best_weights: list
+    best_epoch: int = 0
+    waited: int = 0
+    epoch: int = 0
+    resumed_from: int = 0
+
+
+@dataclass(frozen=True)
+class _Saver:
+    """Saves the state after every finished epoch to a checkpoint (``runs.Checkpoint``), and restores it."""
+
+    checkpoint: object
+    full: object
+    optimizer: object
+    augment: object = None
+
+    def _variables(self) -> dict[str, list]:
+        """The model's variables (random seeds too), the optimizer's, and the augmentation's random seeds."""
+        augment = self.augment.variables if self.augment is not None else []
+        return {"model": self.full.variables, "optimizer": self.optimizer.variables, "augment": augment}
+
+    def save(self, state: _State) -> None:
+        record = {k: getattr(state, k) for k in ("history", "start", "best_epoch", "waited", "epoch")}
+        record["best"] = None if np.isinf(state.best) else state.best
+        arrays = {k: [np.array(v) for v in vs] for k, vs in self._variables().items()}
+        self.checkpoint.save(record, {**arrays, "best": state.best_weights})
+
+    def restore(self) -> _State | None:
+        """The saved state, its weights and optimizer slots put back; None when there is none that fits."""
+        loaded = self.checkpoint.load()
+        if loaded is None:
+            return None
+        record, groups = loaded
+        variables = [v for vs in self._variables().values() for v in vs]
+        values = [a for name in self._variables() for a in groups.get(name, [])]
+        fits = len(values) == len(variables) and len(groups.get("best", [])) == len(self.full.weights)
+        if not fits or any(tuple(v.shape) != a.shape for v, a in zip(variables, values, strict=True)):
+            return None
+        for variable, value in zip(variables, values, strict=True):
+            variable.assign(value)
+        best = np.inf if record["best"] is None else record["best"]
+        fields = ("best_epoch", "waited", "epoch", "epoch")
+        return _State(record["history"], record["start"], best, groups["best"], *(record[k] for k in fields))
+
+
+def _fresh(full, steps: _Steps, val_ds) -> _State:
+    """The state before the first epoch: with val, the starting model's val loss counts as epoch 0."""
     history: dict[str, list[float]] = {"loss": [], "accuracy": []}
     start = None
     if val_ds is not None:
         history.update(val_loss=[], val_accuracy=[])
         start = _mean(steps.test, val_ds)[0]
-    best, best_weights, best_epoch, waited = start if start is not None else np.inf, full.get_weights(), 0, 0
-    for epoch in range(1, recipe.epochs + 1):
+    return _State(history, start, start if start is not None else np.inf, full.get_weights())
+
+
+def _epochs(
+    full, steps: _Steps, train_ds, val_ds, recipe: FineTuneRecipe, progress: Callable | None, saver: _Saver | None
+) -> _State:
+    """Train epoch by epoch; with val, stop early on its loss (the start counting as epoch 0) and keep the best.
+
+    With ``saver``, every finished epoch is saved, and a saved state is resumed: the training shuffle is moved
+    on by the epochs it holds (each new pass over ``train_ds`` reshuffles), so the run continues as it would have.
+    """
+    state = (saver.restore() if saver else None) or _fresh(full, steps, val_ds)
+    for _ in range(state.resumed_from):
+        iter(train_ds)
+    history = state.history
+    while state.epoch < recipe.epochs and (val_ds is None or state.waited < recipe.patience):
+        state.epoch += 1
         loss, acc = _mean(steps.train, train_ds)
         history["loss"].append(round(loss, 6))
         history["accuracy"].append(round(acc, 6))
@@ -256,18 +320,19 @@ def _epochs(
             history["val_loss"].append(round(monitored, 6))
             history["val_accuracy"].append(round(vacc, 6))
         if progress:
-            progress(epoch, recipe.epochs, {k: v[-1] for k, v in history.items()})
+            progress(state.epoch, recipe.epochs, {k: v[-1] for k, v in history.items()})
         if val_ds is None:
-            best_epoch = epoch
-        elif monitored < best - 1e-6:
-            best, best_weights, best_epoch, waited = monitored, full.get_weights(), epoch, 0
+            state.best_epoch = state.epoch
+        elif monitored < state.best - 1e-6:
+            state.best, state.best_weights, state.best_epoch = monitored, full.get_weights(), state.epoch
+            state.waited = 0
         else:
-            waited += 1
-            if waited >= recipe.patience:
-                break
+            state.waited += 1
+        if saver:
+            saver.save(state)
     if val_ds is not None:
-        full.set_weights(best_weights)
-    return history, start, best_epoch
+        full.set_weights(state.best_weights)
+    return state
 
 
 @cluster_failures()
@@ -282,6 +347,7 @@ def fine_tune(
     seed: int = 0,
     strategy=None,
     progress: Callable[[int, int, dict], None] | None = None,
+    checkpoint=None,
 ) -> Result:
     """Build the pixels-in model, unfreeze the recipe's backbone layers and train end to end with Adam.
 
@@ -291,7 +357,8 @@ def fine_tune(
     recipe's, ``resolved``) decays to 0 along a cosine over its epochs. With a val split, early
     stopping watches its loss, counting the starting model as epoch 0, and restores the best weights;
     without one, every epoch runs and the last weights are kept. Keras' ``fit`` is not used: it fails
-    under MultiWorkerMirroredStrategy (keras-team/keras#20585).
+    under MultiWorkerMirroredStrategy (keras-team/keras#20585). With ``checkpoint`` (a ``runs.Checkpoint``)
+    every finished epoch is saved there, and a run killed after epoch k resumes from it at epoch k + 1.
     """
     import tensorflow as tf
 
@@ -299,8 +366,9 @@ def fine_tune(
     batch_size = min(recipe.batch_size, len(train.labels))
     built, unfrozen, optimizer = _set_up(build, recipe, strategy, recipe.epochs * (len(train.labels) // batch_size))
     full = built.views
+    augment = augmenter(recipe.augment, seed) if recipe.augment else None
     train_ds = strategy.experimental_distribute_dataset(
-        image_dataset(photos, train, batch_size, augment=recipe.augment, seed=seed, training=True)
+        image_dataset(photos, train, batch_size, augment=augment, seed=seed, training=True)
     )
     val_ds = (
         strategy.experimental_distribute_dataset(image_dataset(photos, val, batch_size))
@@ -308,11 +376,15 @@ def fine_tune(
         else None
     )
     steps = _batch_steps(full, optimizer, strategy, class_weights, batch_size)
-    history, start, best_epoch = _epochs(full, steps, train_ds, val_ds, recipe, progress)
-    return Result(built.model, full, history, unfrozen, None if start is None else round(start, 6), best_epoch)
+    saver = _Saver(checkpoint, full, optimizer, augment) if checkpoint is not None else None
+    state = _epochs(full, steps, train_ds, val_ds, recipe, progress, saver)
+    start = None if state.start is None else round(state.start, 6)
+    return Result(built.model, full, state.history, unfrozen, start, state.best_epoch, state.resumed_from)
 
 
-def predict(model, photos: Photos, split: Split, batch_size: int = 32) -> tuple[np.ndarray, np.ndarray]:
-    """Probabilities of a model taking views on a stored split's images, with the labels of those it could read."""
-    probs, kept, _ = apply_model(model, photos.paths(split), photos.size, photos.resize, batch_size)
-    return probs, np.asarray(split.labels)[kept]
+def predict(model, photos: Photos, split: Split, batch_size: int = 32) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """Probabilities of a model taking views on a stored split's images, with the labels and paths of those it
+    could read."""
+    paths = photos.paths(split)
+    probs, kept, _ = apply_model(model, paths, photos.size, photos.resize, batch_size)
+    return probs, np.asarray(split.labels)[kept], [paths[i] for i in kept]

@@ -6,6 +6,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
+LEAST_CONFIDENT = 20
+
 
 def metrics(labels: np.ndarray, probs: np.ndarray, classes: Sequence[str], top_k: int = 5) -> dict:
     """Accuracy, top-k accuracy, per-class precision/recall/F1/support and the confusion matrix."""
@@ -34,7 +36,8 @@ def metrics(labels: np.ndarray, probs: np.ndarray, classes: Sequence[str], top_k
     return {
         "accuracy": round(float((pred == labels).mean()) if n else 0.0, 4),
         "n": n,
-        f"top_{kk}_accuracy": round(top_k_acc, 4),
+        "top_k": kk,
+        "top_k_accuracy": round(top_k_acc, 4),
         "macro_f1": round(float(np.mean([c["f1"] for c in present])) if present else 0.0, 4),
         "per_class": per_class,
         "confusion": confusion.tolist(),
@@ -42,11 +45,11 @@ def metrics(labels: np.ndarray, probs: np.ndarray, classes: Sequence[str], top_k
     }
 
 
-def misclassified(paths: Sequence[str], labels: np.ndarray, probs: np.ndarray, classes: Sequence[str]) -> list[dict]:
-    """Every wrongly classified file with its true and predicted class, most confident mistakes first."""
+def _records(
+    rows: list[int], paths: Sequence[str], labels: np.ndarray, probs: np.ndarray, classes: Sequence[str]
+) -> list[dict]:
+    """One record per row: path, true and predicted class, and the predicted class's probability."""
     pred = probs.argmax(1)
-    wrong = [i for i in range(len(labels)) if pred[i] != labels[i]]
-    wrong.sort(key=lambda i: -float(probs[i, pred[i]]))
     return [
         {
             "path": paths[i],
@@ -54,5 +57,24 @@ def misclassified(paths: Sequence[str], labels: np.ndarray, probs: np.ndarray, c
             "predicted": classes[pred[i]],
             "confidence": round(float(probs[i, pred[i]]), 4),
         }
-        for i in wrong
+        for i in rows
     ]
+
+
+def misclassified(paths: Sequence[str], labels: np.ndarray, probs: np.ndarray, classes: Sequence[str]) -> list[dict]:
+    """Every wrongly classified file with its true and predicted class, most confident mistakes first."""
+    pred = probs.argmax(1)
+    wrong = [i for i in range(len(labels)) if pred[i] != labels[i]]
+    wrong.sort(key=lambda i: -float(probs[i, pred[i]]))
+    return _records(wrong, paths, labels, probs, classes)
+
+
+def least_confident(
+    paths: Sequence[str], labels: np.ndarray, probs: np.ndarray, classes: Sequence[str], count: int = LEAST_CONFIDENT
+) -> list[dict]:
+    """The ``count`` correctly classified files the model was least sure of, least confident first: the photos
+    to look at next to the mistakes (a report shows them when there are few mistakes)."""
+    pred = probs.argmax(1)
+    right = [i for i in range(len(labels)) if pred[i] == labels[i]]
+    right.sort(key=lambda i: float(probs[i, pred[i]]))
+    return _records(right[:count], paths, labels, probs, classes)

@@ -72,3 +72,31 @@ def curves_png(history: dict[str, list[float]], path: str | os.PathLike, title: 
         fig.suptitle(title)
     fig.tight_layout()
     files.write_bytes(path, images.figure_png(fig))
+
+
+def reliability_png(bins: dict, before: dict | None, path: str | os.PathLike, title: str = "") -> None:
+    """A reliability diagram (``calibrate.reliability``'s bins: accuracy against confidence, with the diagonal a
+    calibrated model follows), after temperature scaling and, given ``before``, before it, as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5, 5))
+    ax.plot([0, 1], [0, 1], color="grey", linestyle="--", label="calibrated")
+    for name, b, colour in (("before scaling", before, "tab:orange"), ("as saved", bins, "tab:blue")):
+        if b is None:
+            continue
+        used = np.asarray(b["count"]) > 0
+        conf, acc = np.asarray(b["confidence"])[used], np.asarray(b["accuracy"])[used]
+        ax.plot(conf, acc, marker="o", color=colour, label=f"{name}: ECE {b['ece']:.3f}")
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1)
+    ax.set_xlabel("confidence (top-1 probability)")
+    ax.set_ylabel("accuracy")
+    ax.grid(alpha=0.3)
+    ax.legend(loc="upper left")
+    if title:
+        ax.set_title(title)
+    fig.tight_layout()
+    files.write_bytes(path, images.figure_png(fig))

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import shutil
 from collections import Counter
+from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -17,7 +19,7 @@ from tlcli.data.fetch.clean import clean
 from tlcli.data.fetch.registry import remote_url
 from tlcli.data.fetch.request import Plan
 from tlcli.data.fetch.sizes import Progress, folder_bytes, need_space
-from tlcli.data.fetch.unpack import MAX_FILES, MAX_UNPACKED_BYTES, extract_archive
+from tlcli.data.fetch.unpack import MAX_FILES, MAX_UNPACKED_BYTES, extract_archive, unpacked_size
 from tlcli.errors import UsageError
 from tlcli.store.files import write_json
 
@@ -48,17 +50,26 @@ class _Filled(NamedTuple):
     drops: list[dict]
 
 
+@contextlib.contextmanager
+def _deleted_if_refused(job: Job, archive: Path) -> Iterator[None]:
+    """A download refused as unsafe or damaged is deleted from the cache (a local archive never is)."""
+    try:
+        yield
+    except UsageError:
+        if job.plan.kind != "archive":
+            archive.unlink(missing_ok=True)
+        raise
+
+
 def _unpack(job: Job, archives: list[Path]) -> Path:
-    """Unpack every archive into ``staging/raw``; a refused download is deleted from the cache."""
+    """Unpack every archive into ``staging/raw``; a zip bomb is refused before the free-space check."""
     raw = job.staging / "raw"
     for archive in archives:
-        need_space(job.data_dir, archive.stat().st_size, f"unpacking {archive.name}")
-        try:
+        with _deleted_if_refused(job, archive):
+            size = unpacked_size(archive, job.max_bytes)
+        need_space(job.data_dir, size, f"unpacking {archive.name}")
+        with _deleted_if_refused(job, archive):
             extract_archive(archive, raw, max_bytes=job.max_bytes, max_files=job.max_files, progress=job.progress)
-        except UsageError:
-            if job.plan.kind != "archive":
-                archive.unlink(missing_ok=True)
-            raise
     return raw
 
 

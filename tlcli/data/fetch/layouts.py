@@ -3,6 +3,7 @@ Oxford-IIIT Pet lists into a train/val/test split."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import shutil
@@ -22,7 +23,12 @@ def _visible(entries: Iterator[os.DirEntry]) -> list[os.DirEntry]:
 def class_root(folder: str | os.PathLike) -> Path:
     """The folder whose sub-folders are the classes: ``folder`` itself, or below single wrapper folders."""
     folder = Path(folder)
+    visited = set()
     while True:
+        key = (folder.stat().st_dev, folder.stat().st_ino)
+        if key in visited:
+            raise UsageError(f"{folder} links back to a folder above it, so the folder never ends; remove that link")
+        visited.add(key)
         with os.scandir(folder) as it:
             entries = _visible(it)
         dirs = [e for e in entries if e.is_dir()]
@@ -38,11 +44,19 @@ def _class_dirs(root: Path) -> list[Path]:
 
 
 def copy_folder(src: Path, out: Path) -> None:
-    """Copy (never move) the class folders of a user's folder into ``out``."""
+    """Copy (never move) the class folders of a user's folder into ``out``: each real file once, links followed
+    (a link that loops is a usage error), links that lead nowhere left out."""
     root = class_root(src)
     out.mkdir(parents=True, exist_ok=True)
-    for d in _class_dirs(root):
-        shutil.copytree(d, out / d.name, ignore=shutil.ignore_patterns(".*"), ignore_dangling_symlinks=True)
+    for name, rels in datasets.class_files(root).items():
+        if name == "__MACOSX":
+            continue
+        (out / name).mkdir()
+        for rel in rels:
+            target = out / rel
+            target.parent.mkdir(parents=True, exist_ok=True)
+            with contextlib.suppress(FileNotFoundError):
+                shutil.copy2(root / rel, target)
 
 
 def class_folders(raw: Path, out: Path, *, lowercase: bool) -> None:

@@ -1,7 +1,9 @@
 """Safe archive extraction: zip and tar(.gz/.bz2/.xz) within file and byte budgets, never writing outside.
 
 Member paths are checked (no absolute paths, no '..', no NUL), links are never created and refused when
-they point outside, devices and fifos are refused, and every error becomes a one-line UsageError.
+they point outside (a tar's hard link to a file unpacked before it becomes a copy), devices and fifos are
+refused, zip bombs are refused by entry compression ratio and by a total scaled to the archive's size, and
+every error becomes a one-line UsageError.
 """
 
 from __future__ import annotations
@@ -22,6 +24,13 @@ from tlcli.errors import UsageError
 
 MAX_UNPACKED_BYTES = 20 * 10**9
 MAX_FILES = 200_000
+MAX_RATIO = 100
+"""An archive unpacks to at most MAX_RATIO times its own size (photos barely compress), or to
+SMALL_ARCHIVE_ALLOWANCE when that is more, so a small archive of well-compressing images still unpacks."""
+SMALL_ARCHIVE_ALLOWANCE = 512 * 10**6
+MAX_ENTRY_RATIO = 250
+"""A zip entry over ENTRY_RATIO_FROM bytes that compression shrank more than MAX_ENTRY_RATIO-fold is refused."""
+ENTRY_RATIO_FROM = 10 * 10**6
 
 
 class _Refused(UsageError):
@@ -122,12 +131,46 @@ def _unzip_member(zf: zipfile.ZipFile, info: zipfile.ZipInfo, dest: Path, budget
     return True
 
 
+def _check_zip_sizes(infos: list[zipfile.ZipInfo], budget: _Budget) -> None:
+    """Refuse a zip bomb from its central directory, before anything is written: an entry that expands
+    implausibly, or declared sizes past the budget."""
+    for info in infos:
+        ratio = info.file_size / max(info.compress_size, 1)
+        if info.file_size > ENTRY_RATIO_FROM and ratio > MAX_ENTRY_RATIO:
+            raise _Refused(
+                f"refusing to unpack {budget.archive}: entry {info.filename!r} expands {ratio:.0f}-fold "
+                f"({human_bytes(info.compress_size)} to {human_bytes(info.file_size)}); possible zip bomb"
+            )
+    declared = sum(info.file_size for info in infos if not info.is_dir())
+    if declared > budget.max_bytes:
+        raise _Refused(
+            f"refusing to unpack {budget.archive}: it declares {human_bytes(declared)} of files, over the "
+            f"{human_bytes(budget.max_bytes)} allowed for it; possible zip bomb"
+        )
+
+
 def _unzip(archive: Path, dest: Path, budget: _Budget, progress: Progress | None) -> None:
     with zipfile.ZipFile(archive) as zf:
         infos = zf.infolist()
+        _check_zip_sizes(infos, budget)
         for i, info in enumerate(infos, 1):
             if _unzip_member(zf, info, dest, budget):
                 say(progress, i, len(infos), f"unpacking {archive.name}")
+
+
+def _copy_hard_link(member: tarfile.TarInfo, rel: PurePosixPath, dest: Path, budget: _Budget) -> bool:
+    """A hard link to a file unpacked before it becomes a copy of that file; to anything else, a refusal."""
+    source = _member_path(member.linkname, budget.archive)
+    if source is None or not (dest / source).is_file() or (dest / source).is_symlink():
+        raise _Refused(
+            f"refusing to unpack {budget.archive}: entry {member.name!r} is a hard link to {member.linkname!r}, "
+            "which is not a file unpacked before it"
+        )
+    budget.file(member.name, (dest / source).stat().st_size)
+    if dest / rel != dest / source:
+        with open(dest / source, "rb") as src:
+            _write_member(src, dest / rel, budget, member.name)
+    return True
 
 
 def _untar_member(tf: tarfile.TarFile, member: tarfile.TarInfo, dest: Path, budget: _Budget) -> bool:
@@ -135,6 +178,8 @@ def _untar_member(tf: tarfile.TarFile, member: tarfile.TarInfo, dest: Path, budg
     rel = _member_path(member.name, budget.archive)
     if member.issym() or member.islnk():
         _check_link(rel or PurePosixPath("."), member.name, member.linkname, member.islnk(), budget.archive)
+        if member.islnk() and rel is not None:
+            return _copy_hard_link(member, rel, dest, budget)
         return False
     if rel is None:
         return False
@@ -182,6 +227,24 @@ def _as_usage_error(name: str, exc: Exception) -> UsageError | None:
     return None
 
 
+def unpacked_cap(archive: Path, max_bytes: int = MAX_UNPACKED_BYTES) -> int:
+    """The most ``archive`` may unpack to: MAX_RATIO times its size (at least SMALL_ARCHIVE_ALLOWANCE), at most
+    ``max_bytes``."""
+    return min(max_bytes, max(archive.stat().st_size * MAX_RATIO, SMALL_ARCHIVE_ALLOWANCE))
+
+
+def unpacked_size(archive: Path, max_bytes: int = MAX_UNPACKED_BYTES) -> int:
+    """The bytes ``archive`` unpacks to, to check for free space first: a zip's directory says (a zip bomb is
+    refused here, before anything is written); a tar's own size stands in."""
+    try:
+        with zipfile.ZipFile(archive) as zf:
+            infos = zf.infolist()
+    except Exception:  # not a readable zip: extract_archive says what it is
+        return archive.stat().st_size
+    _check_zip_sizes(infos, _Budget(archive.name, unpacked_cap(archive, max_bytes), MAX_FILES))
+    return sum(info.file_size for info in infos if not info.is_dir())
+
+
 def extract_archive(
     archive: str | os.PathLike,
     dest: str | os.PathLike,
@@ -193,12 +256,13 @@ def extract_archive(
     """Unpack a zip or tar(.gz/.bz2/.xz) into ``dest`` without ever writing outside it.
 
     Absolute paths, '..', links pointing outside, devices and fifos, more than ``max_files`` files or
-    ``max_bytes`` unpacked bytes make it raise UsageError; links inside are skipped, never created.
+    more unpacked bytes than ``unpacked_cap`` make it raise UsageError; symbolic links inside are skipped,
+    never created, and a hard link to a file unpacked before it becomes a copy.
     Callers unpack into a scratch folder and delete it on failure.
     """
     archive, dest = Path(archive), Path(dest)
     dest.mkdir(parents=True, exist_ok=True)
-    budget = _Budget(archive.name, max_bytes, max_files)
+    budget = _Budget(archive.name, unpacked_cap(archive, max_bytes), max_files)
     try:
         if zipfile.is_zipfile(archive):
             _unzip(archive, dest, budget, progress)
