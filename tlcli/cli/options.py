@@ -270,8 +270,8 @@ EngineOpt = Annotated[
     typer.Option(
         "--engine",
         envvar="TLCLI_ENGINE",
-        help="What runs the network: keras (TensorFlow), openvino (pip install 'tlcli[openvino]'; f32, converted "
-        "from the same model) or auto (extract: OpenVINO when installed and on a CPU, its conversion kept in the "
-        "store; evaluate and predict: keras).",
+        help="What runs the network: keras (TensorFlow), openvino (pip install 'tlcli[openvino]'; converted from "
+        "the same model; float32 unless --precision mixed_bfloat16) or auto (extract: OpenVINO when installed and "
+        "on a CPU, its conversion kept in the store; evaluate and predict: keras).",
     ),
 ]

@@ -13,10 +13,13 @@ from tlcli.errors import UsageError
 ENGINES = ("keras", "openvino", "auto")
 ENGINE_HELP = "keras (TensorFlow), openvino (needs tlcli[openvino]) or auto"
 INSTALL = "pip install 'tlcli[openvino]'"
-CPU_CONFIG = {"INFERENCE_PRECISION_HINT": "f32", "PERFORMANCE_HINT": "LATENCY", "ENABLE_CPU_PINNING": False}
-"""f32 throughout: OpenVINO's CPU plugin otherwise runs bf16 on CPUs with avx512_bf16 or AMX (4e-3 relative error
-on MobileNetV2's features instead of 1e-7). Threads unpinned: pinned, they fight the decoding threads and other
-processes for the cores (MobileNetV2 extract 40 against 54 images/s on 2 busy cores)."""
+CPU_CONFIG = {"PERFORMANCE_HINT": "LATENCY", "ENABLE_CPU_PINNING": False}
+"""Threads unpinned: pinned, they fight the decoding threads and other processes for the cores (MobileNetV2
+extract 40 against 54 images/s on 2 busy cores)."""
+HINTS = {"float32": "f32", "mixed_bfloat16": "bf16"}
+"""The ``--precision`` values OpenVINO runs, as its CPU inference hint. float32 must be asked for: the plugin
+otherwise runs bf16 on CPUs with avx512_bf16 or AMX (relative feature error 4e-3 on MobileNetV2, 0.1 on
+MobileNet v1 0.25, held-out accuracy unchanged: bench/README.md). bf16 falls back to f32 on other CPUs."""
 
 
 def installed() -> bool:
@@ -26,10 +29,10 @@ def installed() -> bool:
 
 def resolve(engine: str, precision: str = "float32", *, cached: bool = False) -> str:
     """``keras`` or ``openvino`` for an ``--engine`` value; usage error for an unknown one, a missing OpenVINO,
-    or OpenVINO with Keras mixed precision (its CPU plugin cannot compile a bfloat16 Keras graph).
+    or OpenVINO with a precision it does not run (float16).
 
     ``auto`` is OpenVINO only where its conversion is ``cached`` (extract keeps it in the store), when it is
-    installed, the precision is float32 and TensorFlow sees no GPU (call after ``devices.select``); elsewhere
+    installed, runs the precision and TensorFlow sees no GPU (call after ``devices.select``); elsewhere
     Keras, as converting costs seconds a run for a few percent in float32.
     """
     name = (engine or "auto").strip().lower()
@@ -37,11 +40,13 @@ def resolve(engine: str, precision: str = "float32", *, cached: bool = False) ->
         raise UsageError(f"unknown --engine {engine!r}; use {ENGINE_HELP}")
     if name == "openvino" and not installed():
         raise UsageError(f"--engine openvino needs the openvino package: {INSTALL}")
-    if name == "openvino" and precision != "float32":
-        raise UsageError(f"--engine openvino runs float32 only; use --engine keras with --precision {precision}")
+    if name == "openvino" and precision not in HINTS:
+        raise UsageError(
+            f"--engine openvino runs --precision {' or '.join(HINTS)}; use --engine keras with --precision {precision}"
+        )
     if name != "auto":
         return name
-    if not cached or not installed() or precision != "float32":
+    if not cached or not installed() or precision not in HINTS:
         return "keras"
     import tensorflow as tf
 
@@ -91,8 +96,9 @@ def _pack(xml: bytes, weights: bytes) -> bytes:
     return buf.getvalue()
 
 
-def load(data: bytes) -> Callable[[np.ndarray], np.ndarray]:
-    """``convert``'s bytes compiled for the CPU in f32: a function from a pixel batch to the graph's output."""
+def load(data: bytes, precision: str = "float32") -> Callable[[np.ndarray], np.ndarray]:
+    """``convert``'s bytes compiled for the CPU to compute in ``precision`` (a ``HINTS`` key): a function from a
+    pixel batch to the graph's output."""
     import io
 
     import openvino as ov
@@ -101,7 +107,9 @@ def load(data: bytes) -> Callable[[np.ndarray], np.ndarray]:
         xml, weights = z["xml"].tobytes(), z["bin"]
     core = ov.Core()
     model = core.read_model(xml, ov.Tensor(weights))
-    compiled = core.compile_model(model, "CPU", CPU_CONFIG)
+    bf16 = "BF16" in core.get_property("CPU", "OPTIMIZATION_CAPABILITIES")
+    hint = HINTS[precision] if bf16 else "f32"
+    compiled = core.compile_model(model, "CPU", {**CPU_CONFIG, "INFERENCE_PRECISION_HINT": hint})
     request = compiled.create_infer_request()
 
     def run(pixels: np.ndarray) -> np.ndarray:

@@ -9,7 +9,7 @@ import os
 import shlex
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -60,6 +60,7 @@ class _Extractor:
     saved: dict | None = None
     infer: Callable | None = None
     backbone: backbones.Backbone | None = None
+    traced: str = "float32"
 
 
 def _plan(data_dir: str | os.PathLike, fractions, seed: int) -> _Plan:
@@ -92,18 +93,20 @@ def _weights_stat(path: str | None) -> list[int] | None:
     return [st.st_size, st.st_mtime_ns]
 
 
-def _saved_graph(old: Store | None, options: dict) -> Callable | None:
+def _saved_graph(old: Store | None, options: dict, traced: str) -> Callable | None:
     """The feature graph a previous extract saved in the store, if it still makes the store's vectors.
 
     That needs a graph that takes any batch size, the same options (backbone, alpha, size, weights,
-    resize, flip, precision) and library versions, and the weights file unchanged in size and
-    modification time; then the backbone is neither built nor traced again. Anything unreadable
+    resize, flip, precision) traced in the ``traced`` precision, library versions, and the weights file unchanged
+    in size and modification time; then the backbone is neither built nor traced again. Anything unreadable
     means building it.
     """
     saved = old.meta.get(EXTRACTOR) if old is not None else None
     if not saved or not saved.get("any_batch") or old.meta.get("versions") != runs.versions():
         return None
     if any(old.meta.get(k) != v for k, v in options.items()):
+        return None
+    if saved.get("traced", options["precision"]) != traced:
         return None
     try:
         if _weights_stat(saved["weights_file"]) != saved["weights_stat"]:
@@ -113,17 +116,22 @@ def _saved_graph(old: Store | None, options: dict) -> Callable | None:
         return None
 
 
-def _extractor(old: Store | None, recipe: ExtractRecipe, options: dict) -> _Extractor:
-    """The previous store's saved graph when it still makes the same vectors, else the backbone, built."""
-    infer = _saved_graph(old, options)
+def _extractor(old: Store | None, recipe: ExtractRecipe, options: dict, engine: str) -> _Extractor:
+    """The previous store's saved graph when it still makes the same vectors, else the backbone, built.
+
+    On OpenVINO the graph is traced in float32 (OpenVINO cannot compile a bfloat16 Keras graph) and OpenVINO
+    computes it in the recipe's precision; the store still names that precision."""
+    traced = "float32" if engine == "openvino" else recipe.precision
+    infer = _saved_graph(old, options, traced)
     if infer is not None:
         described = {k: old.meta[k] for k in DESCRIBED}
-        return _Extractor(old.meta["key"], described, options["input_size"], old.meta[EXTRACTOR], infer)
-    bb = backbones.build(recipe.backbone, recipe.alpha, recipe.size, recipe.weights, precision=recipe.precision)
+        return _Extractor(old.meta["key"], described, options["input_size"], old.meta[EXTRACTOR], infer, None, traced)
+    bb = backbones.build(recipe.backbone, recipe.alpha, recipe.size, recipe.weights, precision=traced)
+    bb = replace(bb, precision=recipe.precision)
     described = bb.describe()
     described["feature_dim"] *= len(images.views(recipe.resize))
     key = f"{bb.key}-{recipe.resize}{'-flip' if recipe.flip_average else ''}"
-    return _Extractor(key, described, options["input_size"], backbone=bb)
+    return _Extractor(key, described, options["input_size"], backbone=bb, traced=traced)
 
 
 def _save_graph(root: Path, ex: _Extractor) -> dict | None:
@@ -137,6 +145,7 @@ def _save_graph(root: Path, ex: _Extractor) -> dict | None:
         "input": input_name,
         "output": output_name,
         "any_batch": True,
+        "traced": ex.traced,
         "weights_file": ex.backbone.weights_file,
         "weights_stat": _weights_stat(ex.backbone.weights_file),
     }
@@ -160,21 +169,21 @@ def _files(plan: _Plan, shard: tuple[int, int] | None, stats: dict[str, tuple[in
     return found
 
 
-def _openvino_function(ex: _Extractor, store: Path) -> Callable:
-    """The feature graph on OpenVINO: the store's conversion of it when one of this OpenVINO version is there,
-    else converted now (from the graph traced in this run, which converts faster, or the saved one) and saved
-    beside it for the next run."""
+def _openvino_function(ex: _Extractor, store: Path, precision: str) -> Callable:
+    """The feature graph on OpenVINO computing in ``precision``: the store's conversion of it when one of this
+    OpenVINO version is there, else converted now (from the graph traced in this run, which converts faster, or
+    the saved one) and saved beside it for the next run."""
     saved = ex.saved.get(features.OPENVINO) if ex.saved else None
     if saved and saved.get("version") == engines.version():
         try:
-            return engines.load((store / saved["file"]).read_bytes())
+            return engines.load((store / saved["file"]).read_bytes(), precision)
         except Exception:  # a damaged or foreign cache file is converted again, never an error
             pass
     data = engines.convert(ex.infer if ex.backbone is not None else (store / ex.saved["file"]).read_bytes())
     if ex.saved:
         written = features.write_extractor(store, data, ".openvino.npz")
         ex.saved[features.OPENVINO] = {"file": written, "version": engines.version()}
-    return engines.load(data)
+    return engines.load(data, precision)
 
 
 def _new_vectors(
@@ -196,7 +205,7 @@ def _new_vectors(
         ex.infer = graph.inference_function(model, images.pixel_shape(ex.size, recipe.resize))
     if ex.saved is None:
         ex.saved = _save_graph(store, ex)
-    run = _openvino_function(ex, store) if engine == "openvino" else ex.infer
+    run = _openvino_function(ex, store, recipe.precision) if engine == "openvino" else ex.infer
     paths = [str(data / f.rel) for f in todo]
     width = ex.described["feature_dim"]
     feats, kept, failed = graph.apply_graph(run, width, paths, ex.size, recipe.resize, recipe.batch_size, progress)
@@ -298,7 +307,7 @@ def extract(
     with locks.lock(root / locks.LOCK_NAME, f"extract is writing {root}", wait=wait):
         files.remove_leftovers(root)
         old = features.open_previous(root)
-        ex = _extractor(old, recipe, options)
+        ex = _extractor(old, recipe, options, engine)
         cache = features.reusable(old, ex.key)
         if shard is not None:
             cache = cache.over(features.reusable(features.open_previous(out), ex.key))
