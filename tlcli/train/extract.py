@@ -8,6 +8,7 @@ import hashlib
 import os
 import shlex
 import time
+from collections import ChainMap
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -180,7 +181,7 @@ def _new_vectors(
     return vectors, {digest_of[item["path"]]: item["reason"] for item in failed}
 
 
-def _rows(found: list[_File], plan: _Plan, vectors: dict, bad: dict[str, str]) -> tuple[list[Row], list[dict]]:
+def _rows(found: list[_File], plan: _Plan, vectors: Mapping, bad: dict[str, str]) -> tuple[list[Row], list[dict]]:
     """The stored rows of the files that have a vector, and the skipped ones with why."""
     rows, skipped = [], []
     for f in found:
@@ -280,7 +281,7 @@ def extract(
         if todo:
             unique = list({f.digest: f for f in todo}.values())
             fresh, bad = _new_vectors(ex, unique, recipe, data=plan.ds.root, store=root, progress=progress)
-        rows, skipped = _rows(found, plan, {**cache.vectors, **fresh}, {**cache.bad, **bad})
+        rows, skipped = _rows(found, plan, ChainMap(fresh, cache.vectors), {**cache.bad, **bad})
         if skipped and not rows and shard is None:
             first = skipped[0]
             raise UsageError(
@@ -288,7 +289,7 @@ def extract(
                 f"{first['reason']}); no features were stored"
             )
         meta = _meta(ex, recipe, plan, shard, skipped)
-        features.write(root, rows, plan.ds.classes, meta)
+        features.write(root, rows, plan.ds.classes, meta, old)
         how = {"shard": shards.label(*shard) if shard else None}
         reused = len(rows) - len([f for f in todo if f.digest in fresh])
         return _summary(root, meta, plan, rows, how=how, counts=(len(fresh), reused, cache.replaced), started=started)
@@ -469,6 +470,6 @@ def merge_shards(
         carried = features.carry_extractor(first, out)
         if carried:
             meta[EXTRACTOR] = carried
-        features.write(out, rows, plan.ds.classes, meta)
+        features.write(out, rows, plan.ds.classes, meta, features.open_previous(out))
         counts = (0, len(rows), replaced)
         return _summary(out, meta, plan, rows, how={"merged": count}, counts=counts, started=started)
