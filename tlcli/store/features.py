@@ -219,11 +219,12 @@ class Store:
 
     def rows(self) -> list[Row]:
         """Every stored image of every split."""
-        return [
-            Row(str(p), int(lab), name, str(h), int(s), int(m), v)
-            for name in SPLITS
-            for p, lab, h, s, m, v in zip(*(self.arrays(name)[k] for k in _ROW_ORDER), strict=True)
-        ]
+        found = []
+        for name in SPLITS:
+            a = self.arrays(name)
+            columns = zip(*(a[k] for k in _ROW_ORDER), strict=True)
+            found += [Row(str(p), int(lab), name, str(h), int(s), int(m), v) for p, lab, h, s, m, v in columns]
+        return found
 
     def cached(self) -> tuple[Vectors, dict[str, tuple[int, int, str]]]:
         """Vectors by content hash, and (size, mtime_ns, hash) by path, from every readable segment."""
