@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import itertools
 import json
 import os
 from collections import ChainMap
@@ -109,8 +110,9 @@ class Vectors(Mapping):
 
     def add(self, hashes: np.ndarray, vectors: np.ndarray, keep: np.ndarray) -> None:
         """Index the live rows of one segment."""
-        for i in np.flatnonzero(keep):
-            self._where[str(hashes[i])] = (vectors, int(i))
+        index = np.flatnonzero(keep)
+        where = zip(itertools.repeat(np.asarray(vectors)), index.tolist(), strict=False)
+        self._where.update(zip(hashes[index].tolist(), where, strict=False))
 
     def __getitem__(self, digest: str) -> np.ndarray:
         vectors, i = self._where[digest]
@@ -239,12 +241,8 @@ class Store:
                     continue
                 keep = segments.live(seg)
                 vectors.add(cols["hashes"], mapped, keep)
-                for i in np.flatnonzero(keep):
-                    stats[str(cols["paths"][i])] = (
-                        int(cols["sizes"][i]),
-                        int(cols["mtimes"][i]),
-                        str(cols["hashes"][i]),
-                    )
+                live = [cols[k][keep].tolist() for k in ("paths", "sizes", "mtimes", "hashes")]
+                stats.update(zip(live[0], zip(*live[1:], strict=True), strict=True))
         return vectors, stats
 
     def extractor_bytes(self) -> bytes:
@@ -300,9 +298,10 @@ def _kept(old: Store | None, name: str, members: list[Row]) -> tuple[list[dict],
             segments.mapped(old.root, seg, old.meta["feature_dim"])
         except segments.UNREADABLE:
             continue
-        for i in np.flatnonzero(segments.live(seg)):
-            facts = (int(cols["labels"][i]), str(cols["hashes"][i]), int(cols["sizes"][i]), int(cols["mtimes"][i]))
-            held[str(cols["paths"][i])] = (len(kept), int(i), facts)
+        index = np.flatnonzero(segments.live(seg))
+        facts = zip(*(cols[k][index].tolist() for k in ("labels", "hashes", "sizes", "mtimes")), strict=True)
+        where = zip(itertools.repeat(len(kept)), index.tolist(), facts, strict=False)
+        held.update(zip(cols["paths"][index].tolist(), where, strict=False))
         kept.append(seg)
     used: set[tuple[int, int]] = set()
     new = []

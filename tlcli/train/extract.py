@@ -299,7 +299,7 @@ def extract(
         if todo:
             unique = list({f.digest: f for f in todo}.values())
             fresh, bad = _new_vectors(ex, unique, recipe, data=plan.ds.root, store=root, progress=progress)
-        rows, skipped = _rows(found, plan, ChainMap(fresh, cache.vectors), {**cache.bad, **bad})
+        rows, skipped = _rows(found, plan, ChainMap(cache.vectors, fresh), {**cache.bad, **bad})
         if skipped and not rows and shard is None:
             first = skipped[0]
             raise UsageError(
