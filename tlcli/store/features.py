@@ -124,7 +124,7 @@ class Vectors(Mapping):
     def __len__(self) -> int:
         return len(self._where)
 
-    def __contains__(self, digest) -> bool:
+    def __contains__(self, digest: object) -> bool:
         return digest in self._where
 
 
@@ -184,7 +184,7 @@ class Store:
             raise UsageError(f"the {name} segments in {self.root} do not match {META}; re-run 'tlcli extract'")
         return found
 
-    def _vectors(self, name: str, found: list) -> np.ndarray:
+    def _vectors(self, found: list) -> np.ndarray:
         """A split's live vectors: the memory-mapped file itself when one segment holds them all, else one array."""
         dim = self.meta["feature_dim"]
         if len(found) == 1 and found[0][2].all():
@@ -210,14 +210,14 @@ class Store:
             k: np.concatenate([cols[k][keep] for _, cols, keep in found]) if found else np.zeros(0, _DTYPES[k])
             for k in segments.ROW_COLUMNS
         }
-        return {"features": self._vectors(name, found), **columns}
+        return {"features": self._vectors(found), **columns}
 
     def split(self, name: str) -> Split:
         """Load one split (vectors memory-mapped where they lie in one file), checked against meta.json."""
         found = self._rows(name)
         labels = [cols["labels"][keep] for _, cols, keep in found]
         paths = [str(p) for _, cols, keep in found for p in cols["paths"][keep]]
-        return Split(self._vectors(name, found), np.concatenate(labels or [np.zeros(0, np.int64)]), paths)
+        return Split(self._vectors(found), np.concatenate(labels or [np.zeros(0, np.int64)]), paths)
 
     def rows(self) -> list[Row]:
         """Every stored image of every split."""
