@@ -139,3 +139,16 @@ def test_extract_appends_only_the_new_photo_and_the_rows_it_moves(cli, keras_hom
     created = [seg for s in features.SPLITS for seg in store.segments(s) if seg["file"] not in before]
     assert 1 <= sum(seg["n"] for seg in created) <= 1 + 2 + 3
     assert sum(_files(out)[n] for seg in created for n in (seg["file"], seg["vectors"])) < 6 * 4000
+
+
+def test_a_format_2_store_is_refused_in_one_line_and_replaced_whole_by_the_next_write(tmp_path):
+    root = tmp_path / "s"
+    root.mkdir()
+    old = {"format": 2, "key": "k", "splits": {"train": {"n": 3, "file": "train-0123456789abcdef.npz"}}}
+    (root / "meta.json").write_text(json.dumps(old))
+    np.savez(root / "train-0123456789abcdef.npz", features=np.zeros((3, DIM), np.float32))
+    with pytest.raises(UsageError, match="another tlcli version; re-run 'tlcli extract'"):
+        Store.open(root)
+    assert features.open_previous(root) is None  # so extract extracts every photo again
+    _check(_commit(root, _rows(range(5))), range(5))
+    assert "train-0123456789abcdef.npz" not in _files(root)
