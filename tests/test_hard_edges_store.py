@@ -104,12 +104,12 @@ def store(colour_run, tmp_path) -> Path:
 def test_a_failing_train_head_leaves_no_runs_folder(cli, tmp_path, store):
     runs = tmp_path / "runs"
     _one_line(cli("train-head", tmp_path / "nowhere", "--out", runs, "-q"), "holds no features")
-    (store / "meta.json").write_text('{"format": 2, "splits": []}\n')
+    (store / "meta.json").write_text('{"format": 3, "splits": []}\n')
     _one_line(cli("train-head", store, "--out", runs, "-q"), f"{store / 'meta.json'} is not a feature store's")
     assert not runs.exists()
 
 
-@pytest.mark.parametrize("text", ["[]\n", '{"format": 2, "splits": {"train": 3}}\n', '{"format": 2}\n'])
+@pytest.mark.parametrize("text", ["[]\n", '{"format": 3, "splits": {"train": 3}}\n', '{"format": 3}\n'])
 def test_meta_json_of_the_wrong_shape_is_exit_2_and_extract_rebuilds_it(cli, colour_run, store, tmp_path, text):
     (store / "meta.json").write_text(text)
     _one_line(cli("train-head", store, "--out", tmp_path / "runs", "-q"), str(store / "meta.json"), "tlcli extract")
@@ -122,7 +122,7 @@ def test_a_truncated_split_is_exit_2_and_extract_extracts_only_its_photos_again(
     from tlcli.store.features import Store
 
     meta = json.loads((store / "meta.json").read_text())
-    split = store / meta["splits"]["train"]["file"]
+    split = store / meta["splits"]["train"]["segments"][0]["vectors"]
     split.write_bytes(split.read_bytes()[: split.stat().st_size // 2])
     _one_line(cli("train-head", store, "--out", tmp_path / "runs", "-q"), str(split), "tlcli extract")
     rebuilt = cli("extract", colour_run.data, "--out", store, *COLOUR_EXTRACT, "--json")

@@ -11,7 +11,7 @@ import time
 import numpy as np
 import pytest
 
-from tlcli.store import shards
+from tlcli.store import features, shards
 
 from .conftest import lock_held, make_photo
 
@@ -30,11 +30,8 @@ def _merge(cli, data, out, *extra):
 
 def _store(path):
     meta = json.loads((path / "meta.json").read_text())
-    splits = {}
-    for name in ("train", "val", "test"):
-        with np.load(path / meta["splits"][name]["file"]) as z:
-            splits[name] = {k: z[k] for k in z.files}
-    return meta, splits
+    store = features.Store.open(path)
+    return meta, {name: store.arrays(name) for name in ("train", "val", "test")}
 
 
 def _one_error_line(result, *needles):

@@ -38,16 +38,16 @@ def test_extract_writes_store_with_metadata(trained):
     assert meta["resize"] == "crop+pad" and meta["classes"] == ["blue", "red"]
     assert meta["weights_sha256"].startswith("dbdb03ee2a22")  # the no-top file from ../shared/weights
     assert {"tensorflow", "keras", "tlcli"} <= set(meta["versions"])
-    with np.load(Store.open(trained.features).split_path("train")) as z:
-        assert z["features"].shape == (20, 512) and np.isfinite(z["features"]).all()  # crop and pad views
-        assert sorted(set(z["labels"].tolist())) == [0, 1]
+    z = Store.open(trained.features).arrays("train")
+    assert z["features"].shape == (20, 512) and np.isfinite(z["features"]).all()  # crop and pad views
+    assert sorted(set(z["labels"].tolist())) == [0, 1]
 
 
 def test_extract_is_incremental(cli, keras_home, colour_dataset, tmp_path):
     out = tmp_path / "f"
     _extract(cli, colour_dataset, out)
-    with np.load(Store.open(out).split_path("train")) as z:
-        before = dict(zip(z["paths"].tolist(), z["features"], strict=True))
+    z = Store.open(out).arrays("train")
+    before = dict(zip(z["paths"].tolist(), z["features"], strict=True))
     again = _extract(cli, colour_dataset, out)
     assert again["extracted"] == 0 and again["reused"] == 24
     make_photo(colour_dataset / "red" / "new1.jpg", (210, 30, 30), seed=77)
@@ -56,8 +56,8 @@ def test_extract_is_incremental(cli, keras_home, colour_dataset, tmp_path):
     make_photo(colour_dataset / "red" / "r1.jpg", (250, 250, 0), seed=79)  # changed content, same name
     grown = _extract(cli, colour_dataset, out)
     assert grown["extracted"] == 3 and grown["stored"] == 25
-    with np.load(Store.open(out).split_path("train")) as z:
-        after = dict(zip(z["paths"].tolist(), z["features"], strict=True))
+    z = Store.open(out).arrays("train")
+    after = dict(zip(z["paths"].tolist(), z["features"], strict=True))
     assert "red/r0.jpg" not in after
     same = [p for p in after if p in before and p != "red/r1.jpg"]
     assert same and all(np.array_equal(after[p], before[p]) for p in same)

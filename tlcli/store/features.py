@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import io
+import itertools
+import json
 import os
-import zipfile
+from collections import ChainMap
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple
@@ -14,10 +16,11 @@ from typing import NamedTuple
 import numpy as np
 
 from tlcli.errors import UsageError
-from tlcli.store import files, locks, shards
+from tlcli.store import files, locks, segments, shards
 
-STORE_FORMAT = 2
-"""2: views with the geometry of Keras' Resizing layer (whole-pixel crop, padding before resampling)."""
+STORE_FORMAT = 3
+"""2: views with the geometry of Keras' Resizing layer (whole-pixel crop, padding before resampling);
+3: each split a list of appended segments (tlcli/store/segments.py) instead of one file."""
 META = "meta.json"
 EXTRACTOR = "extractor"
 OPENVINO = "openvino"
@@ -33,8 +36,10 @@ _DTYPES = {
     "mtimes": np.int64,
 }
 _ROW_ORDER = ("paths", "labels", "hashes", "sizes", "mtimes", "features")
-_UNREADABLE = (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile)
-"""What reading a damaged split file raises (a truncated .npz is a BadZipFile, or an EOFError in a column)."""
+COMPACT_DROPPED = 0.25
+"""A split is rewritten as one segment once this fraction of its segments' rows were dropped."""
+MAX_SEGMENTS = 16
+"""Past this many segments in a split, all but its largest are merged into one."""
 _SHAPE = {
     "key": str,
     "backbone": str,
@@ -57,8 +62,11 @@ def _shape_problem(meta) -> str | None:
     if wrong:
         return f"{', '.join(wrong)} missing or of the wrong type"
     splits = meta["splits"]
-    if not all(isinstance(s, dict) and isinstance(s.get("n", 0), int) for s in splits.values()):
-        return "splits is not a table of {n, file} per split"
+    if not all(
+        isinstance(s, dict) and isinstance(s.get("n", 0), int) and isinstance(s.get("segments", []), list)
+        for s in splits.values()
+    ):
+        return "splits is not a table of {n, segments} per split"
     return None
 
 
@@ -96,11 +104,37 @@ class Split:
         return Split(self.features[index], self.labels[index], [self.paths[i] for i in index])
 
 
+class Vectors(Mapping):
+    """Stored vectors by content hash, read from the memory-mapped segments only when asked for."""
+
+    def __init__(self) -> None:
+        self._where: dict[str, tuple[np.ndarray, int]] = {}
+
+    def add(self, hashes: np.ndarray, vectors: np.ndarray, keep: np.ndarray) -> None:
+        """Index the live rows of one segment."""
+        index = np.flatnonzero(keep)
+        where = zip(itertools.repeat(np.asarray(vectors)), index.tolist(), strict=False)
+        self._where.update(zip(hashes[index].tolist(), where, strict=False))
+
+    def __getitem__(self, digest: str) -> np.ndarray:
+        vectors, i = self._where[digest]
+        return vectors[i]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._where)
+
+    def __len__(self) -> int:
+        return len(self._where)
+
+    def __contains__(self, digest: object) -> bool:
+        return digest in self._where
+
+
 @dataclass
 class Store:
-    """A feature store folder: meta.json plus one ``<split>-<content hash>.npz`` per split and the
-    traced feature graph ``extractor-<content hash>.pb`` (so a re-run need not rebuild the backbone), and
-    that graph converted for OpenVINO when extract ran on it.
+    """A feature store folder: meta.json, each split's segments (``<split>-<content hash>.npy`` vectors and
+    ``.npz`` rows, tlcli/store/segments.py), the traced feature graph ``extractor-<content hash>.pb``
+    (so a re-run need not rebuild the backbone), and that graph converted for OpenVINO when extract ran on it.
 
     meta.json names these files and is written last, so replacing it is the single step that
     commits a new store: a killed extract leaves the previous store whole.
@@ -131,57 +165,86 @@ class Store:
             )
         return cls(root, meta)
 
-    def split_path(self, name: str) -> Path:
-        """The file meta.json names for one split."""
-        return self.root / self.meta["splits"].get(name, {}).get("file", f"{name}.npz")
+    def segments(self, name: str) -> list[dict]:
+        """The segments meta.json lists for one split."""
+        return self.meta["splits"].get(name, {}).get("segments", [])
+
+    def _unreadable(self, file: str, exc: Exception) -> UsageError:
+        return UsageError(
+            f"{self.root / file} is unreadable ({type(exc).__name__}: {exc}); re-run 'tlcli extract' to rebuild it"
+        )
+
+    def _rows(self, name: str) -> list[tuple[dict, dict[str, np.ndarray], np.ndarray]]:
+        """Each segment of a split with its row columns and live-row mask, checked against meta.json."""
+        found = []
+        for seg in self.segments(name):
+            try:
+                found.append((seg, segments.rows(self.root, seg), segments.live(seg)))
+            except segments.UNREADABLE as exc:
+                raise self._unreadable(seg["file"], exc) from None
+        if sum(int(keep.sum()) for *_, keep in found) != self.meta["splits"].get(name, {}).get("n", 0):
+            raise UsageError(f"the {name} segments in {self.root} do not match {META}; re-run 'tlcli extract'")
+        return found
+
+    def _vectors(self, found: list) -> np.ndarray:
+        """A split's live vectors: the memory-mapped file itself when one segment holds them all, else one array."""
+        dim = self.meta["feature_dim"]
+        if len(found) == 1 and found[0][2].all():
+            try:
+                return segments.mapped(self.root, found[0][0], dim)
+            except segments.UNREADABLE as exc:
+                raise self._unreadable(found[0][0]["vectors"], exc) from None
+        out = np.empty((sum(int(keep.sum()) for *_, keep in found), dim), np.float32)
+        at = 0
+        for seg, _, keep in found:
+            n = int(keep.sum())
+            try:
+                segments.read_into(self.root, seg, out[at : at + n])
+            except segments.UNREADABLE as exc:
+                raise self._unreadable(seg["vectors"], exc) from None
+            at += n
+        return out
 
     def arrays(self, name: str) -> dict[str, np.ndarray]:
-        """Every column of one split, checked against what meta.json says it holds."""
-        path = self.split_path(name)
-        if not self.meta["splits"].get(name, {}).get("n"):
-            dim = self.meta["feature_dim"]
-            return {k: np.zeros((0, dim) if k == "features" else (0,), _DTYPES[k]) for k in COLUMNS}
-        try:
-            with np.load(path, allow_pickle=False) as z:
-                arrays = {k: z[k] for k in COLUMNS}
-        except _UNREADABLE as exc:
-            raise UsageError(
-                f"{path} is unreadable ({type(exc).__name__}: {exc}); re-run 'tlcli extract' to rebuild it"
-            ) from None
-        if len(arrays["paths"]) != self.meta["splits"][name]["n"]:
-            raise UsageError(f"{path} does not match {META} (interrupted extract?); re-run 'tlcli extract'")
-        return arrays
+        """Every column of one split's stored rows, checked against what meta.json says it holds."""
+        found = self._rows(name)
+        columns = {
+            k: np.concatenate([cols[k][keep] for _, cols, keep in found]) if found else np.zeros(0, _DTYPES[k])
+            for k in segments.ROW_COLUMNS
+        }
+        return {"features": self._vectors(found), **columns}
 
     def split(self, name: str) -> Split:
-        """Load one split, checking it is the file meta.json describes."""
-        a = self.arrays(name)
-        return Split(a["features"].astype(np.float32), a["labels"].astype(np.int64), [str(p) for p in a["paths"]])
+        """Load one split (vectors memory-mapped where they lie in one file), checked against meta.json."""
+        found = self._rows(name)
+        labels = [cols["labels"][keep] for _, cols, keep in found]
+        paths = [str(p) for _, cols, keep in found for p in cols["paths"][keep]]
+        return Split(self._vectors(found), np.concatenate(labels or [np.zeros(0, np.int64)]), paths)
 
     def rows(self) -> list[Row]:
         """Every stored image of every split."""
-        return [
-            Row(str(p), int(lab), name, str(h), int(s), int(m), v)
-            for name in SPLITS
-            for p, lab, h, s, m, v in zip(*(self.arrays(name)[k] for k in _ROW_ORDER), strict=True)
-        ]
+        found = []
+        for name in SPLITS:
+            a = self.arrays(name)
+            columns = zip(*(a[k] for k in _ROW_ORDER), strict=True)
+            found += [Row(str(p), int(lab), name, str(h), int(s), int(m), v) for p, lab, h, s, m, v in columns]
+        return found
 
-    def cached(self) -> tuple[dict[str, np.ndarray], dict[str, tuple[int, int, str]]]:
-        """Vectors by content hash, and (size, mtime_ns, hash) by path, from every readable split."""
-        vectors: dict[str, np.ndarray] = {}
+    def cached(self) -> tuple[Vectors, dict[str, tuple[int, int, str]]]:
+        """Vectors by content hash, and (size, mtime_ns, hash) by path, from every readable segment."""
+        vectors = Vectors()
         stats: dict[str, tuple[int, int, str]] = {}
         for name in SPLITS:
-            path = self.split_path(name)
-            if not path.is_file():
-                continue
-            try:
-                with np.load(path, allow_pickle=False) as z:
-                    for p, h, s, m, v in zip(
-                        z["paths"], z["hashes"], z["sizes"], z["mtimes"], z["features"], strict=True
-                    ):
-                        vectors[str(h)] = v
-                        stats[str(p)] = (int(s), int(m), str(h))
-            except _UNREADABLE:
-                continue
+            for seg in self.segments(name):
+                try:
+                    cols = segments.rows(self.root, seg)
+                    mapped = segments.mapped(self.root, seg, self.meta["feature_dim"])
+                except segments.UNREADABLE:
+                    continue
+                keep = segments.live(seg)
+                vectors.add(cols["hashes"], mapped, keep)
+                live = [cols[k][keep].tolist() for k in ("paths", "sizes", "mtimes", "hashes")]
+                stats.update(zip(live[0], zip(*live[1:], strict=True), strict=True))
         return vectors, stats
 
     def extractor_bytes(self) -> bytes:
@@ -189,18 +252,8 @@ class Store:
         return (self.root / self.meta[EXTRACTOR]["file"]).read_bytes()
 
 
-def _write_split(root: Path, name: str, arrays: dict) -> str:
-    """Write one split under a content-addressed name (atomically) and return the file name."""
-    buf = io.BytesIO()
-    np.savez(buf, **arrays)
-    data = buf.getvalue()
-    filename = f"{name}-{hashlib.blake2b(data, digest_size=8).hexdigest()}.npz"
-    files.write_bytes(root / filename, data)
-    return filename
-
-
 def _columns(members: list[Row], dim: int) -> dict[str, np.ndarray]:
-    """The arrays of one split file, from its rows."""
+    """The arrays of one segment, from its rows."""
     return {
         "features": np.asarray([r.vector for r in members], np.float32).reshape(len(members), dim),
         "labels": np.asarray([r.label for r in members], np.int64),
@@ -211,35 +264,107 @@ def _columns(members: list[Row], dim: int) -> dict[str, np.ndarray]:
     }
 
 
+def _merged(root: Path, name: str, group: list[dict], dim: int) -> dict:
+    """One new segment holding the live rows of ``group``, in order (compaction)."""
+    parts = [(segments.rows(root, seg), segments.live(seg), seg) for seg in group]
+    out = np.empty((sum(int(keep.sum()) for _, keep, _ in parts), dim), np.float32)
+    at = 0
+    for _, keep, seg in parts:
+        segments.read_into(root, seg, out[at : at + int(keep.sum())])
+        at += int(keep.sum())
+    columns = {k: np.concatenate([cols[k][keep] for cols, keep, _ in parts]) for k in segments.ROW_COLUMNS}
+    return segments.write(root, name, {"features": out, **columns})
+
+
+def _compacted(root: Path, name: str, kept: list[dict], dim: int) -> list[dict]:
+    """``kept`` rewritten as one segment once too many of its rows were dropped, or all but its largest merged
+    into one when there are too many segments; else ``kept`` itself."""
+    total = sum(seg["n"] for seg in kept)
+    dropped = sum(len(seg["dropped"]) for seg in kept)
+    if dropped > COMPACT_DROPPED * total:
+        return [_merged(root, name, kept, dim)]
+    if len(kept) > MAX_SEGMENTS:
+        largest = max(kept, key=lambda seg: seg["n"] - len(seg["dropped"]))
+        return [largest, _merged(root, name, [seg for seg in kept if seg is not largest], dim)]
+    return kept
+
+
+def _kept(old: Store | None, name: str, members: list[Row]) -> tuple[list[dict], list[Row]]:
+    """The previous store's readable segments of a split, with the rows no longer in ``members`` dropped,
+    and the members they do not hold (new or changed files: the rows to append)."""
+    held: dict[str, tuple[int, int, tuple]] = {}
+    kept: list[dict] = []
+    for seg in old.segments(name) if old is not None else []:
+        try:
+            cols = segments.rows(old.root, seg)
+            segments.mapped(old.root, seg, old.meta["feature_dim"])
+        except segments.UNREADABLE:
+            continue
+        index = np.flatnonzero(segments.live(seg))
+        facts = zip(*(cols[k][index].tolist() for k in ("labels", "hashes", "sizes", "mtimes")), strict=True)
+        where = zip(itertools.repeat(len(kept)), index.tolist(), facts, strict=False)
+        held.update(zip(cols["paths"][index].tolist(), where, strict=False))
+        kept.append(seg)
+    used: set[tuple[int, int]] = set()
+    new = []
+    for r in members:
+        hit = held.get(r.path)
+        if hit is not None and hit[2] == (r.label, r.digest, r.size, r.mtime):
+            used.add(hit[:2])
+        else:
+            new.append(r)
+    for k, seg in enumerate(kept):
+        gone = [i for i in np.flatnonzero(segments.live(seg)).tolist() if (k, i) not in used]
+        kept[k] = {**seg, "dropped": sorted([*seg.get("dropped", []), *gone])}
+    return [seg for seg in kept if len(seg["dropped"]) < seg["n"]], new
+
+
 def _drop_unreferenced(root: Path, meta: dict) -> None:
-    """Delete split and extractor files the committed meta.json no longer names (the previous store's)."""
-    keep = {s["file"] for s in meta["splits"].values() if "file" in s}
+    """Delete segment and extractor files the committed meta.json no longer names (earlier stores')."""
+    keep = {f for s in meta["splits"].values() for seg in s.get("segments", []) for f in segments.names(seg)}
     saved = meta.get(EXTRACTOR, {})
     keep |= {saved.get("file"), saved.get(OPENVINO, {}).get("file")}
-    for path in [*root.glob("*.npz"), *root.glob(f"{EXTRACTOR}-*.pb")]:
+    for path in [*root.glob("*.npz"), *root.glob("*.npy"), *root.glob(f"{EXTRACTOR}-*.pb")]:
         if path.name not in keep and path.stem.split("-")[0] in (*SPLITS, EXTRACTOR):
             path.unlink(missing_ok=True)
 
 
-def write(root: Path, rows: list[Row], classes: list[str], meta: dict) -> None:
-    """Write the three split files, then ``meta`` naming them, then drop the previous store's files.
+def _unchanged(old: Store | None, meta: dict) -> bool:
+    """Whether ``meta`` commits the same store as ``old`` (all but the time written), so need not be written."""
+    if old is None:
+        return False
+    ours = json.loads(json.dumps(meta, default=str))
+    return {**ours, "written": None} == {**old.meta, "written": None}
 
-    Split files have content-addressed names and meta.json goes last, so replacing meta.json is the
-    one step that commits the new store: a writer killed at any point leaves the previous store whole.
+
+def write(root: Path, rows: list[Row], classes: list[str], meta: dict, previous: Store | None = None) -> None:
+    """Commit ``rows`` as the store at ``root``: keep ``previous``'s segments, drop its rows that are gone,
+    append one segment per split of the rest, then write ``meta`` naming them and delete unnamed files.
+
+    Segments have content-addressed names and meta.json goes last, so replacing meta.json is the one
+    step that commits the new store: a writer killed at any point leaves the previous store whole.
+    A store whose rows did not change is left as it is (not even meta.json is written).
     """
     try:
         root.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise UsageError(f"cannot create {root}: {exc.strerror}") from None
+    dim = meta["feature_dim"]
+    same = previous is not None and (previous.meta.get("key"), previous.meta.get("feature_dim")) == (meta["key"], dim)
+    old = previous if same else None
     for name in SPLITS:
-        columns = _columns([r for r in rows if r.split == name], meta["feature_dim"])
-        counts = np.bincount(columns["labels"], minlength=len(classes)).tolist()
+        members = [r for r in rows if r.split == name]
+        kept, new = _kept(old, name, members)
+        if new:
+            kept.append(segments.write(root, name, _columns(new, dim)))
+        counts = np.bincount(np.asarray([r.label for r in members], np.int64), minlength=len(classes)).tolist()
         meta["splits"][name] = {
-            "n": len(columns["paths"]),
-            "file": _write_split(root, name, columns),
+            "n": len(members),
             "per_class": dict(zip(classes, counts, strict=True)),
+            "segments": _compacted(root, name, kept, dim),
         }
-    files.write_json(root / META, meta)
+    if not _unchanged(old, meta):
+        files.write_json(root / META, meta)
     _drop_unreferenced(root, meta)
 
 
@@ -252,13 +377,14 @@ def write_extractor(root: Path, data: bytes, suffix: str = ".pb") -> str:
 
 
 def carry_extractor(part: Store, out: Path) -> dict | None:
-    """Copy a shard part's saved feature graph into the merged store, so it is reused like an unsharded one's."""
+    """Copy a shard part's saved feature graph into the merged store, so it is reused like an unsharded one's
+    (its OpenVINO conversion is not carried: made again when needed)."""
     try:
         data = part.extractor_bytes()
     except (TypeError, KeyError, OSError):
         return None
     files.write_bytes(out / part.meta[EXTRACTOR]["file"], data)
-    return part.meta[EXTRACTOR]
+    return {k: v for k, v in part.meta[EXTRACTOR].items() if k != OPENVINO}
 
 
 def open_previous(root: Path) -> Store | None:
@@ -275,7 +401,7 @@ class Reusable(NamedTuple):
     """What a previous store offers an extract with its key: vectors by content hash, (size, mtime_ns, hash)
     by path and the reasons files did not decode by content hash; or, made otherwise, the key it had."""
 
-    vectors: dict[str, np.ndarray]
+    vectors: Mapping[str, np.ndarray]
     stats: dict[str, tuple[int, int, str]]
     bad: dict[str, str]
     replaced: str | None = None
@@ -283,7 +409,7 @@ class Reusable(NamedTuple):
     def over(self, base: Reusable) -> Reusable:
         """These entries on top of ``base``'s (a shard part's over the merged store's)."""
         return Reusable(
-            {**base.vectors, **self.vectors}, {**base.stats, **self.stats}, {**base.bad, **self.bad}, self.replaced
+            ChainMap(self.vectors, base.vectors), {**base.stats, **self.stats}, {**base.bad, **self.bad}, self.replaced
         )
 
 

@@ -8,6 +8,7 @@ import hashlib
 import os
 import shlex
 import time
+from collections import ChainMap
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -51,8 +52,8 @@ class _File(NamedTuple):
 
 @dataclass
 class _Extractor:
-    """The feature function of an extract and what the store records of it; ``infer`` is traced only when
-    some image is new, and ``saved`` is the meta.json entry of its graph file."""
+    """The feature function of an extract and what the store records of it; ``infer`` is loaded (``load``, the
+    saved graph) or traced only when some image is new, and ``saved`` is the meta.json entry of its graph file."""
 
     key: str
     described: dict
@@ -61,6 +62,7 @@ class _Extractor:
     infer: Callable | None = None
     backbone: backbones.Backbone | None = None
     traced: str = "float32"
+    load: Callable[[], Callable | None] | None = None
 
 
 def _plan(data_dir: str | os.PathLike, fractions, seed: int) -> _Plan:
@@ -93,45 +95,64 @@ def _weights_stat(path: str | None) -> list[int] | None:
     return [st.st_size, st.st_mtime_ns]
 
 
-def _saved_graph(old: Store | None, options: dict, traced: str) -> Callable | None:
-    """The feature graph a previous extract saved in the store, if it still makes the store's vectors.
+def _graph_holds(old: Store | None, options: dict, traced: str) -> bool:
+    """Whether the feature graph a previous extract saved in the store still makes the store's vectors.
 
     That needs a graph that takes any batch size, the same options (backbone, alpha, size, weights,
-    resize, flip, precision) traced in the ``traced`` precision, library versions, and the weights file unchanged
-    in size and modification time; then the backbone is neither built nor traced again. Anything unreadable
-    means building it.
+    resize, flip, precision) traced in the ``traced`` precision, library versions, and the weights file
+    unchanged in size and modification time; then the backbone is neither built nor traced again.
     """
     saved = old.meta.get(EXTRACTOR) if old is not None else None
     if not saved or not saved.get("any_batch") or old.meta.get("versions") != runs.versions():
-        return None
+        return False
     if any(old.meta.get(k) != v for k, v in options.items()):
-        return None
+        return False
     if saved.get("traced", options["precision"]) != traced:
-        return None
+        return False
     try:
-        if _weights_stat(saved["weights_file"]) != saved["weights_stat"]:
-            return None
+        return _weights_stat(saved["weights_file"]) == saved["weights_stat"]
+    except (OSError, KeyError, TypeError):
+        return False
+
+
+def _saved_graph(old: Store) -> Callable | None:
+    """Load the previous store's feature graph; None when it does not load (then the backbone is built)."""
+    saved = old.meta[EXTRACTOR]
+    try:
         return graph.load_graph(old.extractor_bytes(), saved["input"], saved["output"])
     except Exception:  # a damaged or foreign cache file is rebuilt, never an error
         return None
 
 
-def _extractor(old: Store | None, recipe: ExtractRecipe, options: dict, engine: str) -> _Extractor:
-    """The previous store's saved graph when it still makes the same vectors, else the backbone, built.
-
-    On OpenVINO the graph is traced in float32 (OpenVINO cannot compile a bfloat16 Keras graph) and OpenVINO
-    computes it in the recipe's precision; the store still names that precision."""
-    traced = "float32" if engine == "openvino" else recipe.precision
-    infer = _saved_graph(old, options, traced)
-    if infer is not None:
-        described = {k: old.meta[k] for k in DESCRIBED}
-        return _Extractor(old.meta["key"], described, options["input_size"], old.meta[EXTRACTOR], infer, None, traced)
+def _built(recipe: ExtractRecipe, options: dict, traced: str) -> _Extractor:
+    """The backbone of ``recipe``, built in the ``traced`` precision, and the key and description of its
+    features (which name the recipe's precision)."""
     bb = backbones.build(recipe.backbone, recipe.alpha, recipe.size, recipe.weights, precision=traced)
     bb = replace(bb, precision=recipe.precision)
     described = bb.describe()
     described["feature_dim"] *= len(images.views(recipe.resize))
     key = f"{bb.key}-{recipe.resize}{'-flip' if recipe.flip_average else ''}"
     return _Extractor(key, described, options["input_size"], backbone=bb, traced=traced)
+
+
+def _extractor(old: Store | None, recipe: ExtractRecipe, options: dict, engine: str) -> _Extractor:
+    """The previous store's saved graph (loaded when first needed) when it still makes the same vectors,
+    else the backbone, built.
+
+    On OpenVINO the graph is traced in float32 (OpenVINO cannot compile a bfloat16 Keras graph) and OpenVINO
+    computes it in the recipe's precision; the store still names that precision."""
+    traced = "float32" if engine == "openvino" else recipe.precision
+    if _graph_holds(old, options, traced):
+        described = {k: old.meta[k] for k in DESCRIBED}
+        return _Extractor(
+            old.meta["key"],
+            described,
+            options["input_size"],
+            old.meta[EXTRACTOR],
+            load=lambda: _saved_graph(old),
+            traced=traced,
+        )
+    return _built(recipe, options, traced)
 
 
 def _save_graph(root: Path, ex: _Extractor) -> dict | None:
@@ -198,6 +219,10 @@ def _new_vectors(
 ) -> tuple[dict[str, np.ndarray], dict[str, str]]:
     """Run the backbone over ``todo`` on ``engine`` (tracing it, and saving its graph in the store, on first use):
     vectors by content hash, and why the files that did not decode failed."""
+    if ex.infer is None and ex.load is not None:
+        ex.infer = ex.load()
+        if ex.infer is None:
+            ex.backbone, ex.saved = _built(recipe, _options(recipe), ex.traced).backbone, None
     if ex.infer is None:
         from tlcli.models.portable import features_model
 
@@ -214,7 +239,7 @@ def _new_vectors(
     return vectors, {digest_of[item["path"]]: item["reason"] for item in failed}
 
 
-def _rows(found: list[_File], plan: _Plan, vectors: dict, bad: dict[str, str]) -> tuple[list[Row], list[dict]]:
+def _rows(found: list[_File], plan: _Plan, vectors: Mapping, bad: dict[str, str]) -> tuple[list[Row], list[dict]]:
     """The stored rows of the files that have a vector, and the skipped ones with why."""
     rows, skipped = [], []
     for f in found:
@@ -319,7 +344,7 @@ def extract(
             fresh, bad = _new_vectors(
                 ex, unique, recipe, data=plan.ds.root, store=root, progress=progress, engine=engine
             )
-        rows, skipped = _rows(found, plan, {**cache.vectors, **fresh}, {**cache.bad, **bad})
+        rows, skipped = _rows(found, plan, ChainMap(cache.vectors, fresh), {**cache.bad, **bad})
         if skipped and not rows and shard is None:
             first = skipped[0]
             raise UsageError(
@@ -327,7 +352,7 @@ def extract(
                 f"{first['reason']}); no features were stored"
             )
         meta = _meta(ex, recipe, plan, shard, skipped)
-        features.write(root, rows, plan.ds.classes, meta)
+        features.write(root, rows, plan.ds.classes, meta, old)
         how = {"shard": shards.label(*shard) if shard else None, "engine": engine}
         reused = len(rows) - len([f for f in todo if f.digest in fresh])
         return _summary(root, meta, plan, rows, how=how, counts=(len(fresh), reused, cache.replaced), started=started)
@@ -508,6 +533,6 @@ def merge_shards(
         carried = features.carry_extractor(first, out)
         if carried:
             meta[EXTRACTOR] = carried
-        features.write(out, rows, plan.ds.classes, meta)
+        features.write(out, rows, plan.ds.classes, meta, features.open_previous(out))
         counts = (0, len(rows), replaced)
         return _summary(out, meta, plan, rows, how={"merged": count}, counts=counts, started=started)
