@@ -190,21 +190,18 @@ def _files(plan: _Plan, shard: tuple[int, int] | None, stats: dict[str, tuple[in
     return found
 
 
-def _openvino_function(ex: _Extractor, store: Path, precision: str) -> Callable:
+def _openvino_function(ex: _Extractor, store: Path, precision: str) -> tuple[Callable, bytes | None]:
     """The feature graph on OpenVINO computing in ``precision``: the store's conversion of it when one of this
     OpenVINO version is there, else converted now (from the graph traced in this run, which converts faster, or
-    the saved one) and saved beside it for the next run."""
+    the saved one); and the new conversion, to save beside the graph once the vectors are made (None if reused)."""
     saved = ex.saved.get(features.OPENVINO) if ex.saved else None
     if saved and saved.get("version") == engines.version():
         try:
-            return engines.load((store / saved["file"]).read_bytes(), precision)
+            return engines.load((store / saved["file"]).read_bytes(), precision), None
         except Exception:  # a damaged or foreign cache file is converted again, never an error
             pass
     data = engines.convert(ex.infer if ex.backbone is not None else (store / ex.saved["file"]).read_bytes())
-    if ex.saved:
-        written = features.write_extractor(store, data, ".openvino.npz")
-        ex.saved[features.OPENVINO] = {"file": written, "version": engines.version()}
-    return engines.load(data, precision)
+    return engines.load(data, precision), data
 
 
 def _new_vectors(
@@ -217,7 +214,7 @@ def _new_vectors(
     progress: Progress | None,
     engine: str,
 ) -> tuple[dict[str, np.ndarray], dict[str, str]]:
-    """Run the backbone over ``todo`` on ``engine`` (tracing it, and saving its graph in the store, on first use):
+    """Run the backbone over ``todo`` on ``engine`` (tracing it on first use, then saving its graph in the store):
     vectors by content hash, and why the files that did not decode failed."""
     if ex.infer is None and ex.load is not None:
         ex.infer = ex.load()
@@ -228,12 +225,15 @@ def _new_vectors(
 
         model = features_model(ex.backbone, len(images.views(recipe.resize)), recipe.flip_average)
         ex.infer = graph.inference_function(model, images.pixel_shape(ex.size, recipe.resize))
-    if ex.saved is None:
-        ex.saved = _save_graph(store, ex)
-    run = _openvino_function(ex, store, recipe.precision) if engine == "openvino" else ex.infer
+    run, converted = _openvino_function(ex, store, recipe.precision) if engine == "openvino" else (ex.infer, None)
     paths = [str(data / f.rel) for f in todo]
     width = ex.described["feature_dim"]
     feats, kept, failed = graph.apply_graph(run, width, paths, ex.size, recipe.resize, recipe.batch_size, progress)
+    if ex.saved is None:  # written once the vectors are made, so an interrupted first run leaves no file
+        ex.saved = _save_graph(store, ex)
+    if converted is not None and ex.saved:
+        written = features.write_extractor(store, converted, ".openvino.npz")
+        ex.saved[features.OPENVINO] = {"file": written, "version": engines.version()}
     digest_of = {path: f.digest for path, f in zip(paths, todo, strict=True)}
     vectors = {todo[i].digest: row for row, i in zip(feats, kept, strict=True)}
     return vectors, {digest_of[item["path"]]: item["reason"] for item in failed}
