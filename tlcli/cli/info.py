@@ -12,6 +12,10 @@ from tlcli.cli.options import JsonOpt
 def backbones_cmd(as_json: JsonOpt = False) -> None:
     """List every registered keras.applications backbone: default input size, feature size, parameters."""
     from tlcli.models import backbones
+    from tlcli.train.recipes import MEASURED_SIZES
+
+    def measured(s) -> dict[str, int]:
+        return {f"{a:g}" if a else "": size for (name, a), size in MEASURED_SIZES.items() if name == s.name}
 
     rows = [
         {
@@ -19,6 +23,7 @@ def backbones_cmd(as_json: JsonOpt = False) -> None:
             "family": s.family,
             "keras": f"keras.applications.{s.constructor}",
             "input_size": s.size,
+            "measured_input_sizes": measured(s),
             "feature_dim": s.feature_dim,
             "params": s.params,
             "alphas": list(s.alphas),
@@ -29,14 +34,18 @@ def backbones_cmd(as_json: JsonOpt = False) -> None:
     if as_json:
         emit_json(rows)
         return
-    table = Table(title="Backbones (features = pooled vector of the headless network)")
+    table = Table(
+        title="Backbones (features = pooled vector of the headless network)",
+        caption="input: extract's default --size, the ImageNet size unless a larger one measured better here",
+    )
     for col in ("name", "family", "input", "features", "params", "alpha"):
         table.add_column(col, justify="right" if col in ("input", "features", "params") else "left")
     for r in rows:
+        sizes = [f"{size} at alpha {a}" if a else str(size) for a, size in r["measured_input_sizes"].items()]
         table.add_row(
             r["name"],
             r["family"],
-            str(r["input_size"]),
+            ", ".join([*sizes, f"{r['input_size']} otherwise" if sizes else str(r["input_size"])]),
             str(r["feature_dim"]),
             f"{r['params'] / 1e6:.1f}M",
             ",".join(f"{a:g}" for a in r["alphas"]),

@@ -183,17 +183,28 @@ TensorboardOpt = Annotated[
 ]
 
 
+FineTuneOpt = Annotated[
+    bool,
+    typer.Option(
+        "--fine-tune",
+        help="After the head, train it with the whole backbone end to end on the training photos, by the "
+        f"measured default recipe: every layer (BatchNorm stays frozen), {FINE_TUNE.epochs} epochs, --lr / 10 "
+        f"decayed along a cosine, --augment {','.join(FINE_TUNE.augment)}; the --fine-tune-* options change it.",
+    ),
+]
+
+
 FineTuneLayersOpt = Annotated[
     Optional[int],
     typer.Option(
-        help="Fine-tune: after the head, train the backbone's top N layers that hold weights with it, end "
-        "to end on the training images (BatchNorm stays frozen, in inference mode)."
+        help="Fine-tune only the backbone's top N layers that hold weights (implies --fine-tune; default: all)."
     ),
 ]
 
 
 FineTuneFromOpt = Annotated[
-    Optional[str], typer.Option(metavar="LAYER", help="Fine-tune the backbone from this named layer up.")
+    Optional[str],
+    typer.Option(metavar="LAYER", help="Fine-tune the backbone from this named layer up (implies --fine-tune)."),
 ]
 
 

@@ -23,6 +23,7 @@ from tlcli.cli.options import (
     FineTuneFromOpt,
     FineTuneLayersOpt,
     FineTuneLrOpt,
+    FineTuneOpt,
     FineTunePatienceOpt,
     JsonOpt,
     KeepOpt,
@@ -126,6 +127,7 @@ def train_head_cmd(
     size: Annotated[Optional[int], typer.Option(help="Refuse features not made at this input size.")] = None,
     keep: KeepOpt = None,
     tensorboard: TensorboardOpt = None,
+    fine_tune: FineTuneOpt = False,
     fine_tune_layers: FineTuneLayersOpt = None,
     fine_tune_from: FineTuneFromOpt = None,
     fine_tune_lr: FineTuneLrOpt = None,
@@ -145,10 +147,10 @@ def train_head_cmd(
 ) -> None:
     """Train a softmax head on stored features, optionally fine-tune the backbone; save one pixels-in model."""
     locking(no_lock)
-    fine_tune = fine_tune_from_options(ctx.params)
-    info = use_device(device, quiet or as_json, fine_tune.strategy if fine_tune else None)
+    tuning = fine_tune_from_options(ctx.params)
+    info = use_device(device, quiet or as_json, tuning.strategy if tuning else None)
     with progress_bar(
-        "training head, then fine-tuning (epochs)" if fine_tune else "training head (epochs)", quiet or as_json
+        "training head, then fine-tuning (epochs)" if tuning else "training head (epochs)", quiet or as_json
     ) as bar:
         trained = train_step(ctx.params, bar, strategy=info["strategy"])
     if as_json:
@@ -176,6 +178,13 @@ def cross_validate_cmd(
     patience: PatienceOpt = HEAD.patience,
     refit: RefitOpt = HEAD.refit,
     balance: BalanceOpt = HEAD.class_weights,
+    fine_tune: FineTuneOpt = False,
+    fine_tune_layers: FineTuneLayersOpt = None,
+    fine_tune_from: FineTuneFromOpt = None,
+    fine_tune_lr: FineTuneLrOpt = None,
+    fine_tune_epochs: FineTuneEpochsOpt = None,
+    fine_tune_batch_size: FineTuneBatchOpt = None,
+    augment: AugmentOpt = None,
     seed: SeedOpt = HEAD.seed,
     as_json: JsonOpt = False,
     device: DeviceOpt = "auto",
@@ -184,13 +193,17 @@ def cross_validate_cmd(
 ) -> None:
     """Accuracy of train-head's recipe measured on every stored photo: k heads, each tested on the fold it did not see.
 
-    Writes nothing; use it to compare options, or as a CI gate, when one test split is too small to tell.
+    Writes nothing; use it to compare options, or as a CI gate, when one test split is too small to tell. With
+    --fine-tune, each fold's head is fine-tuned too (minutes a fold), and the gain over the head is reported.
     """
     from tlcli.train import crossval
 
+    tuning = fine_tune_from_options(ctx.params)
     use_device(device, quiet or as_json)
     with progress_bar("cross-validating (folds)", quiet or as_json) as bar:
-        result = crossval.cross_validate(features_dir, from_options(HeadRecipe, ctx.params), folds=folds, progress=bar)
+        result = crossval.cross_validate(
+            features_dir, from_options(HeadRecipe, ctx.params), fine_tune=tuning, folds=folds, progress=bar
+        )
     gate_failed = passes_gate(result, min_accuracy)
     if as_json:
         emit_json(result)
@@ -201,5 +214,11 @@ def cross_validate_cmd(
             f"(per fold {', '.join(f'{a:.3f}' for a in result['per_fold'])}; std {result['fold_std']:.3f}), "
             f"{len(result['misclassified'])} misclassified, {result['seconds']:.1f}s"
         )
+        if tuning:
+            h = result["head_only"]
+            out.print(
+                f"head only {h['accuracy']:.4f} on the same folds ({', '.join(f'{a:.3f}' for a in h['per_fold'])}): "
+                f"fine-tuning gains {100 * result['gain']:+.1f} points"
+            )
     if gate_failed:
         raise GateError(f"cross-validated accuracy {result['accuracy']:.4f} is below --min-accuracy {min_accuracy}")

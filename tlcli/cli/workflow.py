@@ -79,6 +79,7 @@ def plan(
     tensorboard: Path | None,
     wait: bool,
     promote_rule: dict | None = None,
+    backbone: dict | None = None,
 ) -> pipeline.Plan:
     """The pipeline of a workflow config: each step's function with its table parsed as its command would,
     and the options of 'tlcli run' itself over them."""
@@ -88,7 +89,8 @@ def plan(
     if fp is not None and not fp["source"]:
         raise UsageError(f"config {config} [fetch-data] needs source = a dataset name, URL, archive or folder")
     data_from_fetch = fp is not None and "data_dir" not in doc["extract"]
-    ep = parse_step("extract", doc, config, {**common, **({"data_dir": "."} if data_from_fetch else {})})
+    chosen = {k: v for k, v in (backbone or {}).items() if v is not None}
+    ep = parse_step("extract", doc, config, {**common, **chosen, **({"data_dir": "."} if data_from_fetch else {})})
     if ep["shard"] is not None or ep["merge_shards"]:
         raise UsageError(f"config {config} [extract]: tlcli run extracts the whole folder; drop shard/merge_shards")
     options = {"keep": keep, "tensorboard": tensorboard, **(promote_rule or {})}
@@ -106,7 +108,7 @@ def plan(
         evaluate=pipeline.Step(evaluate_step, vp),
         fetch=pipeline.Step(data.fetch_step, fp) if fp is not None else None,
         extract_fetched=data_from_fetch,
-        config=pipeline.record_config(config, doc, promote_if_better=promote_if_better, seed=seed, keep=keep),
+        config=pipeline.record_config(config, doc, promote_if_better=promote_if_better, seed=seed, keep=keep, **chosen),
         promote_if_better=promote_if_better,
         wait=wait,
     )
@@ -132,6 +134,8 @@ def run_cmd(
     promote_min_gain: PromoteMinGainOpt = None,
     promote_max_p: PromoteMaxPOpt = None,
     seed: Annotated[Optional[int], typer.Option(help="Seed for every step (default: each step's config).")] = None,
+    backbone: Annotated[Optional[str], typer.Option(help="Extract with this backbone, not the config's.")] = None,
+    alpha: Annotated[Optional[float], typer.Option(help="MobileNet width multiplier, over the config's.")] = None,
     keep: KeepOpt = None,
     tensorboard: TensorboardOpt = None,
     as_json: JsonOpt = False,
@@ -156,6 +160,7 @@ def run_cmd(
         tensorboard=tensorboard,
         wait=wait,
         promote_rule={"promote_min_gain": promote_min_gain, "promote_max_p": promote_max_p},
+        backbone={"backbone": backbone, "alpha": alpha},
     )
     locking(no_lock)
     quiet = quiet or as_json

@@ -21,6 +21,7 @@ from tlcli.errors import UsageError
 from tlcli.models import backbones, engines, graph
 from tlcli.store import features, files, locks, runs, shards
 from tlcli.store.features import EXTRACTOR, Row, Store
+from tlcli.train import recipes
 from tlcli.train.recipes import EXTRACT, ExtractRecipe, option
 
 Progress = Callable[[int, int], None]
@@ -76,10 +77,11 @@ def _plan(data_dir: str | os.PathLike, fractions, seed: int) -> _Plan:
 def _options(recipe: ExtractRecipe) -> dict:
     """The recipe's meta.json values that a saved feature graph must match; usage errors for bad ones."""
     sp = backbones.spec(recipe.backbone)
+    alpha = backbones.resolve_alpha(sp, recipe.alpha)
     return {
         "backbone": sp.name,
-        "alpha": backbones.resolve_alpha(sp, recipe.alpha),
-        "input_size": recipe.size or sp.size,
+        "alpha": alpha,
+        "input_size": recipes.input_size(sp.name, alpha, recipe.size, sp.size)[0],
         "weights": backbones.weights_label(recipe.weights),
         "resize": recipe.resize,
         "flip_average": recipe.flip_average,
@@ -127,7 +129,7 @@ def _saved_graph(old: Store) -> Callable | None:
 def _built(recipe: ExtractRecipe, options: dict, traced: str) -> _Extractor:
     """The backbone of ``recipe``, built in the ``traced`` precision, and the key and description of its
     features (which name the recipe's precision)."""
-    bb = backbones.build(recipe.backbone, recipe.alpha, recipe.size, recipe.weights, precision=traced)
+    bb = backbones.build(recipe.backbone, recipe.alpha, options["input_size"], recipe.weights, precision=traced)
     bb = replace(bb, precision=recipe.precision)
     described = bb.describe()
     described["feature_dim"] *= len(images.views(recipe.resize))
@@ -251,12 +253,19 @@ def _rows(found: list[_File], plan: _Plan, vectors: Mapping, bad: dict[str, str]
     return rows, skipped
 
 
+def _size_source(recipe: ExtractRecipe) -> str:
+    """Whether the input size was given, measured best for the backbone, or its ImageNet size."""
+    sp = backbones.spec(recipe.backbone)
+    return recipes.input_size(sp.name, backbones.resolve_alpha(sp, recipe.alpha), recipe.size, sp.size)[1]
+
+
 def _meta(ex: _Extractor, recipe: ExtractRecipe, plan: _Plan, shard: tuple[int, int] | None, skipped: list) -> dict:
     """What the store's meta.json records (its splits are filled in as they are written)."""
     return {
         "format": features.STORE_FORMAT,
         "key": ex.key,
         **ex.described,
+        "input_size_source": _size_source(recipe),
         "resize": recipe.resize,
         "flip_average": recipe.flip_average,
         "data_dir": str(plan.ds.root.resolve()),

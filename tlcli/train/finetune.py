@@ -28,7 +28,8 @@ CACHE_BYTES = 1 << 30
 
 
 def unfreeze(backbone, layers: int | None, from_layer: str | None) -> list[str]:
-    """Make the top ``layers`` weight-holding layers (or every layer from ``from_layer`` up) trainable.
+    """Make the top ``layers`` weight-holding layers (or every layer from ``from_layer`` up, or with neither
+    every layer) trainable.
 
     Only layers with weights are counted (convolutions, dense, ...; BatchNormalization is never
     counted nor unfrozen), so N is the number of layers that learn: the Keras tutorials' count of all
@@ -53,6 +54,7 @@ def unfreeze(backbone, layers: int | None, from_layer: str | None) -> list[str]:
         start = names.index(from_layer)
     else:
         weighted = [i for i, layer in enumerate(stack) if learns(layer)]
+        layers = len(weighted) if layers is None else layers
         if layers > len(weighted):
             raise UsageError(
                 f"--fine-tune-layers {layers}: {backbone.name} has only {len(weighted)} layers with weights"
@@ -69,15 +71,9 @@ def unfreeze(backbone, layers: int | None, from_layer: str | None) -> list[str]:
 
 def augmenter(names: tuple[str, ...], seed: int):
     """The random image transforms of ``--augment``, for the training input pipeline only."""
-    import keras
+    from tlcli.train.augment import Augment
 
-    make = {
-        "flip": lambda s: keras.layers.RandomFlip("horizontal", seed=s),
-        "rotate": lambda s: keras.layers.RandomRotation(0.05, seed=s),
-        "zoom": lambda s: keras.layers.RandomZoom((-0.15, 0.0), seed=s),
-        "contrast": lambda s: keras.layers.RandomContrast(0.2, seed=s),
-    }
-    return keras.Sequential([make[n](seed + i) for i, n in enumerate(names)], name="augment")
+    return Augment(names, seed, name="augment")
 
 
 @dataclass(frozen=True)
