@@ -63,6 +63,7 @@ def test_backbone_builds_extracts_and_trains(name, tiny_dataset, tmp_path):
     assert summary["stored"] == 8 and not summary["skipped"]
     store = features.Store.open(tmp_path / "f")
     assert store.meta["feature_dim"] == backbones.feature_dim(sp, alpha)
+    assert store.meta["input_size_source"] == "given"
     if alpha is None or alpha == 1.0:
         assert store.meta["feature_dim"] == sp.feature_dim
     result = trainer.train(tmp_path / "f", tmp_path / "runs", HeadRecipe(epochs=3, patience=3, refit=False))
@@ -153,3 +154,12 @@ def test_inference_graph_with_folded_batch_norms_matches_keras(name):
     expected = model([tf.cast(pixels[:, i], tf.float32) for i in range(2)], training=False).numpy()
     got = graph.inference_function(model, (2, 32, 32, 3))(pixels).numpy()
     np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-4 * np.abs(expected).max())
+
+
+def test_extract_default_size_is_the_measured_one_else_imagenets():
+    from tlcli.train.recipes import input_size
+
+    assert input_size("mobilenet", 0.25, None, 224) == (320, "measured")
+    assert input_size("mobilenet", 1.0, None, 224) == (224, "imagenet")
+    assert input_size("efficientnetv2b0", None, None, 224) == (224, "imagenet")
+    assert input_size("mobilenet", 0.25, 96, 224) == (96, "given")

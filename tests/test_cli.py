@@ -60,6 +60,8 @@ def test_backbones_json_is_clean_stdout_and_stderr():
     } <= names
     mobilenet = next(r for r in rows if r["name"] == "mobilenet")
     assert mobilenet["input_size"] == 224 and 0.25 in mobilenet["alphas"]
+    assert mobilenet["measured_input_sizes"] == {"0.25": 320}  # extract's default at alpha 0.25
+    assert all(not r["measured_input_sizes"] for r in rows if r["name"] != "mobilenet")
     assert result.stderr == ""  # TensorFlow's start-up chatter is kept off the user's terminal
 
 
@@ -85,6 +87,7 @@ def test_config_gives_defaults_and_command_line_wins(tmp_path, keras_home):
     assert result.returncode == 0, result.stderr
     meta = json.loads((tmp_path / "features" / "w" / "meta.json").read_text())
     assert meta["input_size"] == 72 and meta["alpha"] == 0.25 and meta["split_fractions"] == [0.5, 0.25, 0.25]
+    assert meta["input_size_source"] == "given"
     (tmp_path / "configs" / "bad.toml").write_text("[extract]\nbogus = 1\n")
     bad = run("extract", "--config", tmp_path / "configs" / "bad.toml")
     assert bad.returncode == 2 and "unknown option(s) bogus in [extract]" in bad.stderr
@@ -96,7 +99,7 @@ def test_shipped_configs_parse():
     for name in ("cats_vs_dogs", "oxford_pets", "flowers"):
         doc = tomllib.loads((ROOT / "configs" / f"{name}.toml").read_text())
         assert {"extract", "train-head", "evaluate"} <= set(doc)
-        assert doc["extract"]["backbone"] == "mobilenet"
+        assert doc["extract"]["backbone"] == "efficientnetv2b0"  # for users, who can download its weights
 
 
 def test_sigint_during_extract_exits_130_and_leaves_no_store(tmp_path, keras_home):

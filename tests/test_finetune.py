@@ -79,6 +79,61 @@ def test_fine_tune_cli_saves_a_run_with_both_stages(cli, tiny_store, tmp_path):
     assert json.loads(evaluated.stdout)["accuracy"] == meta["test_accuracy"]
 
 
+def test_bare_fine_tune_applies_the_default_recipe_to_every_layer(cli, tiny_store, tmp_path):
+    from tlcli.models.run import load_run
+    from tlcli.train.recipes import FINE_TUNE
+
+    result = cli("train-head", tiny_store, "--out", tmp_path / "runs", "--fine-tune", "--fine-tune-epochs", "1", "-q")
+    assert result.exit_code == 0, result.output
+    _, meta, _ = load_run(tmp_path / "runs" / "latest")
+    ft = meta["fine_tune"]
+    assert ft["augment"] == list(FINE_TUNE.augment) == ["flip", "zoom", "rotate"]
+    assert ft["layers"] is None and ft["from_layer"] is None and ft["learning_rate"] == pytest.approx(1e-4)
+    assert len(ft["unfrozen"]) == 27 and ft["unfrozen"][0] == "conv1" and ft["unfrozen"][-1] == "conv_pw_13"
+
+
+def test_cross_validate_fine_tune_reports_each_folds_gain_over_its_head(cli, tiny_store):
+    args = ("--folds", "3", "--fine-tune", "--fine-tune-epochs", "1", "--fine-tune-batch-size", "8")
+    result = cli("cross-validate", tiny_store, *args, "--json", "-q")
+    assert result.exit_code == 0, result.output
+    cv = json.loads(result.stdout)
+    assert cv["n"] == 24 and len(cv["per_fold"]) == len(cv["head_only"]["per_fold"]) == 3
+    assert cv["gain"] == pytest.approx(cv["accuracy"] - cv["head_only"]["accuracy"], abs=1e-4)
+    assert cv["fine_tune"]["epochs"] == 1 and cv["fine_tune"]["augment"] == ["flip", "zoom", "rotate"]
+
+
+def _pixels(n: int = 6, size: int = 48) -> np.ndarray:
+    return np.random.default_rng(1).uniform(0, 255, (n, size, size, 3)).astype("float32")
+
+
+def test_augmentation_flips_give_each_image_or_its_mirror_and_a_seed_repeats_its_draws():
+    from tlcli.train.augment import Augment
+
+    x = _pixels()
+    flipped = np.asarray(Augment(("flip",), seed=3)(x))
+    mirrored = [np.allclose(f, i[:, ::-1], atol=1e-3) for f, i in zip(flipped, x, strict=True)]
+    same = [np.allclose(f, i, atol=1e-3) for f, i in zip(flipped, x, strict=True)]
+    assert all(m or s for m, s in zip(mirrored, same, strict=True)) and any(mirrored) and any(same)
+    for names in (("flip", "zoom"), ("flip", "zoom", "rotate"), ("rotate", "contrast")):
+        a, b = Augment(names, seed=5), Augment(names, seed=5)
+        first = np.asarray(a(x))
+        np.testing.assert_allclose(first, np.asarray(b(x)))
+        assert first.shape == x.shape and first.min() >= -1e-3 and first.max() <= 255 + 1e-3
+        assert not np.allclose(first, x) and not np.allclose(np.asarray(a(x)), first)  # the generator moves on
+    np.testing.assert_array_equal(np.asarray(Augment(("flip",), seed=3)(x, training=False)), x)
+
+
+def test_augmentation_is_one_resampling_with_keras_geometry():
+    """A zoom crops inside the image (no invented border); a rotation of a constant image stays that constant."""
+    from tlcli.train.augment import Augment
+
+    grey = np.full((4, 40, 40, 3), 100.0, np.float32)
+    np.testing.assert_allclose(np.asarray(Augment(("rotate", "zoom"), seed=0)(grey)), 100.0, atol=1e-3)
+    ramp = np.broadcast_to(np.arange(40, dtype=np.float32)[None, None, :, None] * 6, (4, 40, 40, 3)).copy()
+    zoomed = np.asarray(Augment(("zoom",), seed=0)(ramp))
+    assert zoomed.min() >= 0 and zoomed.max() <= 234 and np.all(np.diff(zoomed[:, 0, :, 0], axis=1) > 0)
+
+
 def _tensorboard_tags(folder: Path) -> set[str]:
     import tensorflow as tf
 
@@ -138,7 +193,7 @@ BAD_OPTIONS = [
     (("--fine-tune-layers", "-1"), "--fine-tune-layers must be at least 1"),
     (("--fine-tune-layers", "2", "--augment", "nope"), "unknown or repeated augmentation in --augment 'nope'"),
     (("--fine-tune-layers", "2", "--fine-tune-from", "conv_pw_13"), "not both"),
-    (("--augment", "flip"), "--augment only take effect with fine-tuning"),
+    (("--augment", "flip"), "--augment only take effect with fine-tuning; add --fine-tune"),
     (("--strategy", "mirrored"), "--strategy only take effect with fine-tuning"),
     (("--fine-tune-layers", "2", "--strategy", "ring"), "unknown --strategy 'ring'"),
     (("--fine-tune-layers", "2", "--fine-tune-lr", "0"), "--fine-tune-lr must be above 0"),

@@ -391,7 +391,9 @@ def test_shipped_configs_parse_for_every_step(name):
     doc = read_config(path)
     assert {"extract", "train-head", "evaluate"} <= set(doc) <= set(STEPS)
     parsed = {s: parse_step(s, doc, path, {"run": "x"} if s == "evaluate" else {}) for s in STEPS if s in doc}
-    assert parsed["extract"]["data_dir"].parent == root / "data" and parsed["extract"]["alpha"] == 0.25
+    assert parsed["extract"]["data_dir"].parent == root / "data" and parsed["extract"]["alpha"] is None
+    recipe = {"size", "resize", "split", "seed", "dropout", "l2", "lr", "epochs", "patience", "refit", "alpha"}
+    assert not recipe & {k for table in doc.values() for k in table}, "configs carry no recipe: it is the defaults'"
     assert Path(parsed["train-head"]["features_dir"]) == parsed["extract"]["out_dir"]
     assert parsed["evaluate"]["min_accuracy"] > 0.7
     if "fetch-data" in parsed:
@@ -431,3 +433,18 @@ def test_a_swallowed_interrupt_still_stops_every_commit(tmp_path, monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         runs.promote(tmp_path, tmp_path / "run")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]
+
+
+def test_run_backbone_and_alpha_win_over_the_config(tmp_path):
+    """Tests and benchmarks run the shipped configs on the offline MobileNet 0.25: the command line wins."""
+    from tlcli.cli.options import read_config
+    from tlcli.cli.workflow import plan
+
+    root = Path(__file__).resolve().parent.parent
+    config = root / "configs" / "cats_vs_dogs.toml"
+    common = {"promote_if_better": False, "seed": None, "keep": None, "tensorboard": None, "wait": False}
+    shipped = plan(config, read_config(config), **common)
+    assert shipped.extract.options["backbone"] == "efficientnetv2b0" and shipped.extract.options["alpha"] is None
+    offline = plan(config, read_config(config), **common, backbone={"backbone": "mobilenet", "alpha": 0.25})
+    assert offline.extract.options["backbone"] == "mobilenet" and offline.extract.options["alpha"] == 0.25
+    assert offline.config["command_line"]["backbone"] == "mobilenet"
