@@ -7,7 +7,7 @@ once, then:
   +-2.5 on one 100-photo test split); it must reach the issue's bar;
 - one 80/10/10 split goes the user's whole way (train-head, then evaluate of the saved pixels-in
   model on its held-out test photos), which must reach a looser regression bar: 50-100 test photos
-  swing several points between splits (see README, Accuracy).
+  swing several points between splits (see bench/README.md, Accuracy).
 """
 
 from __future__ import annotations

@@ -371,10 +371,11 @@ def test_mirrored_strategy_fine_tunes_in_this_process(cli, tiny_store, tmp_path)
     assert meta["fine_tune"]["strategy"] == "mirrored" and meta["fine_tune"]["unfrozen"] == ["conv_pw_13"]
 
 
-# Fine-tuning on real photos (../shared/data/cats_vs_dogs, offline MobileNet v1 0.25). At 144-320 px the
-# gain over the head is 1-2 points (README, Fine-tuning), no more than one split's noise; at 64 px (a
-# centre crop) the frozen ImageNet features are weaker and fine-tuning, which adapts the backbone to the
-# small input, gains 2-8 points, cheaply. Measured numbers and margins: the test's docstring.
+# Fine-tuning on real photos (../shared/data/cats_vs_dogs, offline MobileNet v1 0.25). At the default 320 px
+# the default recipe gains 2.0 points over ten folds (bench/README.md, Fine-tuning: 96 minutes of CPU),
+# no more than one split's noise; at 64 px (a centre crop) the frozen ImageNet features are weaker and
+# fine-tuning, which adapts the backbone to the small input, gains 2-8 points, cheaply. Measured numbers
+# and margins: the test's docstring.
 FT_SIZE = "64"  # not one of MobileNet's native sizes, so Keras loads the offline 224 weights
 FT_SPLIT = "0.4,0.05,0.55"  # 400 photos train the head and the backbone, 50 validate, 552 are held out
 FT_SEEDS = (0, 1, 2)  # the split and the training of each pair of runs
