@@ -62,12 +62,10 @@ class Augment(keras.layers.Layer):
         if not training or not self.names:
             return images
         n = tf.shape(images)[0]
-        size = tf.shape(images)[1:3]
-        boxes = self._boxes(n)
         if "rotate" in self.names:
-            images = self._rotated(images, boxes)
+            images = self._rotated(images, self._boxes(n))
         elif "flip" in self.names or "zoom" in self.names:
-            images = tf.image.crop_and_resize(images, boxes, tf.range(n), size)
+            images = tf.image.crop_and_resize(images, self._boxes(n), tf.range(n), tf.shape(images)[1:3])
         if "contrast" in self.names:
             factor = tf.reshape(self._uniform(n, 1.0 - CONTRAST, 1.0 + CONTRAST), (-1, 1, 1, 1))
             mean = tf.reduce_mean(images, axis=(1, 2, 3), keepdims=True)

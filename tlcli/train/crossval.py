@@ -116,7 +116,7 @@ class FineTunedOut(NamedTuple):
 
 
 def fine_tuned_out_of_fold(
-    features_dir: str | os.PathLike,
+    store: Store,
     recipe: HeadRecipe,
     fine_tune: FineTuneRecipe,
     *,
@@ -128,7 +128,6 @@ def fine_tuned_out_of_fold(
     measured on every photo, fold by fold against the head it started from."""
     from tlcli.train import finetune, trainer
 
-    store = Store.open(features_dir)
     every, made = _folds(store, folds, recipe.seed)
     shape = (len(every.labels), len(store.meta["classes"]))
     head_probs, tuned_probs = np.zeros(shape, np.float32), np.zeros(shape, np.float32)
@@ -181,7 +180,7 @@ def cross_validate(
     else:
         fine_tune = fine_tune.resolved(recipe)
         every, head_probs, probs, head_per_fold, per_fold = fine_tuned_out_of_fold(
-            features_dir, recipe, fine_tune, folds=folds, progress=progress
+            store, recipe, fine_tune, folds=folds, progress=progress
         )
         head_accuracy = _accuracy(head_probs, every.labels)
         extra = {

@@ -74,14 +74,19 @@ def _plan(data_dir: str | os.PathLike, fractions, seed: int) -> _Plan:
     return _Plan(ds, assignment, source, manifest)
 
 
+def _input_size(recipe: ExtractRecipe) -> tuple[int, str]:
+    """The recipe's input size and whether it was given, measured best for the backbone, or its ImageNet size."""
+    sp = backbones.spec(recipe.backbone)
+    return recipes.input_size(sp.name, backbones.resolve_alpha(sp, recipe.alpha), recipe.size, sp.size)
+
+
 def _options(recipe: ExtractRecipe) -> dict:
     """The recipe's meta.json values that a saved feature graph must match; usage errors for bad ones."""
     sp = backbones.spec(recipe.backbone)
-    alpha = backbones.resolve_alpha(sp, recipe.alpha)
     return {
         "backbone": sp.name,
-        "alpha": alpha,
-        "input_size": recipes.input_size(sp.name, alpha, recipe.size, sp.size)[0],
+        "alpha": backbones.resolve_alpha(sp, recipe.alpha),
+        "input_size": _input_size(recipe)[0],
         "weights": backbones.weights_label(recipe.weights),
         "resize": recipe.resize,
         "flip_average": recipe.flip_average,
@@ -253,19 +258,13 @@ def _rows(found: list[_File], plan: _Plan, vectors: Mapping, bad: dict[str, str]
     return rows, skipped
 
 
-def _size_source(recipe: ExtractRecipe) -> str:
-    """Whether the input size was given, measured best for the backbone, or its ImageNet size."""
-    sp = backbones.spec(recipe.backbone)
-    return recipes.input_size(sp.name, backbones.resolve_alpha(sp, recipe.alpha), recipe.size, sp.size)[1]
-
-
 def _meta(ex: _Extractor, recipe: ExtractRecipe, plan: _Plan, shard: tuple[int, int] | None, skipped: list) -> dict:
     """What the store's meta.json records (its splits are filled in as they are written)."""
     return {
         "format": features.STORE_FORMAT,
         "key": ex.key,
         **ex.described,
-        "input_size_source": _size_source(recipe),
+        "input_size_source": _input_size(recipe)[1],
         "resize": recipe.resize,
         "flip_average": recipe.flip_average,
         "data_dir": str(plan.ds.root.resolve()),
