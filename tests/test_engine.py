@@ -141,3 +141,42 @@ def test_bfloat16_on_openvino_is_its_own_store_traced_in_float32(cli, keras_home
     ka, kb = np.stack([a[p] for p in paths]), np.stack([b[p] for p in paths])
     error = np.linalg.norm(ka - kb) / np.linalg.norm(ka)
     assert error < 0.5
+
+
+@needs_openvino
+def test_a_re_run_on_the_stored_conversion_never_imports_tensorflow(cli, keras_home, shared_data, tmp_path):
+    """What makes a cron re-run cheap: with the store's OpenVINO conversion, a run with new photos (and one with
+    none) decodes and runs them without importing TensorFlow (3.5 s of a 100,000-photo re-run's 6 s,
+    bench/README.md); the new vectors are those a Keras run gives. A GPU asked for by name is still refused."""
+    import os
+    import subprocess
+    import sys
+
+    from tlcli.models import devices
+
+    if devices.gpu_possible():
+        pytest.skip("a GPU driver is present: auto asks TensorFlow whether it sees the GPU")
+    data = _photos(shared_data, tmp_path / "photos", 4)
+    args = ("extract", data, "--out", tmp_path / "o", *SMALL)
+    assert json.loads(cli(*args, "--engine", "auto").stdout)["engine"] == "openvino"
+    _photos(shared_data, data, 1, skip=4)
+    code = (
+        "import sys\nfrom tlcli.cli.app import run\ntry:\n    run()\nfinally:\n"
+        "    print('tensorflow imported' if 'tensorflow' in sys.modules else 'no tensorflow', file=sys.stderr)\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "TLCLI_ENGINE"} | {"KERAS_HOME": str(keras_home)}
+
+    def rerun(*more: str) -> subprocess.CompletedProcess:
+        argv = [sys.executable, "-c", code, *map(str, args), *more]
+        return subprocess.run(argv, capture_output=True, text=True, env=env, timeout=120)
+
+    for extracted in (2, 0):
+        again = rerun()
+        assert again.returncode == 0 and again.stderr.strip().endswith("no tensorflow"), again.stderr
+        assert json.loads(again.stdout)["extracted"] == extracted
+    gpu = rerun("--device", "gpu")
+    assert gpu.returncode == 2 and "sees no GPU" in gpu.stderr
+    assert cli("extract", data, "--out", tmp_path / "k", "--engine", "keras", *SMALL).exit_code == 0
+    a, b = _features(tmp_path / "k"), _features(tmp_path / "o")
+    assert a.keys() == b.keys() and len(a) == 10
+    assert max(np.linalg.norm(a[p] - b[p]) / np.linalg.norm(a[p]) for p in a) < 1e-3

@@ -91,6 +91,15 @@ def use_device(device: str, quiet: bool, strategy: str | None = None) -> dict:
     return info
 
 
+def deferred_device(device: str, quiet: bool) -> Callable[[], dict]:
+    """``use_device`` put off until TensorFlow is first needed (an extract re-run may never import it); a device
+    other than auto or cpu is chosen at once, so a missing GPU or a typo is an error before any work."""
+    choose = functools.cache(lambda: use_device(device, quiet))
+    if (device or "auto").strip().lower() not in ("auto", "cpu"):
+        choose()
+    return choose
+
+
 @contextlib.contextmanager
 def progress_bar(description: str, quiet: bool) -> Iterator[Callable[[int, int], None]]:
     """A rich progress bar on stderr, silent with --quiet or when stderr is not a terminal."""

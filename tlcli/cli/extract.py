@@ -9,7 +9,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from tlcli.cli.console import emit_json, err, handles_errors, out, progress_bar, use_device
+from tlcli.cli.console import deferred_device, emit_json, err, handles_errors, out, progress_bar
 from tlcli.cli.options import (
     BatchOpt,
     ConfigOpt,
@@ -67,7 +67,9 @@ MergeShardsOpt = Annotated[
 ]
 
 
-def extract_step(p: dict, progress: Callable[[int, int], None] | None) -> dict:
+def extract_step(
+    p: dict, progress: Callable[[int, int], None] | None, before_tensorflow: Callable[[], object] | None = None
+) -> dict:
     """The extract step from parsed options (shared by 'tlcli extract' and 'tlcli run')."""
     from tlcli.data import datasets
     from tlcli.store import shards
@@ -76,7 +78,14 @@ def extract_step(p: dict, progress: Callable[[int, int], None] | None) -> dict:
     recipe = recipes.from_options(recipes.ExtractRecipe, p, fractions=datasets.parse_fractions(p["split"]))
     shard = shards.parse(p["shard"]) if p["shard"] is not None else None
     return extract.extract(
-        p["data_dir"], p["out_dir"], recipe, shard=shard, progress=progress, wait=p["wait"], engine=p["engine"]
+        p["data_dir"],
+        p["out_dir"],
+        recipe,
+        shard=shard,
+        progress=progress,
+        wait=p["wait"],
+        engine=p["engine"],
+        before_tensorflow=before_tensorflow,
     )
 
 
@@ -153,9 +162,9 @@ def extract_cmd(
     else:
         if shard is not None:
             shards.parse(shard)
-        use_device(device, quiet or as_json)
+        choose = deferred_device(device, quiet or as_json)
         with progress_bar("extracting", quiet or as_json) as bar:
-            summary = extract_step(ctx.params, bar)
+            summary = extract_step(ctx.params, bar, choose)
     if as_json:
         emit_json(summary)
     else:

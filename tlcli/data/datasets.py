@@ -17,15 +17,21 @@ from tlcli.store.features import SPLITS
 DEFAULT_FRACTIONS = (0.8, 0.1, 0.1)
 
 
+Stat = tuple[int, int] | None
+"""A file's (size, mtime_ns) as the scan found it, or None when it could not be read."""
+
+
 @dataclass
 class Dataset:
-    """Image files under ``root``, as paths relative to it, with their class names."""
+    """Image files under ``root``, as paths relative to it, with their class names (and, from ``scan``, each
+    file's ``Stat``, so a caller need not read it again)."""
 
     root: Path
     classes: list[str]
     files: list[str]
     labels: list[int]
     empty_classes: list[str]
+    stats: list[Stat] | None = None
 
 
 def _key(st: os.stat_result) -> tuple[int, int]:
@@ -33,37 +39,41 @@ def _key(st: os.stat_result) -> tuple[int, int]:
 
 
 def _entries(folder: str, root: Path) -> list[str]:
-    """The paths of ``folder``'s visible entries in name order; an unreadable folder is a usage error, not a gap."""
+    """The names of ``folder``'s visible entries in order; an unreadable folder is a usage error, not a gap."""
     try:
         with os.scandir(folder) as it:
-            return sorted(e.path for e in it if not e.name.startswith("."))
+            return sorted(e.name for e in it if not e.name.startswith("."))
     except OSError as exc:
         raise UsageError(
             f"cannot read {folder} ({exc.strerror}); fix its permissions or move it out of {root}"
         ) from None
 
 
-def _walk_files(folder: str | os.PathLike, root: Path, seen: set[tuple[int, int]], above: tuple = ()) -> Iterator[str]:
-    """Every visible file under ``folder`` once, as a path relative to ``root``.
+def _walk_files(
+    folder: str, rel: str, root: Path, seen: set[tuple[int, int]], above: tuple = ()
+) -> Iterator[tuple[str, Stat]]:
+    """Every visible file under ``folder`` (``rel`` relative to ``root``) once, as a path relative to ``root``
+    with its ``Stat``.
 
     ``seen`` holds the (device, inode) of the folders (``folder`` included) and files already listed,
     so a folder reached through links is walked once; a link back to a folder above (``above`` holds
     the keys of ``folder``'s parents) is a usage error, as the folder would never end. Links that lead
     nowhere are listed (reading them says why they fail); fifos, sockets and devices are not.
     """
-    stack: list[tuple[tuple, Iterator[str]]] = []
-    above, pending = (*above, _key(os.stat(folder))), iter(_entries(os.fspath(folder), root))
+    stack: list[tuple[tuple, str, str, Iterator[str]]] = []
+    above, pending = (*above, _key(os.stat(folder))), iter(_entries(folder, root))
     while True:
-        path = next(pending, None)
-        if path is None:
+        name = next(pending, None)
+        if name is None:
             if not stack:
                 return
-            above, pending = stack.pop()
+            above, folder, rel, pending = stack.pop()
             continue
+        path, child = f"{folder}{os.sep}{name}", f"{rel}{os.sep}{name}"
         try:
             st = os.stat(path)
         except OSError:
-            yield os.path.relpath(path, root)
+            yield child, None
             continue
         key = _key(st)
         if stat.S_ISDIR(st.st_mode) and key in above:
@@ -74,34 +84,44 @@ def _walk_files(folder: str | os.PathLike, root: Path, seen: set[tuple[int, int]
             continue
         seen.add(key)
         if stat.S_ISREG(st.st_mode):
-            yield os.path.relpath(path, root)
+            yield child, (st.st_size, st.st_mtime_ns)
             continue
-        stack.append((above, pending))
-        above, pending = (*above, key), iter(_entries(path, root))
+        stack.append((above, folder, rel, pending))
+        above, folder, rel, pending = (*above, key), path, child, iter(_entries(path, root))
 
 
 def _class_folders(root: Path) -> dict[str, tuple[int, int] | None]:
     """Each visible sub-folder's (device, inode); None for a second name of a folder already listed."""
     top = _key(root.stat())
     found: dict[str, tuple[int, int] | None] = {}
-    for path in _entries(os.fspath(root), root):
+    for name in _entries(os.fspath(root), root):
+        path = os.path.join(root, name)
         if os.path.isdir(path):
             key = _key(os.stat(path))
             if key == top:
                 raise UsageError(f"{path} links back to {root}, so the folder never ends; remove or replace that link")
-            found[os.path.basename(path)] = None if key in found.values() else key
+            found[name] = None if key in found.values() else key
     return found
 
 
-def class_files(root: Path) -> dict[str, list[str]]:
-    """Each visible sub-folder of ``root`` with its files (relative to ``root``, sorted), every real file once.
+def _class_entries(root: Path) -> dict[str, list[tuple[str, Stat]]]:
+    """Each visible sub-folder of ``root`` with its files (relative to ``root``, sorted) and their ``Stat``, every
+    real file once.
 
     A second link to a class folder gets no files; a link that loops is a usage error (``_walk_files``).
     """
     folders = _class_folders(root)
     top = (_key(root.stat()),)
     seen = {*top, *(k for k in folders.values() if k)}
-    return {name: sorted(_walk_files(root / name, root, seen, top)) if key else [] for name, key in folders.items()}
+    return {
+        name: sorted(_walk_files(os.path.join(root, name), name, root, seen, top)) if key else []
+        for name, key in folders.items()
+    }
+
+
+def class_files(root: Path) -> dict[str, list[str]]:
+    """Each visible sub-folder of ``root`` with its files (relative to ``root``, sorted), every real file once."""
+    return {name: [rel for rel, _ in entries] for name, entries in _class_entries(root).items()}
 
 
 def scan(root: str | os.PathLike, min_classes: int = 2) -> Dataset:
@@ -111,21 +131,22 @@ def scan(root: str | os.PathLike, min_classes: int = 2) -> Dataset:
         raise UsageError(f"{root} does not exist; give a folder of class sub-folders (e.g. data/pets/cat/*.jpg)")
     if not root.is_dir():
         raise UsageError(f"{root} is not a folder; give a folder of class sub-folders")
-    classes, files, labels, empty = [], [], [], []
-    for name, listed in class_files(root).items():
-        found = [rel for rel in listed if is_image_name(rel)]
+    classes, files, labels, stats, empty = [], [], [], [], []
+    for name, listed in _class_entries(root).items():
+        found = [(rel, st) for rel, st in listed if is_image_name(rel)]
         if not found:
             empty.append(name)
             continue
         classes.append(name)
-        files += found
+        files += [rel for rel, _ in found]
+        stats += [st for _, st in found]
         labels += [len(classes) - 1] * len(found)
     if len(classes) < min_classes:
         what = "no class sub-folders with images" if not classes else f"only one class ({classes[0]})"
         raise UsageError(
             f"{root} has {what}; a classifier needs at least {min_classes} sub-folders of images, one per class"
         )
-    return Dataset(root, classes, [f.replace(os.sep, "/") for f in files], labels, empty)
+    return Dataset(root, classes, [f.replace(os.sep, "/") for f in files], labels, empty, stats)
 
 
 def parse_fractions(text: str) -> tuple[float, float, float]:

@@ -2,11 +2,30 @@
 
 from __future__ import annotations
 
+import os
 import re
+import sys
 
 from tlcli.errors import UsageError
 
 DEVICE_HELP = "auto (a GPU if TensorFlow sees one, else CPU), cpu, gpu (all GPUs) or gpu:N"
+GPU_NODES = ("/dev/nvidiactl", "/dev/kfd", "/dev/dxg")
+"""Device nodes of the drivers TensorFlow reaches GPUs through on Linux: NVIDIA's, ROCm's, WSL's."""
+
+
+def gpu_possible() -> bool:
+    """Whether TensorFlow could see a GPU here, known without importing it (seconds): on Linux not without a
+    GPU driver's device node; elsewhere assumed possible."""
+    return not sys.platform.startswith("linux") or any(os.path.exists(node) for node in GPU_NODES)
+
+
+def gpu_visible() -> bool:
+    """Whether TensorFlow sees a GPU (after ``select``); imports TensorFlow only where one is possible."""
+    if not gpu_possible():
+        return False
+    import tensorflow as tf
+
+    return bool(tf.config.get_visible_devices("GPU"))
 
 
 def describe() -> dict:

@@ -9,6 +9,7 @@ from collections.abc import Callable
 import numpy as np
 
 from tlcli.errors import UsageError
+from tlcli.models import devices
 
 ENGINES = ("keras", "openvino", "auto")
 ENGINE_HELP = "keras (TensorFlow), openvino (needs tlcli[openvino]) or auto"
@@ -32,8 +33,9 @@ def resolve(engine: str, precision: str = "float32", *, cached: bool = False) ->
     or OpenVINO with a precision it does not run (float16).
 
     ``auto`` is OpenVINO only where its conversion is ``cached`` (extract keeps it in the store), when it is
-    installed, runs the precision and TensorFlow sees no GPU (call after ``devices.select``); elsewhere
-    Keras, as converting costs seconds a run for a few percent in float32.
+    installed, runs the precision and TensorFlow sees no GPU (call after ``devices.select``, which a machine
+    without a GPU driver needs not: there ``auto`` imports no TensorFlow); elsewhere Keras, as converting costs
+    seconds a run for a few percent in float32.
     """
     name = (engine or "auto").strip().lower()
     if name not in ENGINES:
@@ -48,9 +50,7 @@ def resolve(engine: str, precision: str = "float32", *, cached: bool = False) ->
         return name
     if not cached or not installed() or precision not in HINTS:
         return "keras"
-    import tensorflow as tf
-
-    return "keras" if tf.config.get_visible_devices("GPU") else "openvino"
+    return "keras" if devices.gpu_visible() else "openvino"
 
 
 def version() -> str:

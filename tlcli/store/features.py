@@ -71,7 +71,8 @@ def _shape_problem(meta) -> str | None:
 
 
 class Row(NamedTuple):
-    """One stored image: where it is, its class, split, content hash, size and mtime, and its vector."""
+    """One stored image: where it is, its class, split, content hash, size and mtime, and its vector (None when
+    ``write`` is given the vectors by content hash)."""
 
     path: str
     label: int
@@ -79,7 +80,7 @@ class Row(NamedTuple):
     digest: str
     size: int
     mtime: int
-    vector: np.ndarray
+    vector: np.ndarray | None
 
 
 @dataclass
@@ -252,10 +253,11 @@ class Store:
         return (self.root / self.meta[EXTRACTOR]["file"]).read_bytes()
 
 
-def _columns(members: list[Row], dim: int) -> dict[str, np.ndarray]:
-    """The arrays of one segment, from its rows."""
+def _columns(members: list[Row], dim: int, vectors: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """The arrays of one segment, from its rows (their vectors, or ``vectors``' for their hash)."""
+    found = [vectors[r.digest] if r.vector is None else r.vector for r in members]
     return {
-        "features": np.asarray([r.vector for r in members], np.float32).reshape(len(members), dim),
+        "features": np.asarray(found, np.float32).reshape(len(members), dim),
         "labels": np.asarray([r.label for r in members], np.int64),
         "paths": np.asarray([r.path for r in members], dtype=str),
         "hashes": np.asarray([r.digest for r in members], dtype=str),
@@ -337,9 +339,17 @@ def _unchanged(old: Store | None, meta: dict) -> bool:
     return {**ours, "written": None} == {**old.meta, "written": None}
 
 
-def write(root: Path, rows: list[Row], classes: list[str], meta: dict, previous: Store | None = None) -> None:
+def write(
+    root: Path,
+    rows: list[Row],
+    classes: list[str],
+    meta: dict,
+    previous: Store | None = None,
+    vectors: Mapping[str, np.ndarray] | None = None,
+) -> None:
     """Commit ``rows`` as the store at ``root``: keep ``previous``'s segments, drop its rows that are gone,
-    append one segment per split of the rest, then write ``meta`` naming them and delete unnamed files.
+    append one segment per split of the rest (their vectors, or for rows without, ``vectors``' by content hash),
+    then write ``meta`` naming them and delete unnamed files.
 
     Segments have content-addressed names and meta.json goes last, so replacing meta.json is the one
     step that commits the new store: a writer killed at any point leaves the previous store whole.
@@ -356,7 +366,7 @@ def write(root: Path, rows: list[Row], classes: list[str], meta: dict, previous:
         members = [r for r in rows if r.split == name]
         kept, new = _kept(old, name, members)
         if new:
-            kept.append(segments.write(root, name, _columns(new, dim)))
+            kept.append(segments.write(root, name, _columns(new, dim, vectors or {})))
         counts = np.bincount(np.asarray([r.label for r in members], np.int64), minlength=len(classes)).tolist()
         meta["splits"][name] = {
             "n": len(members),

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import contextlib
+import importlib
+import importlib.metadata
 import io
 import json
 import os
@@ -20,20 +22,31 @@ from tlcli import interrupts
 from tlcli.errors import UsageError
 from tlcli.store.files import read_json, umask, write_bytes
 
+_DISTRIBUTIONS = {
+    "tensorflow": ("tensorflow", "tensorflow-cpu", "tensorflow-intel", "tensorflow-macos", "tf-nightly"),
+    "keras": ("keras", "keras-nightly"),
+}
+"""The distributions that install each module, so versions are read from their metadata without importing them."""
+
+
+def _version(module: str) -> str:
+    """The installed version of ``module`` from its distribution's metadata (importing TensorFlow takes seconds;
+    a re-run with nothing new must not pay for it); imported only if no known distribution provides it."""
+    for name in _DISTRIBUTIONS[module]:
+        with contextlib.suppress(importlib.metadata.PackageNotFoundError):
+            return importlib.metadata.version(name)
+    return importlib.import_module(module).__version__
+
 
 def versions() -> dict:
     """Versions of everything that shapes a model's numbers."""
-    import keras
-    import numpy
-    import tensorflow as tf
-
     from tlcli import __version__
 
     return {
         "tlcli": __version__,
-        "tensorflow": tf.__version__,
-        "keras": keras.__version__,
-        "numpy": numpy.__version__,
+        "tensorflow": _version("tensorflow"),
+        "keras": _version("keras"),
+        "numpy": np.__version__,
         "python": platform.python_version(),
     }
 

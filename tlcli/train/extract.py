@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import os
 import shlex
@@ -18,7 +19,7 @@ import numpy as np
 
 from tlcli.data import datasets, images
 from tlcli.errors import UsageError
-from tlcli.models import backbones, engines, graph
+from tlcli.models import backbones, devices, engines, graph
 from tlcli.store import features, files, locks, runs, shards
 from tlcli.store.features import EXTRACTOR, Row, Store
 from tlcli.train import recipes
@@ -142,9 +143,11 @@ def _built(recipe: ExtractRecipe, options: dict, traced: str) -> _Extractor:
     return _Extractor(key, described, options["input_size"], backbone=bb, traced=traced)
 
 
-def _extractor(old: Store | None, recipe: ExtractRecipe, options: dict, engine: str) -> _Extractor:
+def _extractor(
+    old: Store | None, recipe: ExtractRecipe, options: dict, engine: str, ready: Callable[[], None]
+) -> _Extractor:
     """The previous store's saved graph (loaded when first needed) when it still makes the same vectors,
-    else the backbone, built.
+    else the backbone, built (TensorFlow readied first: ``ready``).
 
     On OpenVINO the graph is traced in float32 (OpenVINO cannot compile a bfloat16 Keras graph) and OpenVINO
     computes it in the recipe's precision; the store still names that precision."""
@@ -159,6 +162,7 @@ def _extractor(old: Store | None, recipe: ExtractRecipe, options: dict, engine: 
             load=lambda: _saved_graph(old),
             traced=traced,
         )
+    ready()
     return _built(recipe, options, traced)
 
 
@@ -180,35 +184,69 @@ def _save_graph(root: Path, ex: _Extractor) -> dict | None:
 
 
 def _files(plan: _Plan, shard: tuple[int, int] | None, stats: dict[str, tuple[int, int, str]]) -> list[_File]:
-    """This extract's files (one shard's only), hashed unless their size and mtime show the stored hash holds."""
+    """This extract's files (one shard's only), hashed unless their size and mtime show the stored hash holds
+    (size and mtime as the folder's scan read them)."""
     found = []
-    for rel, label in zip(plan.ds.files, plan.ds.labels, strict=True):
+    root = os.fspath(plan.ds.root)
+    scanned = plan.ds.stats or [None] * len(plan.ds.files)
+    for rel, label, seen in zip(plan.ds.files, plan.ds.labels, scanned, strict=True):
         if shard is not None and shards.index_of(rel, shard[1]) != shard[0]:
             continue
-        full = plan.ds.root / rel
         try:
-            st = full.stat()
+            if seen is None:
+                st = os.stat(os.path.join(root, rel))
+                seen = st.st_size, st.st_mtime_ns
             prev = stats.get(rel)
-            digest = prev[2] if prev and prev[:2] == (st.st_size, st.st_mtime_ns) else files.content_hash(full)
+            digest = prev[2] if prev and prev[:2] == seen else files.content_hash(os.path.join(root, rel))
         except OSError as exc:
             found.append(_File(rel, label, None, 0, 0, f"unreadable: {exc.strerror}"))
             continue
-        found.append(_File(rel, label, digest, st.st_size, st.st_mtime_ns, None))
+        found.append(_File(rel, label, digest, *seen, None))
     return found
 
 
-def _openvino_function(ex: _Extractor, store: Path, precision: str) -> tuple[Callable, bytes | None]:
-    """The feature graph on OpenVINO computing in ``precision``: the store's conversion of it when one of this
-    OpenVINO version is there, else converted now (from the graph traced in this run, which converts faster, or
-    the saved one); and the new conversion, to save beside the graph once the vectors are made (None if reused)."""
+def _stored_openvino(ex: _Extractor, store: Path, precision: str) -> Callable | None:
+    """The store's OpenVINO conversion of the feature graph compiled to compute in ``precision``, when one of this
+    OpenVINO version is there (then the run needs no TensorFlow at all); else None."""
     saved = ex.saved.get(features.OPENVINO) if ex.saved else None
-    if saved and saved.get("version") == engines.version():
-        try:
-            return engines.load((store / saved["file"]).read_bytes(), precision), None
-        except Exception:  # a damaged or foreign cache file is converted again, never an error
-            pass
+    if not saved or saved.get("version") != engines.version():
+        return None
+    try:
+        return engines.load((store / saved["file"]).read_bytes(), precision)
+    except Exception:  # a damaged or foreign cache file is converted again, never an error
+        return None
+
+
+def _traced(ex: _Extractor, recipe: ExtractRecipe) -> None:
+    """Give ``ex`` its TensorFlow feature graph: the store's saved one, else the backbone's, built and traced."""
+    if ex.infer is None and ex.load is not None:
+        ex.infer = ex.load()
+        if ex.infer is None:
+            ex.backbone, ex.saved = _built(recipe, _options(recipe), ex.traced).backbone, None
+    if ex.infer is None:
+        from tlcli.models.portable import features_model
+
+        model = features_model(ex.backbone, len(images.views(recipe.resize)), recipe.flip_average)
+        ex.infer = graph.inference_function(model, images.pixel_shape(ex.size, recipe.resize))
+
+
+def _engine_function(
+    ex: _Extractor, recipe: ExtractRecipe, store: Path, engine: str, ready: Callable[[], None]
+) -> tuple[Callable, bytes | None]:
+    """The feature function on ``engine``, and a new OpenVINO conversion to save beside the graph once the vectors
+    are made (None if none was made). OpenVINO reuses the store's conversion; else TensorFlow is readied
+    (``ready``: the device chosen) and the graph traced, then converted (from the graph traced in this run, which
+    converts faster, or the saved one)."""
+    if engine == "openvino":
+        stored = _stored_openvino(ex, store, recipe.precision)
+        if stored is not None:
+            return stored, None
+    ready()
+    _traced(ex, recipe)
+    if engine != "openvino":
+        return ex.infer, None
     data = engines.convert(ex.infer if ex.backbone is not None else (store / ex.saved["file"]).read_bytes())
-    return engines.load(data, precision), data
+    return engines.load(data, recipe.precision), data
 
 
 def _new_vectors(
@@ -220,19 +258,11 @@ def _new_vectors(
     store: Path,
     progress: Progress | None,
     engine: str,
+    ready: Callable[[], None],
 ) -> tuple[dict[str, np.ndarray], dict[str, str]]:
     """Run the backbone over ``todo`` on ``engine`` (tracing it on first use, then saving its graph in the store):
     vectors by content hash, and why the files that did not decode failed."""
-    if ex.infer is None and ex.load is not None:
-        ex.infer = ex.load()
-        if ex.infer is None:
-            ex.backbone, ex.saved = _built(recipe, _options(recipe), ex.traced).backbone, None
-    if ex.infer is None:
-        from tlcli.models.portable import features_model
-
-        model = features_model(ex.backbone, len(images.views(recipe.resize)), recipe.flip_average)
-        ex.infer = graph.inference_function(model, images.pixel_shape(ex.size, recipe.resize))
-    run, converted = _openvino_function(ex, store, recipe.precision) if engine == "openvino" else (ex.infer, None)
+    run, converted = _engine_function(ex, recipe, store, engine, ready)
     paths = [str(data / f.rel) for f in todo]
     width = ex.described["feature_dim"]
     feats, kept, failed = graph.apply_graph(run, width, paths, ex.size, recipe.resize, recipe.batch_size, progress)
@@ -246,15 +276,18 @@ def _new_vectors(
     return vectors, {digest_of[item["path"]]: item["reason"] for item in failed}
 
 
-def _rows(found: list[_File], plan: _Plan, vectors: Mapping, bad: dict[str, str]) -> tuple[list[Row], list[dict]]:
-    """The stored rows of the files that have a vector, and the skipped ones with why."""
+def _rows(
+    found: list[_File], plan: _Plan, have: tuple[Mapping, ...], bad: dict[str, str]
+) -> tuple[list[Row], list[dict]]:
+    """The stored rows of the files whose hash one of the ``have`` vector maps holds (rows without their vectors,
+    which ``features.write`` looks up for the rows it appends), and the skipped ones with why."""
     rows, skipped = [], []
     for f in found:
         reason = f.error or bad.get(f.digest)
-        if reason is not None or f.digest not in vectors:
+        if reason is not None or not any(f.digest in vectors for vectors in have):
             skipped.append({"path": f.rel, "reason": reason or "not decoded", "hash": f.digest})
             continue
-        rows.append(Row(f.rel, f.label, plan.assignment[f.rel], f.digest, f.size, f.mtime, vectors[f.digest]))
+        rows.append(Row(f.rel, f.label, plan.assignment[f.rel], f.digest, f.size, f.mtime, None))
     return rows, skipped
 
 
@@ -319,6 +352,7 @@ def extract(
     progress: Progress | None = None,
     wait: bool = False,
     engine: str = "keras",
+    before_tensorflow: Callable[[], object] | None = None,
 ) -> dict:
     """Extract features for every image under ``data_dir`` into the store at ``out``, reusing unchanged ones.
 
@@ -326,10 +360,15 @@ def extract(
     ``out/shards/i-of-n`` (own lock, so n workers can share one ``out``); the split is still
     computed from the whole folder, so every part agrees with the others and with an unsharded run.
     ``engine`` runs the backbone (``engines.resolve``). Returns a summary: counts per split, how many images
-    were extracted or reused, skipped files.
+    were extracted or reused, skipped files. ``before_tensorflow`` is called once before TensorFlow is first used
+    (the CLI chooses the device there): a re-run whose new photos run on the store's OpenVINO conversion, or with
+    none new, never imports TensorFlow.
     """
     started = time.perf_counter()
     images.views(recipe.resize)
+    ready = functools.cache(before_tensorflow or (lambda: None))
+    if devices.gpu_possible():
+        ready()
     engine = engines.resolve(engine, backbones.check_precision(recipe.precision), cached=True)
     plan = _plan(data_dir, recipe.fractions, recipe.seed)
     options = _options(recipe)
@@ -340,7 +379,7 @@ def extract(
     with locks.lock(root / locks.LOCK_NAME, f"extract is writing {root}", wait=wait):
         files.remove_leftovers(root)
         old = features.open_previous(root)
-        ex = _extractor(old, recipe, options, engine)
+        ex = _extractor(old, recipe, options, engine, ready)
         cache = features.reusable(old, ex.key)
         if shard is not None:
             cache = cache.over(features.reusable(features.open_previous(out), ex.key))
@@ -350,9 +389,9 @@ def extract(
         if todo:
             unique = list({f.digest: f for f in todo}.values())
             fresh, bad = _new_vectors(
-                ex, unique, recipe, data=plan.ds.root, store=root, progress=progress, engine=engine
+                ex, unique, recipe, data=plan.ds.root, store=root, progress=progress, engine=engine, ready=ready
             )
-        rows, skipped = _rows(found, plan, ChainMap(cache.vectors, fresh), {**cache.bad, **bad})
+        rows, skipped = _rows(found, plan, (cache.vectors, fresh), {**cache.bad, **bad})
         if skipped and not rows and shard is None:
             first = skipped[0]
             raise UsageError(
@@ -360,7 +399,7 @@ def extract(
                 f"{first['reason']}); no features were stored"
             )
         meta = _meta(ex, recipe, plan, shard, skipped)
-        features.write(root, rows, plan.ds.classes, meta, old)
+        features.write(root, rows, plan.ds.classes, meta, old, ChainMap(fresh, cache.vectors))
         how = {"shard": shards.label(*shard) if shard else None, "engine": engine}
         reused = len(rows) - len([f for f in todo if f.digest in fresh])
         return _summary(root, meta, plan, rows, how=how, counts=(len(fresh), reused, cache.replaced), started=started)
