@@ -9,7 +9,7 @@ import json
 import os
 from collections import ChainMap
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import NamedTuple
 
@@ -143,6 +143,7 @@ class Store:
 
     root: Path
     meta: dict
+    _read: dict[str, dict[str, np.ndarray]] = field(default_factory=dict, init=False, repr=False, compare=False)
 
     @classmethod
     def open(cls, root: str | os.PathLike) -> Store:
@@ -170,6 +171,13 @@ class Store:
         """The segments meta.json lists for one split."""
         return self.meta["splits"].get(name, {}).get("segments", [])
 
+    def columns(self, segment: dict) -> dict[str, np.ndarray]:
+        """A segment's row columns (``segments.rows``), read once however often asked for; raises one of
+        ``segments.UNREADABLE``."""
+        if segment["file"] not in self._read:
+            self._read[segment["file"]] = segments.rows(self.root, segment)
+        return self._read[segment["file"]]
+
     def _unreadable(self, file: str, exc: Exception) -> UsageError:
         return UsageError(
             f"{self.root / file} is unreadable ({type(exc).__name__}: {exc}); re-run 'tlcli extract' to rebuild it"
@@ -180,7 +188,7 @@ class Store:
         found = []
         for seg in self.segments(name):
             try:
-                found.append((seg, segments.rows(self.root, seg), segments.live(seg)))
+                found.append((seg, self.columns(seg), segments.live(seg)))
             except segments.UNREADABLE as exc:
                 raise self._unreadable(seg["file"], exc) from None
         if sum(int(keep.sum()) for *_, keep in found) != self.meta["splits"].get(name, {}).get("n", 0):
@@ -238,7 +246,7 @@ class Store:
         for name in SPLITS:
             for seg in self.segments(name):
                 try:
-                    cols = segments.rows(self.root, seg)
+                    cols = self.columns(seg)
                     mapped = segments.mapped(self.root, seg, self.meta["feature_dim"])
                 except segments.UNREADABLE:
                     continue
@@ -298,7 +306,7 @@ def _kept(old: Store | None, name: str, members: list[Row]) -> tuple[list[dict],
     kept: list[dict] = []
     for seg in old.segments(name) if old is not None else []:
         try:
-            cols = segments.rows(old.root, seg)
+            cols = old.columns(seg)
             segments.mapped(old.root, seg, old.meta["feature_dim"])
         except segments.UNREADABLE:
             continue

@@ -277,14 +277,14 @@ def _new_vectors(
 
 
 def _rows(
-    found: list[_File], plan: _Plan, have: tuple[Mapping, ...], bad: dict[str, str]
+    found: list[_File], plan: _Plan, stored: Mapping, fresh: Mapping, bad: dict[str, str]
 ) -> tuple[list[Row], list[dict]]:
-    """The stored rows of the files whose hash one of the ``have`` vector maps holds (rows without their vectors,
-    which ``features.write`` looks up for the rows it appends), and the skipped ones with why."""
+    """The stored rows of the files whose hash the ``stored`` or ``fresh`` vectors hold (rows without their
+    vectors, which ``features.write`` looks up for the rows it appends), and the skipped ones with why."""
     rows, skipped = [], []
     for f in found:
         reason = f.error or bad.get(f.digest)
-        if reason is not None or not any(f.digest in vectors for vectors in have):
+        if reason is not None or (f.digest not in fresh and f.digest not in stored):
             skipped.append({"path": f.rel, "reason": reason or "not decoded", "hash": f.digest})
             continue
         rows.append(Row(f.rel, f.label, plan.assignment[f.rel], f.digest, f.size, f.mtime, None))
@@ -391,7 +391,7 @@ def extract(
             fresh, bad = _new_vectors(
                 ex, unique, recipe, data=plan.ds.root, store=root, progress=progress, engine=engine, ready=ready
             )
-        rows, skipped = _rows(found, plan, (cache.vectors, fresh), {**cache.bad, **bad})
+        rows, skipped = _rows(found, plan, cache.vectors, fresh, {**cache.bad, **bad})
         if skipped and not rows and shard is None:
             first = skipped[0]
             raise UsageError(
