@@ -3,7 +3,7 @@ GraphDef, and run over image files."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 import numpy as np
 
@@ -220,6 +220,27 @@ def apply_photos(
     return np.asarray([row for _, row in kept], np.float32).reshape(-1, width), [i for i, _ in kept], skipped
 
 
+def graph_batches(
+    infer,
+    paths: Sequence[str],
+    size: int,
+    resize: str,
+    batch_size: int = 32,
+    progress: Callable[[int, int], None] | None = None,
+) -> Iterator[tuple[np.ndarray, np.ndarray, list[str]]]:
+    """The model's graph (``inference_function`` or ``load_graph``) over image files a batch at a time, in order:
+    (outputs, ok mask, why each file that did not decode failed), so a caller need not hold every output.
+
+    The graph takes any batch size, so a short final batch costs only its own images.
+    """
+    done = 0
+    for pixels, ok, why in images.batches(list(paths), size, resize, batch_size):
+        yield np.asarray(infer(pixels)), ok, why
+        done += len(pixels)
+        if progress:
+            progress(done, len(paths))
+
+
 def apply_graph(
     infer,
     width: int,
@@ -229,16 +250,11 @@ def apply_graph(
     batch_size: int = 32,
     progress: Callable[[int, int], None] | None = None,
 ) -> tuple[np.ndarray, list[int], list[dict]]:
-    """``apply_model`` with the model's graph (``inference_function`` or ``load_graph``) and output width.
-
-    The graph takes any batch size, so a short final batch costs only its own images.
-    """
+    """``apply_model`` with the model's graph (``graph_batches``) and output width."""
     kept: list = []
     skipped: list = []
     done = 0
-    for pixels, ok, why in images.batches(list(paths), size, resize, batch_size):
-        _collect(list(np.asarray(infer(pixels))), kept, skipped, paths, done, ok, why)
-        done += len(pixels)
-        if progress:
-            progress(done, len(paths))
+    for outputs, ok, why in graph_batches(infer, paths, size, resize, batch_size, progress):
+        _collect(list(outputs), kept, skipped, paths, done, ok, why)
+        done += len(outputs)
     return np.asarray([row for _, row in kept], np.float32).reshape(-1, width), [i for i, _ in kept], skipped

@@ -261,17 +261,31 @@ class Store:
         return (self.root / self.meta[EXTRACTOR]["file"]).read_bytes()
 
 
-def _columns(members: list[Row], dim: int, vectors: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """The arrays of one segment, from its rows (their vectors, or ``vectors``' for their hash)."""
-    found = [vectors[r.digest] if r.vector is None else r.vector for r in members]
+_WRITE_CHUNK = 4096
+"""Rows of vectors gathered at a time when a segment is written from rows."""
+
+
+def _columns(members: list[Row]) -> dict[str, np.ndarray]:
+    """The row columns of one segment (all but its vectors), from its rows."""
     return {
-        "features": np.asarray(found, np.float32).reshape(len(members), dim),
         "labels": np.asarray([r.label for r in members], np.int64),
         "paths": np.asarray([r.path for r in members], dtype=str),
         "hashes": np.asarray([r.digest for r in members], dtype=str),
         "sizes": np.asarray([r.size for r in members], np.int64),
         "mtimes": np.asarray([r.mtime for r in members], np.int64),
     }
+
+
+def _chunks(members: list[Row], dim: int, vectors: Mapping[str, np.ndarray]) -> segments.Chunks:
+    """The vectors of ``members`` (their own, or ``vectors``' for their hash), a few thousand rows at a time."""
+
+    def chunks() -> Iterator[np.ndarray]:
+        for start in range(0, len(members), _WRITE_CHUNK):
+            part = members[start : start + _WRITE_CHUNK]
+            found = [vectors[r.digest] if r.vector is None else r.vector for r in part]
+            yield np.asarray(found, np.float32).reshape(len(part), dim)
+
+    return chunks
 
 
 def _merged(root: Path, name: str, group: list[dict], dim: int) -> dict:
@@ -374,7 +388,7 @@ def write(
         members = [r for r in rows if r.split == name]
         kept, new = _kept(old, name, members)
         if new:
-            kept.append(segments.write(root, name, _columns(new, dim, vectors or {})))
+            kept.append(segments.write(root, name, _columns(new), _chunks(new, dim, vectors or {})))
         counts = np.bincount(np.asarray([r.label for r in members], np.int64), minlength=len(classes)).tolist()
         meta["splits"][name] = {
             "n": len(members),

@@ -10,12 +10,15 @@ from __future__ import annotations
 import hashlib
 import io
 import zipfile
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import numpy as np
 
 from tlcli.store import files
 
+Chunks = Callable[[], Iterable[np.ndarray]]
+"""A segment's vectors as a function that gives them, anew each call, as float32 chunks of rows."""
 ROW_COLUMNS = ("labels", "paths", "hashes", "sizes", "mtimes")
 UNREADABLE = (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile)
 """What reading a damaged segment raises (a truncated .npz is a BadZipFile, a truncated .npy a ValueError)."""
@@ -23,19 +26,31 @@ _CHUNK = 8192
 """Rows read at a time when a segment's dropped rows are skipped on loading."""
 
 
-def write(root: Path, split: str, columns: dict[str, np.ndarray]) -> dict:
-    """Write one segment atomically (vectors, then rows) under a content-addressed name; its meta.json entry."""
-    vectors = np.ascontiguousarray(columns["features"], np.float32)
+def write(root: Path, split: str, columns: dict[str, np.ndarray], vectors: Chunks | None = None) -> dict:
+    """Write one segment atomically (vectors, then rows) under a content-addressed name; its meta.json entry.
+
+    The vectors are ``columns["features"]``, or ``vectors``: a function giving them anew as float32 chunks of rows
+    (read twice, to name the file and to write it), so that no copy of them all is held in memory.
+    """
+    whole = np.ascontiguousarray(columns["features"], np.float32) if vectors is None else None
+    chunks = (lambda: [whole]) if vectors is None else vectors
+    n = len(columns["labels"])
     buf = io.BytesIO()
     np.savez(buf, **{k: columns[k] for k in ROW_COLUMNS})
     rows = buf.getvalue()
     digest = hashlib.blake2b(rows, digest_size=8)
-    digest.update(vectors.tobytes() if vectors.size == 0 else memoryview(vectors).cast("B"))
+    dim = None
+    for chunk in chunks():
+        digest.update(memoryview(np.ascontiguousarray(chunk, np.float32)).cast("B"))
+        dim = chunk.shape[1]
     stem = f"{split}-{digest.hexdigest()}"
     with files.atomic_path(root / f"{stem}.npy") as tmp, open(tmp, "wb") as f:
-        np.save(f, vectors)
+        header = {"descr": np.lib.format.dtype_to_descr(np.dtype(np.float32)), "fortran_order": False}
+        np.lib.format.write_array_header_1_0(f, {**header, "shape": (n, dim or 0)})
+        for chunk in chunks():
+            f.write(memoryview(np.ascontiguousarray(chunk, np.float32)).cast("B"))
     files.write_bytes(root / f"{stem}.npz", rows)
-    return {"file": f"{stem}.npz", "vectors": f"{stem}.npy", "n": len(vectors), "dropped": []}
+    return {"file": f"{stem}.npz", "vectors": f"{stem}.npy", "n": n, "dropped": []}
 
 
 def names(segment: dict) -> tuple[str, str]:

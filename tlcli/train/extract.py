@@ -22,6 +22,7 @@ from tlcli.errors import UsageError
 from tlcli.models import backbones, devices, engines, graph
 from tlcli.store import features, files, locks, runs, shards
 from tlcli.store.features import EXTRACTOR, Row, Store
+from tlcli.store.spill import Spill
 from tlcli.train import recipes
 from tlcli.train.recipes import EXTRACT, ExtractRecipe, option
 
@@ -259,21 +260,25 @@ def _new_vectors(
     progress: Progress | None,
     engine: str,
     ready: Callable[[], None],
-) -> tuple[dict[str, np.ndarray], dict[str, str]]:
-    """Run the backbone over ``todo`` on ``engine`` (tracing it on first use, then saving its graph in the store):
-    vectors by content hash, and why the files that did not decode failed."""
+    spill: Spill,
+) -> dict[str, str]:
+    """Run the backbone over ``todo`` on ``engine`` (tracing it on first use, then saving its graph in the store),
+    each batch's vectors into ``spill`` by content hash as they come; why the files that did not decode failed."""
     run, converted = _engine_function(ex, recipe, store, engine, ready)
+    bad: dict[str, str] = {}
+    done = 0
     paths = [str(data / f.rel) for f in todo]
-    width = ex.described["feature_dim"]
-    feats, kept, failed = graph.apply_graph(run, width, paths, ex.size, recipe.resize, recipe.batch_size, progress)
+    for outputs, ok, why in graph.graph_batches(run, paths, ex.size, recipe.resize, recipe.batch_size, progress):
+        batch = todo[done : done + len(outputs)]
+        spill.add([f.digest for f, good in zip(batch, ok, strict=True) if good], outputs[ok])
+        bad.update((f.digest, reason) for f, good, reason in zip(batch, ok, why, strict=True) if not good)
+        done += len(outputs)
     if ex.saved is None:  # written once the vectors are made, so an interrupted first run leaves no file
         ex.saved = _save_graph(store, ex)
     if converted is not None and ex.saved:
         written = features.write_extractor(store, converted, ".openvino.npz")
         ex.saved[features.OPENVINO] = {"file": written, "version": engines.version()}
-    digest_of = {path: f.digest for path, f in zip(paths, todo, strict=True)}
-    vectors = {todo[i].digest: row for row, i in zip(feats, kept, strict=True)}
-    return vectors, {digest_of[item["path"]]: item["reason"] for item in failed}
+    return bad
 
 
 def _rows(
@@ -376,7 +381,8 @@ def extract(
     if out.exists() and not out.is_dir():
         raise UsageError(f"--out {out} is a file; give a folder for the feature store")
     root = out if shard is None else shards.part_dir(out, *shard)
-    with locks.lock(root / locks.LOCK_NAME, f"extract is writing {root}", wait=wait):
+    with contextlib.ExitStack() as held:
+        held.enter_context(locks.lock(root / locks.LOCK_NAME, f"extract is writing {root}", wait=wait))
         files.remove_leftovers(root)
         old = features.open_previous(root)
         ex = _extractor(old, recipe, options, engine, ready)
@@ -385,11 +391,21 @@ def extract(
             cache = cache.over(features.reusable(features.open_previous(out), ex.key))
         found = _files(plan, shard, cache.stats)
         todo = [f for f in found if f.error is None and f.digest not in cache.vectors and f.digest not in cache.bad]
-        fresh, bad = {}, {}
+        fresh: Mapping[str, np.ndarray] = {}
+        bad = {}
         if todo:
+            fresh = held.enter_context(contextlib.closing(Spill(root, ex.described["feature_dim"])))
             unique = list({f.digest: f for f in todo}.values())
-            fresh, bad = _new_vectors(
-                ex, unique, recipe, data=plan.ds.root, store=root, progress=progress, engine=engine, ready=ready
+            bad = _new_vectors(
+                ex,
+                unique,
+                recipe,
+                data=plan.ds.root,
+                store=root,
+                progress=progress,
+                engine=engine,
+                ready=ready,
+                spill=fresh,
             )
         rows, skipped = _rows(found, plan, cache.vectors, fresh, {**cache.bad, **bad})
         if skipped and not rows and shard is None:
