@@ -26,7 +26,7 @@ def _rows(ids, split="train") -> list[Row]:
     ]
 
 
-def _commit(root: Path, rows: list[Row]) -> Store:
+def _commit(root: Path, rows: list[Row], vectors=None) -> Store:
     meta = {
         "format": features.STORE_FORMAT,
         "key": "k",
@@ -40,7 +40,7 @@ def _commit(root: Path, rows: list[Row]) -> Store:
         "splits": {},
         "written": "now",
     }
-    features.write(root, rows, CLASSES, meta, features.open_previous(root))
+    features.write(root, rows, CLASSES, meta, features.open_previous(root), vectors)
     return Store.open(root)
 
 
@@ -152,3 +152,45 @@ def test_a_format_2_store_is_refused_in_one_line_and_replaced_whole_by_the_next_
     assert features.open_previous(root) is None  # so extract extracts every photo again
     _check(_commit(root, _rows(range(5))), range(5))
     assert "train-0123456789abcdef.npz" not in _files(root)
+
+
+def test_new_vectors_go_through_a_scratch_file_into_segments_written_a_chunk_at_a_time(tmp_path, monkeypatch):
+    """A full extract of a million photos would hold gigabytes of vectors: each batch goes to an unlinked scratch
+    file (nothing left in the folder, even after a kill) and segments are written from it in chunks, under the same
+    content-addressed name and bytes as from one array."""
+    from tlcli.store import segments
+    from tlcli.store.spill import Spill
+
+    rows = _rows(range(10))
+    spill = Spill(tmp_path / "s", DIM)
+    spill.add([r.digest for r in rows[:6]], np.stack([r.vector for r in rows[:6]]))
+    spill.add([], np.zeros((0, DIM), np.float32))
+    spill.add([r.digest for r in rows[6:]], np.stack([r.vector for r in rows[6:]]))
+    assert list((tmp_path / "s").iterdir()) == [] and len(spill) == 10
+    assert all(np.array_equal(spill[r.digest], r.vector) for r in rows)
+    monkeypatch.setattr(features, "_WRITE_CHUNK", 3)
+    chunked = _commit(tmp_path / "chunked", [r._replace(vector=None) for r in rows], spill)
+    spill.close()
+    whole = _commit(tmp_path / "whole", rows)
+    assert chunked.segments("train") == whole.segments("train")
+    for name in segments.names(whole.segments("train")[0]):
+        assert (tmp_path / "chunked" / name).read_bytes() == (tmp_path / "whole" / name).read_bytes()
+
+
+def test_train_head_reads_the_splits_once_into_one_array_that_tensorflow_shares(tmp_path):
+    """train-head holds the store's vectors once: train, val and test read into one aligned array, train+val
+    joined as a view of it, and the tensors the head trains on share its memory instead of copying it."""
+    from tlcli.store.features import Split
+    from tlcli.train.head import as_tensor
+
+    store = _commit(tmp_path / "s", _rows(range(8)) + _rows(range(8, 11), "val") + _rows(range(11, 13), "test"))
+    train, val, test = store.splits()
+    assert [len(s.labels) for s in (train, val, test)] == [8, 3, 2]
+    assert np.array_equal(val.features, store.split("val").features) and val.paths == store.split("val").paths
+    both = Split.joined([train, val])
+    assert np.shares_memory(both.features, train.features) and np.shares_memory(both.features, val.features)
+    assert np.array_equal(both.features, np.concatenate([train.features, val.features]))
+    tensor = as_tensor(both.features)
+    train.features[0, 0] = -1.0
+    assert float(tensor[0, 0]) == -1.0
+    assert np.array_equal(Split.joined([val, train]).features, np.concatenate([val.features, train.features]))

@@ -8,7 +8,7 @@ import itertools
 import json
 import os
 from collections import ChainMap
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import NamedTuple
@@ -93,9 +93,9 @@ class Split:
 
     @classmethod
     def joined(cls, parts: list[Split]) -> Split:
-        """The splits one after another, as one."""
+        """The splits one after another, as one (a view, not a copy, of splits that lie so in one array)."""
         return cls(
-            np.concatenate([p.features for p in parts]),
+            _adjacent([p.features for p in parts]),
             np.concatenate([p.labels for p in parts]),
             [path for p in parts for path in p.paths],
         )
@@ -103,6 +103,33 @@ class Split:
     def take(self, index: np.ndarray) -> Split:
         """The images at ``index``, in that order."""
         return Split(self.features[index], self.labels[index], [self.paths[i] for i in index])
+
+
+ALIGN = 64
+"""Byte alignment of the arrays ``Store.splits`` reads into: what TensorFlow's CPU kernels need of memory they
+share (Eigen's largest vector alignment), so the head trains on the store's own copy."""
+
+
+def aligned_empty(rows: int, dim: int) -> np.ndarray:
+    """An uninitialised float32 [rows, dim] array whose memory starts on an ``ALIGN``-byte boundary."""
+    raw = np.empty(rows * dim * 4 + ALIGN, np.uint8)
+    start = -raw.ctypes.data % ALIGN
+    return raw[start : start + rows * dim * 4].view(np.float32).reshape(rows, dim)
+
+
+def _adjacent(arrays: list[np.ndarray]) -> np.ndarray:
+    """``arrays`` end to end: a view when they already lie so in one array's memory, else a new array."""
+    first = arrays[0]
+    owner = first.base if first.base is not None else first
+    at = first.ctypes.data
+    for a in arrays:
+        if not isinstance(owner, np.ndarray) or a.base is not owner or a.dtype != first.dtype:
+            return np.concatenate(arrays)
+        if not a.flags.c_contiguous or a.ctypes.data != at:
+            return np.concatenate(arrays)
+        at += a.nbytes
+    shape = (sum(len(a) for a in arrays), *first.shape[1:])
+    return np.ndarray(shape, first.dtype, buffer=owner, offset=first.ctypes.data - owner.ctypes.data)
 
 
 class Vectors(Mapping):
@@ -229,6 +256,27 @@ class Store:
         labels = [cols["labels"][keep] for _, cols, keep in found]
         paths = [str(p) for _, cols, keep in found for p in cols["paths"][keep]]
         return Split(self._vectors(found), np.concatenate(labels or [np.zeros(0, np.int64)]), paths)
+
+    def splits(self, names: Sequence[str] = SPLITS) -> list[Split]:
+        """The named splits, their vectors read one after another into one ``ALIGN``-ed array with plain reads
+        (not mapped: the only copy held), each split a view of it, so train+val join without a copy."""
+        found = [self._rows(name) for name in names]
+        dim = self.meta["feature_dim"]
+        out = aligned_empty(sum(int(keep.sum()) for rows in found for *_, keep in rows), dim)
+        at, splits = 0, []
+        for rows in found:
+            start = at
+            for seg, _, keep in rows:
+                n = int(keep.sum())
+                try:
+                    segments.read_into(self.root, seg, out[at : at + n])
+                except segments.UNREADABLE as exc:
+                    raise self._unreadable(seg["vectors"], exc) from None
+                at += n
+            labels = [cols["labels"][keep] for _, cols, keep in rows]
+            paths = [str(p) for _, cols, keep in rows for p in cols["paths"][keep]]
+            splits.append(Split(out[start:at], np.concatenate(labels or [np.zeros(0, np.int64)]), paths))
+        return splits
 
     def rows(self) -> list[Row]:
         """Every stored image of every split."""

@@ -41,16 +41,22 @@ def write(root: Path, split: str, columns: dict[str, np.ndarray], vectors: Chunk
     digest = hashlib.blake2b(rows, digest_size=8)
     dim = None
     for chunk in chunks():
-        digest.update(memoryview(np.ascontiguousarray(chunk, np.float32)).cast("B"))
+        digest.update(_bytes(chunk))
         dim = chunk.shape[1]
     stem = f"{split}-{digest.hexdigest()}"
     with files.atomic_path(root / f"{stem}.npy") as tmp, open(tmp, "wb") as f:
         header = {"descr": np.lib.format.dtype_to_descr(np.dtype(np.float32)), "fortran_order": False}
         np.lib.format.write_array_header_1_0(f, {**header, "shape": (n, dim or 0)})
         for chunk in chunks():
-            f.write(memoryview(np.ascontiguousarray(chunk, np.float32)).cast("B"))
+            f.write(_bytes(chunk))
     files.write_bytes(root / f"{stem}.npz", rows)
     return {"file": f"{stem}.npz", "vectors": f"{stem}.npy", "n": n, "dropped": []}
+
+
+def _bytes(chunk: np.ndarray) -> memoryview | bytes:
+    """A chunk of vectors as float32 bytes, without a copy where it already is one."""
+    data = np.ascontiguousarray(chunk, np.float32)
+    return memoryview(data).cast("B") if data.size else b""
 
 
 def names(segment: dict) -> tuple[str, str]:

@@ -26,6 +26,8 @@ class Spill(Mapping):
     def add(self, digests: Sequence[str], vectors: np.ndarray) -> None:
         """Append one batch: ``vectors[i]`` is the vector of ``digests[i]``."""
         data = np.ascontiguousarray(vectors, np.float32)
+        if not data.size:
+            return
         try:
             self._file.write(memoryview(data).cast("B"))
         except OSError as exc:

@@ -10,7 +10,7 @@ from collections.abc import Callable
 
 import numpy as np
 
-from tlcli.store.features import Split
+from tlcli.store.features import ALIGN, Split
 from tlcli.train.recipes import HEAD, HeadRecipe
 
 Progress = Callable[[int, int, dict], None]
@@ -23,6 +23,24 @@ def seeded(seed: int) -> None:
 
     keras.utils.set_random_seed(seed)
     tf.config.experimental.enable_op_determinism()
+
+
+def as_tensor(array: np.ndarray):
+    """``array`` as a TensorFlow tensor sharing its memory where TensorFlow can (a writable C-contiguous array on
+    a ``features.ALIGN`` boundary, as ``Store.splits`` reads them), else a copy: a million stored vectors are then
+    held once, not twice."""
+    import tensorflow as tf
+
+    if array.flags.c_contiguous and array.flags.writeable and array.ctypes.data % ALIGN == 0 and array.size:
+        return tf.experimental.dlpack.from_dlpack(array.__dlpack__())
+    return tf.constant(array)
+
+
+def probabilities(head, features: np.ndarray, chunk: int = 8192) -> np.ndarray:
+    """The head's class probabilities for ``features``, a chunk of rows at a time (Keras' ``predict`` would first
+    copy them all into its dataset)."""
+    parts = [np.asarray(head(features[i : i + chunk], training=False)) for i in range(0, len(features), chunk)]
+    return np.concatenate(parts) if parts else np.zeros((0, head.output_shape[-1]), np.float32)
 
 
 def class_weights(labels: np.ndarray, n_classes: int) -> dict[int, float]:
@@ -52,7 +70,7 @@ def _epoch_step(head, train: Split, recipe: HeadRecipe, weights: dict[int, float
     import keras
     import tensorflow as tf
 
-    x = tf.constant(train.features)
+    x = as_tensor(train.features)
     y = tf.constant(train.labels)
     w = tf.constant(
         np.asarray([weights[int(c)] for c in train.labels] if weights else np.ones(len(train.labels)), np.float32)
@@ -91,7 +109,7 @@ def _scorer(head, split: Split) -> Callable[[], tuple]:
     import keras
     import tensorflow as tf
 
-    xs, ys = tf.constant(split.features), tf.constant(split.labels)
+    xs, ys = as_tensor(split.features), tf.constant(split.labels)
     ce = keras.losses.SparseCategoricalCrossentropy(reduction=None)
 
     @tf.function

@@ -26,7 +26,7 @@ from tlcli.store import files, locks, runs
 from tlcli.store.features import Split, Store
 from tlcli.store.locks import LOCK_NAME
 from tlcli.train import calibrate, distribute, finetune, metrics, plots, promotion, report, unknown
-from tlcli.train.head import Progress, class_weights, fit_and_refit
+from tlcli.train.head import Progress, class_weights, fit_and_refit, probabilities
 from tlcli.train.recipes import HEAD, FineTuneRecipe, HeadRecipe
 
 WORKER_NOTE = "trained as a worker of the cluster; its chief saves the run"
@@ -118,7 +118,7 @@ def load_features(
     """The store's splits, refused when not made by ``backbone`` at ``size`` or unable to train a classifier."""
     store = Store.open(features_dir)
     _check_expectations(store.meta, backbone, size)
-    features = Features(Path(features_dir), store.meta, *(store.split(s) for s in ("train", "val", "test")))
+    features = Features(Path(features_dir), store.meta, *store.splits(("train", "val", "test")))
     if len(features.train.labels) == 0:
         raise UsageError(f"{features_dir} has no training images; add images and re-run 'tlcli extract'")
     if len(np.unique(features.train.labels)) < 2:
@@ -295,7 +295,7 @@ def _predictions(features: Features, fitted: Fitted, split: Split) -> tuple[np.n
     if not len(split.labels):
         return np.zeros((0, len(features.classes))), split.labels, []
     if fitted.tuned is None:
-        return fitted.head.predict(split.features, verbose=0, batch_size=256), split.labels, photos.paths(split)
+        return probabilities(fitted.head, split.features), split.labels, photos.paths(split)
     return finetune.predict(fitted.tuned.views, photos, split)
 
 
