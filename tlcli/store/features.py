@@ -138,11 +138,9 @@ class Vectors(Mapping):
     def __init__(self) -> None:
         self._where: dict[str, tuple[np.ndarray, int]] = {}
 
-    def add(self, hashes: np.ndarray, vectors: np.ndarray, keep: np.ndarray) -> None:
-        """Index the live rows of one segment."""
-        index = np.flatnonzero(keep)
-        where = zip(itertools.repeat(np.asarray(vectors)), index.tolist(), strict=False)
-        self._where.update(zip(hashes[index].tolist(), where, strict=False))
+    def add(self, hashes: list[str], vectors: np.ndarray, index: list[int]) -> None:
+        """Index the live rows of one segment: ``hashes[j]`` is the hash of row ``index[j]`` of ``vectors``."""
+        self._where.update(zip(hashes, zip(itertools.repeat(np.asarray(vectors)), index, strict=False), strict=True))
 
     def __getitem__(self, digest: str) -> np.ndarray:
         vectors, i = self._where[digest]
@@ -171,6 +169,7 @@ class Store:
     root: Path
     meta: dict
     _read: dict[str, dict[str, np.ndarray]] = field(default_factory=dict, init=False, repr=False, compare=False)
+    _lists: dict[str, dict[str, list]] = field(default_factory=dict, init=False, repr=False, compare=False)
 
     @classmethod
     def open(cls, root: str | os.PathLike) -> Store:
@@ -197,6 +196,15 @@ class Store:
     def segments(self, name: str) -> list[dict]:
         """The segments meta.json lists for one split."""
         return self.meta["splits"].get(name, {}).get("segments", [])
+
+    def live(self, segment: dict) -> dict[str, list]:
+        """A segment's live rows as lists (their ``index`` in the segment, and each row column), made once however
+        often asked for; raises one of ``segments.UNREADABLE``."""
+        key = f"{segment['file']}:live"
+        if key not in self._lists:
+            cols, index = self.columns(segment), np.flatnonzero(segments.live(segment))
+            self._lists[key] = {"index": index.tolist(), **{k: cols[k][index].tolist() for k in segments.ROW_COLUMNS}}
+        return self._lists[key]
 
     def columns(self, segment: dict) -> dict[str, np.ndarray]:
         """A segment's row columns (``segments.rows``), read once however often asked for; raises one of
@@ -294,14 +302,13 @@ class Store:
         for name in SPLITS:
             for seg in self.segments(name):
                 try:
-                    cols = self.columns(seg)
+                    live = self.live(seg)
                     mapped = segments.mapped(self.root, seg, self.meta["feature_dim"])
                 except segments.UNREADABLE:
                     continue
-                keep = segments.live(seg)
-                vectors.add(cols["hashes"], mapped, keep)
-                live = [cols[k][keep].tolist() for k in ("paths", "sizes", "mtimes", "hashes")]
-                stats.update(zip(live[0], zip(*live[1:], strict=True), strict=True))
+                vectors.add(live["hashes"], mapped, live["index"])
+                facts = zip(live["sizes"], live["mtimes"], live["hashes"], strict=True)
+                stats.update(zip(live["paths"], facts, strict=True))
         return vectors, stats
 
     def extractor_bytes(self) -> bytes:
@@ -368,14 +375,13 @@ def _kept(old: Store | None, name: str, members: list[Row]) -> tuple[list[dict],
     kept: list[dict] = []
     for seg in old.segments(name) if old is not None else []:
         try:
-            cols = old.columns(seg)
+            live = old.live(seg)
             segments.mapped(old.root, seg, old.meta["feature_dim"])
         except segments.UNREADABLE:
             continue
-        index = np.flatnonzero(segments.live(seg))
-        facts = zip(*(cols[k][index].tolist() for k in ("labels", "hashes", "sizes", "mtimes")), strict=True)
-        where = zip(itertools.repeat(len(kept)), index.tolist(), facts, strict=False)
-        held.update(zip(cols["paths"][index].tolist(), where, strict=False))
+        facts = zip(*(live[k] for k in ("labels", "hashes", "sizes", "mtimes")), strict=True)
+        where = zip(itertools.repeat(len(kept)), live["index"], facts, strict=False)
+        held.update(zip(live["paths"], where, strict=False))
         kept.append(seg)
     used: set[tuple[int, int]] = set()
     new = []
