@@ -52,23 +52,28 @@ def plain_keras_extract(data: Path, backbone: str, batch: int) -> float:
     return time.perf_counter() - start
 
 
-def tlcli_extract(data: Path, out: Path, backbone: str, batch: int, resize: str, engine: str) -> float:
+def tlcli_extract(
+    data: Path, out: Path, backbone: str, batch: int, resize: str, engine: str, precision: str = "float32"
+) -> float:
     from tlcli.train.extract import extract
     from tlcli.train.recipes import ExtractRecipe
 
-    recipe = ExtractRecipe(backbone=backbone, size=224, weights="none", resize=resize, batch_size=batch)
+    recipe = ExtractRecipe(
+        backbone=backbone, size=224, weights="none", resize=resize, batch_size=batch, precision=precision
+    )
     return extract(data, out, recipe, engine=engine)["seconds"]
 
 
-def fresh_process_seconds(case: str, data: Path, out: Path, backbone: str, batch: int) -> float:
+def fresh_process_seconds(case: str, data: Path, out: Path, backbone: str, batch: int, precision: str) -> float:
     """Seconds of one case in a new Python process, as a user's command would run."""
     resize = "crop+pad" if case.startswith("default") else "crop"
     engine = "openvino" if "openvino" in case else "keras"
+    precision = precision if engine == "openvino" else "float32"
     call = (
         f"b.plain_keras_extract(b.Path({str(data)!r}), {backbone!r}, {batch})"
         if case == "plain"
         else f"b.tlcli_extract(b.Path({str(data)!r}), b.Path({str(out)!r}), {backbone!r}, {batch}, {resize!r}, "
-        f"{engine!r})"
+        f"{engine!r}, {precision!r})"
     )
     code = (
         "import sys, json\n"
@@ -83,15 +88,15 @@ def fresh_process_seconds(case: str, data: Path, out: Path, backbone: str, batch
     return float(res.stdout.strip().splitlines()[-1])
 
 
-def one_round(data: Path, warm: Path, work: Path, backbone: str, batch: int) -> dict[str, float]:
+def one_round(data: Path, warm: Path, work: Path, backbone: str, batch: int, precision: str) -> dict[str, float]:
     """Seconds of every case, one after another; the cached case's store is prepared outside its timing."""
     seconds = {}
     for case in CASES:
         out = work / case.replace(" ", "_").replace(",", "")
         shutil.rmtree(out, ignore_errors=True)
         if case.endswith("cached"):
-            fresh_process_seconds("crop openvino", warm, out, backbone, batch)
-        seconds[case] = fresh_process_seconds(case, data, out, backbone, batch)
+            fresh_process_seconds("crop openvino", warm, out, backbone, batch, precision)
+        seconds[case] = fresh_process_seconds(case, data, out, backbone, batch, precision)
         shutil.rmtree(out, ignore_errors=True)
     return seconds
 
@@ -143,6 +148,9 @@ def main() -> None:
     parser.add_argument("--reps", type=int, default=1, help="Rounds of every case (median taken).")
     parser.add_argument("--network-reps", type=int, default=3, help="Rounds of the network-alone table (0: none).")
     parser.add_argument("--network-only", action="store_true", help="Print only the network-alone table.")
+    parser.add_argument(
+        "--precision", default="float32", help="--precision of the openvino cases (mixed_bfloat16: OpenVINO's bf16)."
+    )
     args = parser.parse_args()
     from rich.console import Console
     from rich.table import Table
@@ -165,11 +173,12 @@ def main() -> None:
     n = link_dataset(args.data, data, limit=args.images // 2)
     link_dataset(args.data, warm, limit=1, skip=args.images // 2)
     loads = [f"{os.getloadavg()[0]:.1f}"]
-    table = Table(title=f"extract engines vs plain Keras, {n} photos, 224 px, weights none, {os.cpu_count()} cores")
+    title = f"extract engines vs plain Keras, {n} photos, 224 px, weights none, openvino {args.precision}"
+    table = Table(title=f"{title}, {os.cpu_count()} cores")
     for col in ("backbone", "case", "images/s", "x plain"):
         table.add_column(col, justify="left" if col in ("backbone", "case") else "right")
     for backbone in args.backbones.split(","):
-        rounds = [one_round(data, warm, work, backbone, args.batch) for _ in range(args.reps)]
+        rounds = [one_round(data, warm, work, backbone, args.batch, args.precision) for _ in range(args.reps)]
         loads.append(f"{os.getloadavg()[0]:.1f}")
         median = {c: sorted(r[c] for r in rounds)[len(rounds) // 2] for c in CASES}
         for case in CASES:

@@ -191,17 +191,11 @@ def _collect(outputs: list, kept: list, skipped: list, paths: Sequence[str], don
             skipped.append({"path": paths[done + j], "reason": why[j]})
 
 
-def apply_photos(
-    infer,
-    width: int,
-    paths: Sequence[str],
-    size: int,
-    batch_size: int = 32,
-    progress: Callable[[int, int], None] | None = None,
-) -> tuple[np.ndarray, list[int], list[dict]]:
-    """``apply_graph`` for a graph on whole photos: consecutive photos of one size go in as one batch."""
-    kept: list = []
-    skipped: list = []
+def _photo_outputs(
+    infer, paths: Sequence[str], size: int, batch_size: int, progress: Callable[[int, int], None] | None
+) -> Iterator[tuple[list, np.ndarray, list[str]]]:
+    """A graph on whole photos over image files a batch at a time: consecutive photos of one size go in as one
+    batch; (outputs, None where a file did not decode; ok mask; why)."""
     done = 0
     for photos, ok, why in images.photo_batches(list(paths), size, batch_size):
         rows: list = [None] * len(photos)
@@ -213,11 +207,33 @@ def apply_photos(
             if ok[start]:
                 rows[start:end] = list(np.asarray(infer(np.stack(photos[start:end]))))
             start = end
-        _collect(rows, kept, skipped, paths, done, ok, why)
+        yield rows, ok, why
         done += len(photos)
         if progress:
             progress(done, len(paths))
+
+
+def _collected(batches, width: int, paths: Sequence[str]) -> tuple[np.ndarray, list[int], list[dict]]:
+    """(outputs of the decodable files, their indices, skipped files with why) from (outputs, ok, why) batches."""
+    kept: list = []
+    skipped: list = []
+    done = 0
+    for outputs, ok, why in batches:
+        _collect(list(outputs), kept, skipped, paths, done, ok, why)
+        done += len(ok)
     return np.asarray([row for _, row in kept], np.float32).reshape(-1, width), [i for i, _ in kept], skipped
+
+
+def apply_photos(
+    infer,
+    width: int,
+    paths: Sequence[str],
+    size: int,
+    batch_size: int = 32,
+    progress: Callable[[int, int], None] | None = None,
+) -> tuple[np.ndarray, list[int], list[dict]]:
+    """``apply_graph`` for a graph on whole photos (``_photo_outputs``)."""
+    return _collected(_photo_outputs(infer, paths, size, batch_size, progress), width, paths)
 
 
 def graph_batches(
@@ -251,10 +267,4 @@ def apply_graph(
     progress: Callable[[int, int], None] | None = None,
 ) -> tuple[np.ndarray, list[int], list[dict]]:
     """``apply_model`` with the model's graph (``graph_batches``) and output width."""
-    kept: list = []
-    skipped: list = []
-    done = 0
-    for outputs, ok, why in graph_batches(infer, paths, size, resize, batch_size, progress):
-        _collect(list(outputs), kept, skipped, paths, done, ok, why)
-        done += len(outputs)
-    return np.asarray([row for _, row in kept], np.float32).reshape(-1, width), [i for i, _ in kept], skipped
+    return _collected(graph_batches(infer, paths, size, resize, batch_size, progress), width, paths)

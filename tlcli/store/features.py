@@ -230,6 +230,17 @@ class Store:
             raise UsageError(f"the {name} segments in {self.root} do not match {META}; re-run 'tlcli extract'")
         return found
 
+    def _read_into(self, found: list, out: np.ndarray) -> None:
+        """Copy the live vectors of ``found`` (``_rows``) into ``out``, one segment after another."""
+        at = 0
+        for seg, _, keep in found:
+            n = int(keep.sum())
+            try:
+                segments.read_into(self.root, seg, out[at : at + n])
+            except segments.UNREADABLE as exc:
+                raise self._unreadable(seg["vectors"], exc) from None
+            at += n
+
     def _vectors(self, found: list) -> np.ndarray:
         """A split's live vectors: the memory-mapped file itself when one segment holds them all, else one array."""
         dim = self.meta["feature_dim"]
@@ -239,14 +250,7 @@ class Store:
             except segments.UNREADABLE as exc:
                 raise self._unreadable(found[0][0]["vectors"], exc) from None
         out = np.empty((sum(int(keep.sum()) for *_, keep in found), dim), np.float32)
-        at = 0
-        for seg, _, keep in found:
-            n = int(keep.sum())
-            try:
-                segments.read_into(self.root, seg, out[at : at + n])
-            except segments.UNREADABLE as exc:
-                raise self._unreadable(seg["vectors"], exc) from None
-            at += n
+        self._read_into(found, out)
         return out
 
     def arrays(self, name: str) -> dict[str, np.ndarray]:
@@ -261,30 +265,17 @@ class Store:
     def split(self, name: str) -> Split:
         """Load one split (vectors memory-mapped where they lie in one file), checked against meta.json."""
         found = self._rows(name)
-        labels = [cols["labels"][keep] for _, cols, keep in found]
-        paths = [str(p) for _, cols, keep in found for p in cols["paths"][keep]]
-        return Split(self._vectors(found), np.concatenate(labels or [np.zeros(0, np.int64)]), paths)
+        return _split_of(found, self._vectors(found))
 
     def splits(self, names: Sequence[str] = SPLITS) -> list[Split]:
         """The named splits, their vectors read one after another into one ``ALIGN``-ed array with plain reads
         (not mapped: the only copy held), each split a view of it, so train+val join without a copy."""
         found = [self._rows(name) for name in names]
-        dim = self.meta["feature_dim"]
-        out = aligned_empty(sum(int(keep.sum()) for rows in found for *_, keep in rows), dim)
-        at, splits = 0, []
-        for rows in found:
-            start = at
-            for seg, _, keep in rows:
-                n = int(keep.sum())
-                try:
-                    segments.read_into(self.root, seg, out[at : at + n])
-                except segments.UNREADABLE as exc:
-                    raise self._unreadable(seg["vectors"], exc) from None
-                at += n
-            labels = [cols["labels"][keep] for _, cols, keep in rows]
-            paths = [str(p) for _, cols, keep in rows for p in cols["paths"][keep]]
-            splits.append(Split(out[start:at], np.concatenate(labels or [np.zeros(0, np.int64)]), paths))
-        return splits
+        ends = np.cumsum([0, *(sum(int(keep.sum()) for *_, keep in rows) for rows in found)]).tolist()
+        out = aligned_empty(ends[-1], self.meta["feature_dim"])
+        for rows, start, end in zip(found, ends[:-1], ends[1:], strict=True):
+            self._read_into(rows, out[start:end])
+        return [_split_of(rows, out[a:b]) for rows, a, b in zip(found, ends[:-1], ends[1:], strict=True)]
 
     def rows(self) -> list[Row]:
         """Every stored image of every split."""
@@ -318,6 +309,13 @@ class Store:
 
 _WRITE_CHUNK = 4096
 """Rows of vectors gathered at a time when a segment is written from rows."""
+
+
+def _split_of(found: list, vectors: np.ndarray) -> Split:
+    """A split from its segments' live rows (``Store._rows``) and their vectors."""
+    labels = [cols["labels"][keep] for _, cols, keep in found]
+    paths = [str(p) for _, cols, keep in found for p in cols["paths"][keep]]
+    return Split(vectors, np.concatenate(labels or [np.zeros(0, np.int64)]), paths)
 
 
 def _columns(members: list[Row]) -> dict[str, np.ndarray]:
