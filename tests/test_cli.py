@@ -10,6 +10,8 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
+
 from .conftest import ROOT, make_photo
 
 TLCLI = [sys.executable, "-m", "tlcli"]
@@ -170,3 +172,25 @@ def test_devices_and_gpu_requests_on_a_cpu_machine(cli, tmp_path, keras_home):
         env={"KERAS_HOME": str(keras_home)},
     )
     assert cpu.returncode == 0 and json.loads(cpu.stdout)["reused"] == 8 and cpu.stderr == ""
+
+
+def test_an_interrupt_a_library_turned_into_another_error_still_exits_130(monkeypatch):
+    """Ctrl-C landing inside a TensorFlow call came back from pybind11 as "RuntimeError: ... MISMATCH of original
+    and normalized active exception types" and exit 1; the stop that was asked for wins."""
+    import typer
+
+    from tlcli import interrupts
+    from tlcli.cli.console import handles_errors
+
+    monkeypatch.setattr(interrupts, "_requested", None)
+
+    @handles_errors
+    def command() -> None:
+        try:
+            interrupts._request(signal.SIGINT, None)
+        except KeyboardInterrupt:
+            raise RuntimeError("pybind11::error_already_set: MISMATCH of original and normalized") from None
+
+    with pytest.raises(typer.Exit) as stopped:
+        command()
+    assert stopped.value.exit_code == 130

@@ -25,6 +25,11 @@ def install() -> None:
         signal.signal(signal.SIGINT, _request)
 
 
+def requested() -> bool:
+    """Whether a stop was asked for (a library may have turned its KeyboardInterrupt into another error)."""
+    return _requested is not None
+
+
 def check() -> None:
     """Raise KeyboardInterrupt if a stop was asked for, even if the first one was swallowed."""
     if _requested is not None:

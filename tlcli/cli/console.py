@@ -28,6 +28,11 @@ def _fail(message: str, code: int) -> None:
     raise typer.Exit(code)
 
 
+def _interrupted() -> None:
+    err.print("interrupted; files already written are complete, nothing half-written was left")
+    raise typer.Exit(EXIT_INTERRUPTED) from None
+
+
 def _stdout_gone() -> None:
     """The reader of stdout went away (``| head``): point stdout at /dev/null so nothing fails writing to it again."""
     with contextlib.suppress(OSError, ValueError, AttributeError):
@@ -53,14 +58,17 @@ def handles_errors(fn: Callable) -> Callable:
         except TlcliError as exc:
             _fail(str(exc), exc.exit_code)
         except KeyboardInterrupt:
-            err.print("interrupted; files already written are complete, nothing half-written was left")
-            raise typer.Exit(EXIT_INTERRUPTED) from None
+            _interrupted()
         except MemoryError:
             _fail("out of memory; try a smaller --batch-size", EXIT_FAILURE)
         except OSError as exc:
             where = f" ({exc.filename})" if getattr(exc, "filename", None) else ""
             _fail(f"{exc.strerror or exc}{where}", EXIT_FAILURE)
         except Exception as exc:
+            if (
+                interrupts.requested()
+            ):  # pybind11 turns a KeyboardInterrupt raised inside TensorFlow into a RuntimeError
+                _interrupted()
             if os.environ.get("TLCLI_DEBUG"):
                 raise
             _fail(
