@@ -107,8 +107,9 @@ def test_shipped_configs_parse():
 def test_sigint_during_extract_exits_130_and_leaves_no_store(tmp_path, keras_home):
     """800 photos, each four passes at 448 px (crop and pad views, flipped): seconds of work to interrupt.
 
-    Small files keep making them cheap (the backbone sees 448 px whatever their size); the signal goes a few
-    seconds after extract takes its lock, once the backbone is built and running over the photos.
+    Small files keep making them cheap (the backbone sees 448 px whatever their size); the signal goes seven
+    seconds after extract takes its lock (TensorFlow is imported after it), once the backbone is built and
+    running over the photos.
     """
     data = tmp_path / "data"
     for i in range(400):
@@ -127,7 +128,7 @@ def test_sigint_during_extract_exits_130_and_leaves_no_store(tmp_path, keras_hom
     deadline = time.monotonic() + 120
     while not (out / ".tlcli.lock").exists() and proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.05)
-    time.sleep(4)
+    time.sleep(7)
     assert proc.poll() is None, proc.communicate()
     proc.send_signal(signal.SIGINT)
     _, stderr = proc.communicate(timeout=120)
