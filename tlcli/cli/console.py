@@ -65,9 +65,8 @@ def handles_errors(fn: Callable) -> Callable:
             where = f" ({exc.filename})" if getattr(exc, "filename", None) else ""
             _fail(f"{exc.strerror or exc}{where}", EXIT_FAILURE)
         except Exception as exc:
-            if (
-                interrupts.requested()
-            ):  # pybind11 turns a KeyboardInterrupt raised inside TensorFlow into a RuntimeError
+            # pybind11 hands a Ctrl-C raised inside TensorFlow's C++ back as another error
+            if interrupts.requested():
                 _interrupted()
             if os.environ.get("TLCLI_DEBUG"):
                 raise

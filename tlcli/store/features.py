@@ -123,9 +123,8 @@ def _adjacent(arrays: list[np.ndarray]) -> np.ndarray:
     owner = first.base if first.base is not None else first
     at = first.ctypes.data
     for a in arrays:
-        if not isinstance(owner, np.ndarray) or a.base is not owner or a.dtype != first.dtype:
-            return np.concatenate(arrays)
-        if not a.flags.c_contiguous or a.ctypes.data != at:
+        inside = isinstance(owner, np.ndarray) and a.base is owner and a.dtype == first.dtype
+        if not (inside and a.flags.c_contiguous and a.ctypes.data == at):
             return np.concatenate(arrays)
         at += a.nbytes
     shape = (sum(len(a) for a in arrays), *first.shape[1:])
@@ -200,11 +199,11 @@ class Store:
     def live(self, segment: dict) -> dict[str, list]:
         """A segment's live rows as lists (their ``index`` in the segment, and each row column), made once however
         often asked for; raises one of ``segments.UNREADABLE``."""
-        key = f"{segment['file']}:live"
-        if key not in self._lists:
+        if segment["file"] not in self._lists:
             cols, index = self.columns(segment), np.flatnonzero(segments.live(segment))
-            self._lists[key] = {"index": index.tolist(), **{k: cols[k][index].tolist() for k in segments.ROW_COLUMNS}}
-        return self._lists[key]
+            lists = {k: cols[k][index].tolist() for k in segments.ROW_COLUMNS}
+            self._lists[segment["file"]] = {"index": index.tolist(), **lists}
+        return self._lists[segment["file"]]
 
     def columns(self, segment: dict) -> dict[str, np.ndarray]:
         """A segment's row columns (``segments.rows``), read once however often asked for; raises one of

@@ -30,13 +30,13 @@ class Spill(Mapping):
             return
         try:
             self._file.write(memoryview(data).cast("B"))
+            self._file.flush()
         except OSError as exc:
             raise OSError(exc.errno, exc.strerror, str(self._folder)) from exc
         self._index.update((d, self._count + i) for i, d in enumerate(digests))
         self._count += len(digests)
 
     def __getitem__(self, digest: str) -> np.ndarray:
-        self._file.flush()
         data = os.pread(self._file.fileno(), self._row, self._index[digest] * self._row)
         return np.frombuffer(data, np.float32)
 

@@ -94,7 +94,7 @@ def out_of_fold(
             fold.train, fold.val, probs.shape[1], dataclasses.replace(recipe, seed=fold.seed)
         )
         rows = fold.held
-        probs[rows] = np.asarray(trained(every.features[rows], training=False))
+        probs[rows] = head.probabilities(trained, every.features[rows])
         temperatures.append(calibrate.fitted_or_none(val_probs, fold.val.labels))
         calibrated[rows] = (
             probs[rows] if temperatures[-1] is None else calibrate.rescaled(probs[rows], temperatures[-1])
@@ -137,7 +137,7 @@ def fine_tuned_out_of_fold(
         held = every.take(fold.held)
         features = trainer.Features(store.root, store.meta, fold.train, fold.val, held)
         fitted = trainer.fit(features, dataclasses.replace(recipe, seed=fold.seed), fine_tune, log=trainer.RunLog())
-        head_probs[fold.held] = np.asarray(fitted.head(held.features, training=False))
+        head_probs[fold.held] = head.probabilities(fitted.head, held.features)
         probs, _, kept = finetune.predict(fitted.tuned.views, photos, held)
         if len(kept) != len(held.paths):
             raise UsageError(f"{len(held.paths) - len(kept)} photo(s) of {store.root} no longer decode; re-run extract")

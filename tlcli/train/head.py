@@ -185,7 +185,7 @@ def fit_and_refit(
         f"stopped after {len(hist['loss'])} epochs"
         + (f", best val loss {min(hist['val_loss']):.4f}" if has_val else "")
     )
-    val_probs = np.asarray(head(val.features, training=False)) if has_val else None
+    val_probs = probabilities(head, val.features) if has_val else None
     if recipe.refit and has_val:
         refit_epochs = int(np.argmin(hist["val_loss"])) + 1
         both = Split.joined([train, val])

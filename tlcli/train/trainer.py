@@ -118,7 +118,7 @@ def load_features(
     """The store's splits, refused when not made by ``backbone`` at ``size`` or unable to train a classifier."""
     store = Store.open(features_dir)
     _check_expectations(store.meta, backbone, size)
-    features = Features(Path(features_dir), store.meta, *store.splits(("train", "val", "test")))
+    features = Features(Path(features_dir), store.meta, *store.splits())
     if len(features.train.labels) == 0:
         raise UsageError(f"{features_dir} has no training images; add images and re-run 'tlcli extract'")
     if len(np.unique(features.train.labels)) < 2:
