@@ -70,12 +70,11 @@ def _flipped_copy(store_dir: Path, dest: Path) -> set[str]:
     rows = store.rows()
     rng = np.random.default_rng(FLIP_SEED)
     flipped = rng.choice(len(rows), round(FLIP_FRACTION * len(rows)), replace=False)
-    for i in flipped:
-        rows[i] = rows[i]._replace(label=1 - rows[i].label)
+    rows.labels[flipped] = 1 - rows.labels[flipped]
     meta = copy.deepcopy(store.meta)
     meta.pop(features.EXTRACTOR)
     features.write(dest, rows, meta["classes"], meta)
-    return {rows[i].path for i in flipped}
+    return {str(rows.paths[i]) for i in flipped}
 
 
 class Audited(NamedTuple):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -10,7 +11,7 @@ import pytest
 
 from tlcli.errors import UsageError
 from tlcli.store import features
-from tlcli.store.features import Row, Store
+from tlcli.store.features import Rows, Store
 
 from .conftest import COLOUR_EXTRACT, make_photo
 
@@ -18,15 +19,21 @@ DIM = 64
 CLASSES = ["a", "b"]
 
 
-def _rows(ids, split="train") -> list[Row]:
+def _rows(ids, split="train") -> Rows:
     """Synthetic rows whose vector, label and hash follow from the id, so a re-read can be checked."""
-    return [
-        Row(f"c/{i}.jpg", i % 2, split, f"{i:032x}", 100 + i, 7 + i, np.full(DIM, i, np.float32) + np.arange(DIM))
-        for i in ids
-    ]
+    ids = np.asarray(list(ids), np.int64)
+    return Rows(
+        np.asarray([f"c/{i}.jpg" for i in ids]),
+        ids % 2,
+        np.full(len(ids), split),
+        np.asarray([f"{i:032x}" for i in ids]),
+        100 + ids,
+        7 + ids,
+        np.full((len(ids), DIM), ids[:, None], np.float32) + np.arange(DIM),
+    )
 
 
-def _commit(root: Path, rows: list[Row], vectors=None) -> Store:
+def _commit(root: Path, rows: Rows, vectors=None) -> Store:
     meta = {
         "format": features.STORE_FORMAT,
         "key": "k",
@@ -88,9 +95,9 @@ def test_removals_are_dropped_in_meta_then_compacted_past_the_fraction(tmp_path)
 def test_a_changed_file_and_a_split_move_replace_their_rows(tmp_path):
     root = tmp_path / "s"
     _commit(root, _rows(range(20)))
-    moved = _rows(range(19)) + _rows([19], split="val")
-    changed = moved[5]._replace(digest="f" * 32, vector=np.full(DIM, 5, np.float32) + np.arange(DIM))
-    store = _commit(root, [*moved[:5], changed, *moved[6:]])
+    moved = Rows.joined([_rows(range(19)), _rows([19], split="val")])
+    moved.hashes[5] = "f" * 32
+    store = _commit(root, moved)
     assert [len(s["dropped"]) for s in store.segments("train")] == [2, 0]
     assert store.split("val").paths == ["c/19.jpg"] and store.arrays("train")["hashes"][-1] == "f" * 32
     _check(store, range(20))
@@ -163,13 +170,13 @@ def test_new_vectors_go_through_a_scratch_file_into_segments_written_a_chunk_at_
 
     rows = _rows(range(10))
     spill = Spill(tmp_path / "s", DIM)
-    spill.add([r.digest for r in rows[:6]], np.stack([r.vector for r in rows[:6]]))
+    spill.add(rows.hashes[:6].tolist(), rows.vectors[:6])
     spill.add([], np.zeros((0, DIM), np.float32))
-    spill.add([r.digest for r in rows[6:]], np.stack([r.vector for r in rows[6:]]))
+    spill.add(rows.hashes[6:].tolist(), rows.vectors[6:])
     assert list((tmp_path / "s").iterdir()) == [] and len(spill) == 10
-    assert all(np.array_equal(spill[r.digest], r.vector) for r in rows)
+    assert all(np.array_equal(spill[d], v) for d, v in zip(rows.hashes.tolist(), rows.vectors, strict=True))
     monkeypatch.setattr(features, "_WRITE_CHUNK", 3)
-    chunked = _commit(tmp_path / "chunked", [r._replace(vector=None) for r in rows], spill)
+    chunked = _commit(tmp_path / "chunked", dataclasses.replace(rows, vectors=None), spill)
     spill.close()
     whole = _commit(tmp_path / "whole", rows)
     assert chunked.segments("train") == whole.segments("train")
@@ -183,7 +190,9 @@ def test_train_head_reads_the_splits_once_into_one_array_that_tensorflow_shares(
     from tlcli.store.features import Split
     from tlcli.train.head import as_tensor
 
-    store = _commit(tmp_path / "s", _rows(range(8)) + _rows(range(8, 11), "val") + _rows(range(11, 13), "test"))
+    store = _commit(
+        tmp_path / "s", Rows.joined([_rows(range(8)), _rows(range(8, 11), "val"), _rows(range(11, 13), "test")])
+    )
     train, val, test = store.splits()
     assert [len(s.labels) for s in (train, val, test)] == [8, 3, 2]
     assert np.array_equal(val.features, store.split("val").features) and val.paths == store.split("val").paths

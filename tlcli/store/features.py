@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
-import itertools
 import json
 import os
-from collections import ChainMap
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,7 +25,6 @@ EXTRACTOR = "extractor"
 OPENVINO = "openvino"
 """The entry of meta.json's extractor naming the graph's OpenVINO conversion (``extractor-<hash>.openvino.npz``)."""
 SPLITS = ("train", "val", "test")
-COLUMNS = ("features", "labels", "paths", "hashes", "sizes", "mtimes")
 _DTYPES = {
     "features": np.float32,
     "labels": np.int64,
@@ -35,7 +33,6 @@ _DTYPES = {
     "sizes": np.int64,
     "mtimes": np.int64,
 }
-_ROW_ORDER = ("paths", "labels", "hashes", "sizes", "mtimes", "features")
 COMPACT_DROPPED = 0.25
 """A split is rewritten as one segment once this fraction of its segments' rows were dropped."""
 MAX_SEGMENTS = 16
@@ -70,17 +67,36 @@ def _shape_problem(meta) -> str | None:
     return None
 
 
-class Row(NamedTuple):
-    """One stored image: where it is, its class, split, content hash, size and mtime, and its vector (None when
-    ``write`` is given the vectors by content hash)."""
+@dataclass
+class Rows:
+    """Stored images as columns: where each is, its class, split, content hash, size and mtime, and ``vectors``,
+    their own vectors in order, or None when ``write`` is given them by content hash."""
 
-    path: str
-    label: int
-    split: str
-    digest: str
-    size: int
-    mtime: int
-    vector: np.ndarray | None
+    paths: np.ndarray
+    labels: np.ndarray
+    splits: np.ndarray
+    hashes: np.ndarray
+    sizes: np.ndarray
+    mtimes: np.ndarray
+    vectors: np.ndarray | None = None
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def take(self, index: np.ndarray) -> Rows:
+        """The rows at ``index`` (positions or a mask), in that order."""
+        picked = {k: getattr(self, k)[index] for k in _ROW_FIELDS}
+        return Rows(**picked, vectors=None if self.vectors is None else self.vectors[index])
+
+    @classmethod
+    def joined(cls, parts: Sequence[Rows]) -> Rows:
+        """The rows of ``parts`` one after another (with their vectors when every part has its own)."""
+        columns = {k: np.concatenate([getattr(p, k) for p in parts]) for k in _ROW_FIELDS}
+        own = all(p.vectors is not None for p in parts)
+        return cls(**columns, vectors=np.concatenate([p.vectors for p in parts]) if own and parts else None)
+
+
+_ROW_FIELDS = ("paths", "labels", "splits", "hashes", "sizes", "mtimes")
 
 
 @dataclass
@@ -131,28 +147,59 @@ def _adjacent(arrays: list[np.ndarray]) -> np.ndarray:
     return np.ndarray(shape, first.dtype, buffer=owner, offset=first.ctypes.data - owner.ctypes.data)
 
 
+@dataclass
+class Stored:
+    """A store's live rows in its readable segments as columns (``rows``, split after split), and where each lies:
+    ``segment`` indexes ``segs`` (split name and meta.json entry) and ``mapped`` (its memory-mapped vectors),
+    ``index`` is the row in that segment."""
+
+    rows: Rows
+    segs: list[tuple[str, dict]]
+    mapped: list[np.ndarray]
+    segment: np.ndarray
+    index: np.ndarray
+
+    @functools.cached_property
+    def by_path(self) -> dict[str, int]:
+        """The row of each stored path."""
+        return dict(zip(self.rows.paths.tolist(), range(len(self.rows)), strict=True))
+
+    @functools.cached_property
+    def by_hash(self) -> dict[str, int]:
+        """A row of each stored content hash."""
+        return dict(zip(self.rows.hashes.tolist(), range(len(self.rows)), strict=True))
+
+    def find(self, paths: Sequence[str]) -> np.ndarray:
+        """The row of each of ``paths``, -1 where it is not stored."""
+        where = self.by_path
+        return np.fromiter((where.get(p, -1) for p in paths), np.int64, len(paths))
+
+    def vector(self, row: int) -> np.ndarray:
+        return self.mapped[self.segment[row]][self.index[row]]
+
+
 class Vectors(Mapping):
-    """Stored vectors by content hash, read from the memory-mapped segments only when asked for."""
+    """Stored vectors by content hash, read from the memory-mapped segments only when asked for (the first
+    tables' first)."""
 
-    def __init__(self) -> None:
-        self._where: dict[str, tuple[np.ndarray, int]] = {}
-
-    def add(self, hashes: list[str], vectors: np.ndarray, index: list[int]) -> None:
-        """Index the live rows of one segment: ``hashes[j]`` is the hash of row ``index[j]`` of ``vectors``."""
-        self._where.update(zip(hashes, zip(itertools.repeat(np.asarray(vectors)), index, strict=False), strict=True))
+    def __init__(self, tables: Sequence[Stored]) -> None:
+        self._tables = tables
 
     def __getitem__(self, digest: str) -> np.ndarray:
-        vectors, i = self._where[digest]
-        return vectors[i]
+        for table in self._tables:
+            row = table.by_hash.get(digest)
+            if row is not None:
+                return table.vector(row)
+        raise KeyError(digest)
 
     def __iter__(self) -> Iterator[str]:
-        return iter(self._where)
+        return iter({d: None for table in self._tables for d in table.by_hash})
 
     def __len__(self) -> int:
-        return len(self._where)
+        return sum(1 for _ in self)
 
     def __contains__(self, digest: object) -> bool:
-        return digest in self._where
+        return any(digest in table.by_hash for table in self._tables)
 
 
 @dataclass
@@ -168,7 +215,6 @@ class Store:
     root: Path
     meta: dict
     _read: dict[str, dict[str, np.ndarray]] = field(default_factory=dict, init=False, repr=False, compare=False)
-    _lists: dict[str, dict[str, list]] = field(default_factory=dict, init=False, repr=False, compare=False)
 
     @classmethod
     def open(cls, root: str | os.PathLike) -> Store:
@@ -195,15 +241,6 @@ class Store:
     def segments(self, name: str) -> list[dict]:
         """The segments meta.json lists for one split."""
         return self.meta["splits"].get(name, {}).get("segments", [])
-
-    def live(self, segment: dict) -> dict[str, list]:
-        """A segment's live rows as lists (their ``index`` in the segment, and each row column), made once however
-        often asked for; raises one of ``segments.UNREADABLE``."""
-        if segment["file"] not in self._lists:
-            cols, index = self.columns(segment), np.flatnonzero(segments.live(segment))
-            lists = {k: cols[k][index].tolist() for k in segments.ROW_COLUMNS}
-            self._lists[segment["file"]] = {"index": index.tolist(), **lists}
-        return self._lists[segment["file"]]
 
     def columns(self, segment: dict) -> dict[str, np.ndarray]:
         """A segment's row columns (``segments.rows``), read once however often asked for; raises one of
@@ -276,30 +313,35 @@ class Store:
             self._read_into(rows, out[start:end])
         return [_split_of(rows, out[a:b]) for rows, a, b in zip(found, ends[:-1], ends[1:], strict=True)]
 
-    def rows(self) -> list[Row]:
-        """Every stored image of every split."""
+    def rows(self) -> Rows:
+        """Every stored image of every split, with its vector."""
         found = []
         for name in SPLITS:
             a = self.arrays(name)
-            columns = zip(*(a[k] for k in _ROW_ORDER), strict=True)
-            found += [Row(str(p), int(lab), name, str(h), int(s), int(m), v) for p, lab, h, s, m, v in columns]
-        return found
+            columns = {k: a[k] for k in segments.ROW_COLUMNS}
+            found.append(Rows(**columns, splits=np.full(len(a["labels"]), name), vectors=np.asarray(a["features"])))
+        return Rows.joined(found)
 
-    def cached(self) -> tuple[Vectors, dict[str, tuple[int, int, str]]]:
-        """Vectors by content hash, and (size, mtime_ns, hash) by path, from every readable segment."""
-        vectors = Vectors()
-        stats: dict[str, tuple[int, int, str]] = {}
+    @functools.cached_property
+    def table(self) -> Stored:
+        """The live rows of every readable segment as columns (unreadable segments are left out)."""
+        segs, mapped, parts, segment, index = [], [], [], [], []
         for name in SPLITS:
             for seg in self.segments(name):
                 try:
-                    live = self.live(seg)
-                    mapped = segments.mapped(self.root, seg, self.meta["feature_dim"])
+                    cols, vectors = self.columns(seg), segments.mapped(self.root, seg, self.meta["feature_dim"])
                 except segments.UNREADABLE:
                     continue
-                vectors.add(live["hashes"], mapped, live["index"])
-                facts = zip(live["sizes"], live["mtimes"], live["hashes"], strict=True)
-                stats.update(zip(live["paths"], facts, strict=True))
-        return vectors, stats
+                live = np.flatnonzero(segments.live(seg))
+                picked = {k: cols[k][live] for k in segments.ROW_COLUMNS}
+                parts.append(Rows(**picked, splits=np.full(len(live), name)))
+                segment.append(np.full(len(live), len(segs)))
+                index.append(live)
+                segs.append((name, seg))
+                mapped.append(vectors)
+        if not parts:
+            return Stored(_no_rows(), [], [], np.zeros(0, np.int64), np.zeros(0, np.int64))
+        return Stored(Rows.joined(parts), segs, mapped, np.concatenate(segment), np.concatenate(index))
 
     def extractor_bytes(self) -> bytes:
         """The traced feature graph meta.json names (KeyError, TypeError or OSError when there is none)."""
@@ -317,25 +359,26 @@ def _split_of(found: list, vectors: np.ndarray) -> Split:
     return Split(vectors, np.concatenate(labels or [np.zeros(0, np.int64)]), paths)
 
 
-def _columns(members: list[Row]) -> dict[str, np.ndarray]:
+def _no_rows() -> Rows:
+    return Rows(*(np.zeros(0, _DTYPES.get(k, str)) for k in _ROW_FIELDS))
+
+
+def _columns(members: Rows) -> dict[str, np.ndarray]:
     """The row columns of one segment (all but its vectors), from its rows."""
-    return {
-        "labels": np.asarray([r.label for r in members], np.int64),
-        "paths": np.asarray([r.path for r in members], dtype=str),
-        "hashes": np.asarray([r.digest for r in members], dtype=str),
-        "sizes": np.asarray([r.size for r in members], np.int64),
-        "mtimes": np.asarray([r.mtime for r in members], np.int64),
-    }
+    return {k: np.asarray(getattr(members, k), _DTYPES[k]) for k in segments.ROW_COLUMNS}
 
 
-def _chunks(members: list[Row], dim: int, vectors: Mapping[str, np.ndarray]) -> segments.Chunks:
+def _chunks(members: Rows, dim: int, vectors: Mapping[str, np.ndarray]) -> segments.Chunks:
     """The vectors of ``members`` (their own, or ``vectors``' for their hash), a few thousand rows at a time."""
 
     def chunks() -> Iterator[np.ndarray]:
         for start in range(0, len(members), _WRITE_CHUNK):
-            part = members[start : start + _WRITE_CHUNK]
-            found = [vectors[r.digest] if r.vector is None else r.vector for r in part]
-            yield np.asarray(found, np.float32).reshape(len(part), dim)
+            stop = min(start + _WRITE_CHUNK, len(members))
+            if members.vectors is not None:
+                yield np.asarray(members.vectors[start:stop], np.float32).reshape(stop - start, dim)
+                continue
+            found = [vectors[d] for d in members.hashes[start:stop].tolist()]
+            yield np.asarray(found, np.float32).reshape(stop - start, dim)
 
     return chunks
 
@@ -365,33 +408,29 @@ def _compacted(root: Path, name: str, kept: list[dict], dim: int) -> list[dict]:
     return kept
 
 
-def _kept(old: Store | None, name: str, members: list[Row]) -> tuple[list[dict], list[Row]]:
+def _kept(old: Store | None, name: str, members: Rows) -> tuple[list[dict], Rows]:
     """The previous store's readable segments of a split, with the rows no longer in ``members`` dropped,
     and the members they do not hold (new or changed files: the rows to append)."""
-    held: dict[str, tuple[int, int, tuple]] = {}
-    kept: list[dict] = []
-    for seg in old.segments(name) if old is not None else []:
-        try:
-            live = old.live(seg)
-            segments.mapped(old.root, seg, old.meta["feature_dim"])
-        except segments.UNREADABLE:
+    if old is None:
+        return [], members
+    table = old.table
+    row = table.find(members.paths.tolist())
+    hit = row >= 0
+    at = row[hit]
+    stored = table.rows
+    same = stored.splits[at] == name
+    for k in ("labels", "hashes", "sizes", "mtimes"):
+        same &= getattr(stored, k)[at] == getattr(members, k)[hit]
+    hit[hit] = same
+    used = row[hit]
+    kept = []
+    for k, (split, seg) in enumerate(table.segs):
+        if split != name:
             continue
-        facts = zip(*(live[k] for k in ("labels", "hashes", "sizes", "mtimes")), strict=True)
-        where = zip(itertools.repeat(len(kept)), live["index"], facts, strict=False)
-        held.update(zip(live["paths"], where, strict=False))
-        kept.append(seg)
-    used: set[tuple[int, int]] = set()
-    new = []
-    for r in members:
-        hit = held.get(r.path)
-        if hit is not None and hit[2] == (r.label, r.digest, r.size, r.mtime):
-            used.add(hit[:2])
-        else:
-            new.append(r)
-    for k, seg in enumerate(kept):
-        gone = [i for i in np.flatnonzero(segments.live(seg)).tolist() if (k, i) not in used]
-        kept[k] = {**seg, "dropped": sorted([*seg.get("dropped", []), *gone])}
-    return [seg for seg in kept if len(seg["dropped"]) < seg["n"]], new
+        taken = np.zeros(seg["n"], bool)
+        taken[table.index[used[table.segment[used] == k]]] = True
+        kept.append({**seg, "dropped": np.flatnonzero(~taken).tolist()})
+    return [seg for seg in kept if len(seg["dropped"]) < seg["n"]], members.take(~hit)
 
 
 def _drop_unreferenced(root: Path, meta: dict) -> None:
@@ -414,7 +453,7 @@ def _unchanged(old: Store | None, meta: dict) -> bool:
 
 def write(
     root: Path,
-    rows: list[Row],
+    rows: Rows,
     classes: list[str],
     meta: dict,
     previous: Store | None = None,
@@ -436,11 +475,11 @@ def write(
     same = previous is not None and (previous.meta.get("key"), previous.meta.get("feature_dim")) == (meta["key"], dim)
     old = previous if same else None
     for name in SPLITS:
-        members = [r for r in rows if r.split == name]
+        members = rows.take(rows.splits == name)
         kept, new = _kept(old, name, members)
-        if new:
+        if len(new):
             kept.append(segments.write(root, name, _columns(new), _chunks(new, dim, vectors or {})))
-        counts = np.bincount(np.asarray([r.label for r in members], np.int64), minlength=len(classes)).tolist()
+        counts = np.bincount(np.asarray(members.labels, np.int64), minlength=len(classes)).tolist()
         meta["splits"][name] = {
             "n": len(members),
             "per_class": dict(zip(classes, counts, strict=True)),
@@ -481,30 +520,43 @@ def open_previous(root: Path) -> Store | None:
 
 
 class Reusable(NamedTuple):
-    """What a previous store offers an extract with its key: vectors by content hash, (size, mtime_ns, hash)
-    by path and the reasons files did not decode by content hash; or, made otherwise, the key it had."""
+    """What previous stores offer an extract with their key: their rows (the first table's over the others', for
+    a shard part over the merged store) and the reasons files did not decode by content hash; or, made otherwise,
+    the key the store had."""
 
-    vectors: Mapping[str, np.ndarray]
-    stats: dict[str, tuple[int, int, str]]
+    tables: tuple[Stored, ...]
     bad: dict[str, str]
     replaced: str | None = None
 
     def over(self, base: Reusable) -> Reusable:
         """These entries on top of ``base``'s (a shard part's over the merged store's)."""
-        return Reusable(
-            ChainMap(self.vectors, base.vectors), {**base.stats, **self.stats}, {**base.bad, **self.bad}, self.replaced
-        )
+        return Reusable((*self.tables, *base.tables), {**base.bad, **self.bad}, self.replaced)
+
+    @property
+    def vectors(self) -> Vectors:
+        """The stored vectors by content hash."""
+        return Vectors(self.tables)
+
+    def hashes(self, paths: list[str], sizes: np.ndarray, mtimes: np.ndarray) -> np.ndarray:
+        """The stored content hash of each file whose size and mtime are those stored for its path, else ''."""
+        found = np.full(len(paths), "", dtype="U32")
+        for table in reversed(self.tables):
+            row = table.find(paths)
+            hit = row >= 0
+            same = hit.copy()
+            same[hit] = (table.rows.sizes[row[hit]] == sizes[hit]) & (table.rows.mtimes[row[hit]] == mtimes[hit])
+            found[same] = table.rows.hashes[row[same]]
+        return found
 
 
 def reusable(old: Store | None, key: str) -> Reusable:
     """What store ``old`` can reuse for features made by ``key``."""
     if old is None:
-        return Reusable({}, {}, {})
+        return Reusable((), {})
     if old.meta.get("key") != key:
-        return Reusable({}, {}, {}, old.meta.get("key"))
-    vectors, stats = old.cached()
+        return Reusable((), {}, old.meta.get("key"))
     bad = {b["hash"]: b["reason"] for b in old.meta.get("skipped", []) if b.get("hash")}
-    return Reusable(vectors, stats, bad)
+    return Reusable((old.table,), bad)
 
 
 def open_parts(out: Path, count: int, *, wait: bool, held: contextlib.ExitStack) -> dict[int, Store]:

@@ -21,7 +21,7 @@ from tlcli.data import datasets, images
 from tlcli.errors import UsageError
 from tlcli.models import backbones, devices, engines, graph
 from tlcli.store import features, files, locks, runs, shards
-from tlcli.store.features import EXTRACTOR, Row, Store
+from tlcli.store.features import EXTRACTOR, Store
 from tlcli.store.spill import Spill
 from tlcli.train import recipes
 from tlcli.train.recipes import EXTRACT, ExtractRecipe, option
@@ -42,15 +42,17 @@ class _Plan(NamedTuple):
     manifest: str
 
 
-class _File(NamedTuple):
-    """One image file of an extract: path, class, content hash, size and mtime, or why it is unreadable."""
+class _Found(NamedTuple):
+    """This extract's image files as columns: path, class, content hash, size and mtime; why the unreadable ones
+    failed, by position (their hash is ''); and which files the store holds as they are (``known``)."""
 
-    rel: str
-    label: int
-    digest: str | None
-    size: int
-    mtime: int
-    error: str | None
+    paths: list[str]
+    labels: np.ndarray
+    hashes: np.ndarray
+    sizes: np.ndarray
+    mtimes: np.ndarray
+    errors: dict[int, str]
+    known: np.ndarray
 
 
 @dataclass
@@ -184,26 +186,36 @@ def _save_graph(root: Path, ex: _Extractor) -> dict | None:
     }
 
 
-def _files(plan: _Plan, shard: tuple[int, int] | None, stats: dict[str, tuple[int, int, str]]) -> list[_File]:
+def _files(plan: _Plan, shard: tuple[int, int] | None, cache: features.Reusable) -> _Found:
     """This extract's files (one shard's only), hashed unless their size and mtime show the stored hash holds
     (size and mtime as the folder's scan read them)."""
-    found = []
+    paths, labels = plan.ds.files, plan.ds.labels
+    stats = plan.ds.stats or [None] * len(paths)
+    if shard is not None:
+        mine = [i for i, rel in enumerate(paths) if shards.index_of(rel, shard[1]) == shard[0]]
+        paths, labels, stats = [paths[i] for i in mine], [labels[i] for i in mine], [stats[i] for i in mine]
     root = os.fspath(plan.ds.root)
-    scanned = plan.ds.stats or [None] * len(plan.ds.files)
-    for rel, label, seen in zip(plan.ds.files, plan.ds.labels, scanned, strict=True):
-        if shard is not None and shards.index_of(rel, shard[1]) != shard[0]:
+    errors: dict[int, str] = {}
+    stats = list(stats)
+    for i in [i for i, seen in enumerate(stats) if seen is None]:
+        try:
+            st = os.stat(os.path.join(root, paths[i]))
+            stats[i] = st.st_size, st.st_mtime_ns
+        except OSError as exc:
+            errors[i], stats[i] = f"unreadable: {exc.strerror}", (0, 0)
+    table = np.array(stats, np.int64).reshape(len(paths), 2)
+    sizes, mtimes = table[:, 0].copy(), table[:, 1].copy()
+    hashes = cache.hashes(paths, sizes, mtimes)
+    hashes[list(errors)] = ""
+    known = hashes != ""
+    for i in np.flatnonzero(~known).tolist():
+        if i in errors:
             continue
         try:
-            if seen is None:
-                st = os.stat(os.path.join(root, rel))
-                seen = st.st_size, st.st_mtime_ns
-            prev = stats.get(rel)
-            digest = prev[2] if prev and prev[:2] == seen else files.content_hash(os.path.join(root, rel))
+            hashes[i] = files.content_hash(os.path.join(root, paths[i]))
         except OSError as exc:
-            found.append(_File(rel, label, None, 0, 0, f"unreadable: {exc.strerror}"))
-            continue
-        found.append(_File(rel, label, digest, *seen, None))
-    return found
+            errors[i] = f"unreadable: {exc.strerror}"
+    return _Found(paths, np.asarray(labels, np.int64), hashes, sizes, mtimes, errors, known)
 
 
 def _stored_openvino(ex: _Extractor, store: Path, precision: str) -> Callable | None:
@@ -252,7 +264,7 @@ def _engine_function(
 
 def _new_vectors(
     ex: _Extractor,
-    todo: list[_File],
+    todo: dict[str, str],
     recipe: ExtractRecipe,
     *,
     data: Path,
@@ -262,16 +274,18 @@ def _new_vectors(
     ready: Callable[[], None],
     spill: Spill,
 ) -> dict[str, str]:
-    """Run the backbone over ``todo`` on ``engine`` (tracing it on first use, then saving its graph in the store),
-    each batch's vectors into ``spill`` by content hash as they come; why the files that did not decode failed."""
+    """Run the backbone over ``todo`` (paths by content hash) on ``engine`` (tracing it on first use, then saving
+    its graph in the store), each batch's vectors into ``spill`` by content hash as they come; why the files that
+    did not decode failed."""
     run, converted = _engine_function(ex, recipe, store, engine, ready)
     bad: dict[str, str] = {}
     done = 0
-    paths = [str(data / f.rel) for f in todo]
+    digests = list(todo)
+    paths = [str(data / rel) for rel in todo.values()]
     for outputs, ok, why in graph.graph_batches(run, paths, ex.size, recipe.resize, recipe.batch_size, progress):
-        batch = todo[done : done + len(outputs)]
-        spill.add([f.digest for f, good in zip(batch, ok, strict=True) if good], outputs[ok])
-        bad.update((f.digest, reason) for f, good, reason in zip(batch, ok, why, strict=True) if not good)
+        batch = digests[done : done + len(outputs)]
+        spill.add([d for d, good in zip(batch, ok, strict=True) if good], outputs[ok])
+        bad.update((d, reason) for d, good, reason in zip(batch, ok, why, strict=True) if not good)
         done += len(outputs)
     if ex.saved is None:  # written once the vectors are made, so an interrupted first run leaves no file
         ex.saved = _save_graph(store, ex)
@@ -281,19 +295,36 @@ def _new_vectors(
     return bad
 
 
+def _todo(found: _Found, cache: features.Reusable) -> list[int]:
+    """The files whose vectors are neither stored nor known not to decode."""
+    vectors = cache.vectors
+    return [
+        i
+        for i, digest in zip(np.flatnonzero(~found.known).tolist(), found.hashes[~found.known].tolist(), strict=True)
+        if i not in found.errors and digest not in vectors and digest not in cache.bad
+    ]
+
+
 def _rows(
-    found: list[_File], plan: _Plan, stored: Mapping, fresh: Mapping, bad: dict[str, str]
-) -> tuple[list[Row], list[dict]]:
+    found: _Found, plan: _Plan, stored: Mapping, fresh: Mapping, bad: dict[str, str]
+) -> tuple[features.Rows, list[dict]]:
     """The stored rows of the files whose hash the ``stored`` or ``fresh`` vectors hold (rows without their
     vectors, which ``features.write`` looks up for the rows it appends), and the skipped ones with why."""
-    rows, skipped = [], []
-    for f in found:
-        reason = f.error or bad.get(f.digest)
-        if reason is not None or (f.digest not in fresh and f.digest not in stored):
-            skipped.append({"path": f.rel, "reason": reason or "not decoded", "hash": f.digest})
-            continue
-        rows.append(Row(f.rel, f.label, plan.assignment[f.rel], f.digest, f.size, f.mtime, None))
-    return rows, skipped
+    keep = found.known.copy()
+    check = ~found.known
+    if bad:
+        check |= np.isin(found.hashes, list(bad))
+    skipped = []
+    for i in np.flatnonzero(check).tolist():
+        digest = str(found.hashes[i])
+        reason = found.errors.get(i) or bad.get(digest)
+        keep[i] = reason is None and (digest in fresh or digest in stored)
+        if not keep[i]:
+            skipped.append({"path": found.paths[i], "reason": reason or "not decoded", "hash": digest or None})
+    paths = np.asarray(found.paths, dtype=str)
+    splits = np.asarray([plan.assignment[rel] for rel in found.paths], dtype=str)
+    rows = features.Rows(paths, found.labels, splits, found.hashes, found.sizes, found.mtimes)
+    return rows.take(keep), skipped
 
 
 def _meta(ex: _Extractor, recipe: ExtractRecipe, plan: _Plan, shard: tuple[int, int] | None, skipped: list) -> dict:
@@ -322,7 +353,7 @@ def _meta(ex: _Extractor, recipe: ExtractRecipe, plan: _Plan, shard: tuple[int, 
     }
 
 
-def _summary(root: Path, meta: dict, plan: _Plan, rows: list[Row], *, how: dict, counts: tuple, started) -> dict:
+def _summary(root: Path, meta: dict, plan: _Plan, rows: features.Rows, *, how: dict, counts: tuple, started) -> dict:
     """What extract and merge report: counts per split, images extracted, reused and skipped, seconds.
 
     ``counts`` is (images extracted, images reused, the key of the features the store held before if replaced).
@@ -389,16 +420,15 @@ def extract(
         cache = features.reusable(old, ex.key)
         if shard is not None:
             cache = cache.over(features.reusable(features.open_previous(out), ex.key))
-        found = _files(plan, shard, cache.stats)
-        todo = [f for f in found if f.error is None and f.digest not in cache.vectors and f.digest not in cache.bad]
+        found = _files(plan, shard, cache)
+        todo = _todo(found, cache)
         fresh: Mapping[str, np.ndarray] = {}
         bad = {}
         if todo:
             fresh = held.enter_context(contextlib.closing(Spill(root, ex.described["feature_dim"])))
-            unique = list({f.digest: f for f in todo}.values())
             bad = _new_vectors(
                 ex,
-                unique,
+                {str(found.hashes[i]): found.paths[i] for i in todo},
                 recipe,
                 data=plan.ds.root,
                 store=root,
@@ -417,7 +447,7 @@ def extract(
         meta = _meta(ex, recipe, plan, shard, skipped)
         features.write(root, rows, plan.ds.classes, meta, old, ChainMap(fresh, cache.vectors))
         how = {"shard": shards.label(*shard) if shard else None, "engine": engine}
-        reused = len(rows) - len([f for f in todo if f.digest in fresh])
+        reused = len(rows) - sum(1 for i in todo if str(found.hashes[i]) in fresh)
         return _summary(root, meta, plan, rows, how=how, counts=(len(fresh), reused, cache.replaced), started=started)
 
 
@@ -541,24 +571,24 @@ def _check_folder(
 
 def _joined(
     parts: dict[int, Store], plan: _Plan, count: int, rerun: Callable[[int], str]
-) -> tuple[list[Row], list[dict]]:
+) -> tuple[features.Rows, list[dict]]:
     """Every part's rows and skipped files, in the order an unsharded extract stores them."""
     order = {rel: k for k, rel in enumerate(plan.ds.files)}
-    rows: list[Row] = []
+    rows: list[features.Rows] = []
     skipped: list[dict] = []
     for i, part in parts.items():
         try:
             part_rows = part.rows()
         except UsageError:
             raise UsageError(f"shard {i}/{count} in {part.root} is unreadable; re-run '{rerun(i)}'") from None
-        listed = {r.path for r in part_rows} | {s["path"] for s in part.meta.get("skipped", [])}
+        listed = set(part_rows.paths.tolist()) | {s["path"] for s in part.meta.get("skipped", [])}
         if listed != {rel for rel in plan.ds.files if shards.index_of(rel, count) == i}:
             raise UsageError(f"shard {i}/{count} in {part.root} does not hold its shard's files; re-run '{rerun(i)}'")
-        rows += part_rows
+        rows.append(part_rows)
         skipped += part.meta.get("skipped", [])
-    rows.sort(key=lambda r: order[r.path])
+    joined = features.Rows.joined(rows)
     skipped.sort(key=lambda s: order[s["path"]])
-    return rows, skipped
+    return joined.take(np.argsort([order[p] for p in joined.paths.tolist()], kind="stable")), skipped
 
 
 def merge_shards(
