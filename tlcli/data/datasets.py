@@ -6,11 +6,11 @@ import hashlib
 import json
 import os
 import stat
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from tlcli.data.images import is_image_name
+from tlcli.data.images import has_image_suffix
 from tlcli.errors import UsageError
 from tlcli.store.features import SPLITS
 
@@ -75,7 +75,7 @@ def _walk_files(
         except OSError:
             yield child, None
             continue
-        key = _key(st)
+        key = st.st_dev, st.st_ino
         if stat.S_ISDIR(st.st_mode) and key in above:
             raise UsageError(
                 f"{path} links back to {os.path.realpath(path)}, so the folder never ends; remove or replace that link"
@@ -133,7 +133,7 @@ def scan(root: str | os.PathLike, min_classes: int = 2) -> Dataset:
         raise UsageError(f"{root} is not a folder; give a folder of class sub-folders")
     classes, files, labels, stats, empty = [], [], [], [], []
     for name, listed in _class_entries(root).items():
-        found = [(rel, st) for rel, st in listed if is_image_name(rel)]
+        found = [(rel, st) for rel, st in listed if has_image_suffix(rel)]  # hidden names are never listed
         if not found:
             empty.append(name)
             continue
@@ -160,8 +160,16 @@ def parse_fractions(text: str) -> tuple[float, float, float]:
     return parts  # type: ignore[return-value]
 
 
-def _rank(seed: int, rel: str) -> str:
-    return hashlib.sha256(f"{seed}:".encode() + os.fsencode(rel)).hexdigest()
+def _ranks(seed: int) -> Callable[[str], bytes]:
+    """A file's place in its class's seeded order: the SHA-256 of the seed and its path."""
+    prefix = hashlib.sha256(f"{seed}:".encode())
+
+    def rank(rel: str) -> bytes:
+        h = prefix.copy()
+        h.update(rel.encode("utf-8", "surrogateescape"))
+        return h.digest()
+
+    return rank
 
 
 def assign_splits(ds: Dataset, fractions=DEFAULT_FRACTIONS, seed: int = 0) -> tuple[dict[str, str], str]:
@@ -189,8 +197,9 @@ def assign_splits(ds: Dataset, fractions=DEFAULT_FRACTIONS, seed: int = 0) -> tu
             by_class.setdefault(label, []).append(rel)
     out = {rel: given[rel] for rel in ds.files if rel in given}
     _, f_val, f_test = fractions
+    rank = _ranks(seed)
     for members in by_class.values():
-        members.sort(key=lambda r: _rank(seed, r))
+        members.sort(key=rank)
         n = len(members)
         n_test = round(n * f_test) if n >= 3 else 0
         n_val = round(n * f_val) if n >= 3 else 0

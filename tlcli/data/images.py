@@ -31,10 +31,15 @@ class ImageError(ValueError):
     """A file that is not a decodable image."""
 
 
+def has_image_suffix(name: str) -> bool:
+    """True when ``name`` ends in an image extension (case-insensitive)."""
+    return name.lower().endswith(IMAGE_EXTENSIONS)
+
+
 def is_image_name(path: str | Path) -> bool:
     """True when the file name carries an image extension (case-insensitive) and is not hidden."""
     name = os.path.basename(str(path))
-    return not name.startswith(".") and name.lower().endswith(IMAGE_EXTENSIONS)
+    return not name.startswith(".") and has_image_suffix(name)
 
 
 def _tiles(width: int, height: int) -> Iterator[tuple[int, int, int, int]]:

@@ -329,7 +329,10 @@ class Store:
         for name in SPLITS:
             for seg in self.segments(name):
                 try:
-                    cols, vectors = self.columns(seg), segments.mapped(self.root, seg, self.meta["feature_dim"])
+                    cols, vectors = (
+                        segments.rows(self.root, seg),
+                        segments.mapped(self.root, seg, self.meta["feature_dim"]),
+                    )
                 except segments.UNREADABLE:
                     continue
                 live = np.flatnonzero(segments.live(seg))
