@@ -996,6 +996,11 @@ def _reachable(data: Path) -> tuple[set[tuple[int, int]], bool]:
     return files, cycle
 
 
+def _open_descriptors() -> set[str]:
+    """This process's open file descriptors (empty where /proc is not mounted)."""
+    return set(os.listdir("/proc/self/fd")) if os.path.isdir("/proc/self/fd") else set()
+
+
 @fuzz(100)
 @given(ops=folder_ops())
 @example(ops=[("file", "cat/x.jpg"), ("file", "dog/x.jpg"), ("symlink", "cat/loop", ".")])
@@ -1009,11 +1014,13 @@ def test_folder_scan_lists_each_real_file_once_or_refuses_a_loop(ops: list[tuple
         (root / "outside" / "far.jpg").write_bytes(b"far")
         try:
             _build_folder(data, root / "outside", ops)
+            held = _open_descriptors()
             with bounded(memory=None):
                 try:
                     outcome = datasets.scan(data)
                 except UsageError as exc:
                     outcome = exc
+            assert _open_descriptors() == held, "the scan left folders open"
             expected, cycle = _reachable(data)
             event(type(outcome).__name__ + (" with a cycle" if cycle else ""))
             if isinstance(outcome, UsageError):
