@@ -107,7 +107,7 @@ def load(data: bytes, precision: str = "float32") -> Callable[[np.ndarray], np.n
         xml, weights = z["xml"].tobytes(), z["bin"]
     core = ov.Core()
     model = core.read_model(xml, ov.Tensor(weights))
-    bf16 = "BF16" in core.get_property("CPU", "OPTIMIZATION_CAPABILITIES")
+    bf16 = precision != "float32" and "BF16" in core.get_property("CPU", "OPTIMIZATION_CAPABILITIES")
     hint = HINTS[precision] if bf16 else "f32"
     compiled = core.compile_model(model, "CPU", {**CPU_CONFIG, "INFERENCE_PRECISION_HINT": hint})
     request = compiled.create_infer_request()

@@ -411,13 +411,13 @@ def _compacted(root: Path, name: str, kept: list[dict], dim: int) -> list[dict]:
     return kept
 
 
-def _kept(old: Store | None, name: str, members: Rows) -> tuple[list[dict], Rows]:
+def _kept(old: Store | None, name: str, members: Rows, row: np.ndarray) -> tuple[list[dict], Rows]:
     """The previous store's readable segments of a split, with the rows no longer in ``members`` dropped,
-    and the members they do not hold (new or changed files: the rows to append)."""
+    and the members they do not hold (new or changed files: the rows to append); ``row`` is each member's row in
+    the previous store's table (-1 for none)."""
     if old is None:
         return [], members
     table = old.table
-    row = table.find(members.paths.tolist())
     hit = row >= 0
     at = row[hit]
     stored = table.rows
@@ -477,9 +477,11 @@ def write(
     dim = meta["feature_dim"]
     same = previous is not None and (previous.meta.get("key"), previous.meta.get("feature_dim")) == (meta["key"], dim)
     old = previous if same else None
+    stored = old.table.find(rows.paths.tolist()) if old is not None else np.full(len(rows), -1)
     for name in SPLITS:
-        members = rows.take(rows.splits == name)
-        kept, new = _kept(old, name, members)
+        mine = rows.splits == name
+        members = rows.take(mine)
+        kept, new = _kept(old, name, members, stored[mine])
         if len(new):
             kept.append(segments.write(root, name, _columns(new), _chunks(new, dim, vectors or {})))
         counts = np.bincount(np.asarray(members.labels, np.int64), minlength=len(classes)).tolist()

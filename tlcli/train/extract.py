@@ -321,8 +321,8 @@ def _rows(
         keep[i] = reason is None and (digest in fresh or digest in stored)
         if not keep[i]:
             skipped.append({"path": found.paths[i], "reason": reason or "not decoded", "hash": digest or None})
-    paths = np.asarray(found.paths, dtype=str)
-    splits = np.asarray([plan.assignment[rel] for rel in found.paths], dtype=str)
+    paths = np.array(found.paths, dtype=object)
+    splits = np.array([plan.assignment[rel] for rel in found.paths], dtype=object)
     rows = features.Rows(paths, found.labels, splits, found.hashes, found.sizes, found.mtimes)
     return rows.take(keep), skipped
 
