@@ -367,8 +367,9 @@ def _no_rows() -> Rows:
 
 
 def _columns(members: Rows) -> dict[str, np.ndarray]:
-    """The row columns of one segment (all but its vectors), from its rows."""
-    return {k: np.asarray(getattr(members, k), _DTYPES[k]) for k in segments.ROW_COLUMNS}
+    """The row columns of one segment (all but its vectors), from its rows; strings as wide as the segment's
+    longest, whatever array they came in, so the same rows always make the same bytes (and segment name)."""
+    return {k: np.asarray(getattr(members, k).tolist(), _DTYPES[k]) for k in segments.ROW_COLUMNS}
 
 
 def _chunks(members: Rows, dim: int, vectors: Mapping[str, np.ndarray]) -> segments.Chunks:
