@@ -175,6 +175,7 @@ class Stored:
         return np.fromiter((where.get(p, -1) for p in paths), np.int64, len(paths))
 
     def vector(self, row: int) -> np.ndarray:
+        """The stored vector of ``row``, read from its segment's mapped file."""
         return self.mapped[self.segment[row]][self.index[row]]
 
 
