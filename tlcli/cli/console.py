@@ -99,10 +99,12 @@ def use_device(device: str, quiet: bool, strategy: str | None = None) -> dict:
 
 
 def deferred_device(device: str, quiet: bool) -> Callable[[], dict]:
-    """``use_device`` put off until TensorFlow is first needed (an extract re-run may never import it); a device
-    other than auto or cpu is chosen at once, so a missing GPU or a typo is an error before any work."""
+    """``use_device`` put off until TensorFlow is first needed (an extract re-run may never import it); a GPU is
+    chosen at once and a typo refused, so either is an error before any work."""
+    from tlcli.models import devices
+
     choose = functools.cache(lambda: use_device(device, quiet))
-    if (device or "auto").strip().lower() not in ("auto", "cpu"):
+    if devices.parse(device)[0] == "gpu":
         choose()
     return choose
 

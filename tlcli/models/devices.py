@@ -58,6 +58,14 @@ def _set_visible(chosen: list, gpus: list) -> None:
             ) from None
 
 
+def parse(device: str) -> tuple[str, str | None]:
+    """A ``--device`` value as its kind (auto, cpu or gpu) and GPU index (None for all); usage error for others."""
+    match = re.fullmatch(r"(auto|cpu|gpu)(?::(\d+))?", (device or "auto").strip().lower())
+    if not match or (match.group(2) is not None and match.group(1) != "gpu"):
+        raise UsageError(f"--device {device!r} is not one of {DEVICE_HELP}")
+    return match.group(1), match.group(2)
+
+
 def select(device: str = "auto") -> dict:
     """Make only the requested devices visible to TensorFlow (call before any op runs).
 
@@ -66,11 +74,7 @@ def select(device: str = "auto") -> dict:
     """
     import tensorflow as tf
 
-    spec = (device or "auto").strip().lower()
-    match = re.fullmatch(r"(auto|cpu|gpu)(?::(\d+))?", spec)
-    if not match or (match.group(2) is not None and match.group(1) != "gpu"):
-        raise UsageError(f"--device {device!r} is not one of {DEVICE_HELP}")
-    kind, index = match.group(1), match.group(2)
+    kind, index = parse(device)
     gpus = tf.config.list_physical_devices("GPU")
     if kind == "cpu" or (kind == "auto" and not gpus):
         _set_visible([], gpus)
